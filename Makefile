@@ -1,0 +1,39 @@
+# The README's commands. Each target creates .venv if it is missing, installs what
+# it needs (CPU torch where there is no NVIDIA GPU) and fetches the default model
+# and corpus, so `make demo` and `make test` work on a fresh clone.
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.sqlab-installed
+TORCH_CPU := torch==2.13.0
+
+.PHONY: setup fetch demo test lab clean-cache
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
+		$(BIN)/python -m pip install -q torch; \
+	else \
+		$(BIN)/python -m pip install -q "$(TORCH_CPU)"; \
+	fi
+	$(BIN)/python -m pip install -q -e ".[dev,notebooks]"
+	touch $(STAMP)
+
+setup: $(STAMP)
+	$(BIN)/sqlab fetch
+
+fetch: setup
+
+demo: setup
+	$(BIN)/sqlab demo
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+lab: setup
+	$(BIN)/jupyter lab notebooks/
+
+clean-cache:
+	rm -rf data/cache

@@ -1,0 +1,56 @@
+import math
+
+import pytest
+import torch
+
+from sqlab import SqlabError, evaluate
+
+
+def test_window_starts_non_overlapping_and_evenly_spread():
+    assert evaluate.window_starts(100, 10).tolist() == list(range(0, 100, 10))
+    assert evaluate.window_starts(105, 10, max_windows=3).tolist() == [0, 40, 90]  # linspace(0, 9, 3), rounded
+    assert evaluate.window_starts(30, 10, max_windows=8).tolist() == [0, 10, 20]
+
+
+def test_perplexity_matches_a_direct_computation(tiny_llama):
+    torch.manual_seed(0)
+    tokens = torch.randint(0, tiny_llama.config.vocab_size, (3 * 32 + 5,))
+    result = evaluate.perplexity(tiny_llama, tokens, seqlen=32, batch_size=2, progress=False)
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for w in tokens[: 3 * 32].reshape(3, 32):
+            logits = tiny_llama(w[None]).logits[0, :-1]
+            nll += torch.nn.functional.cross_entropy(logits, w[1:], reduction="sum").item()
+            count += 31
+    assert result.windows == 3 and result.tokens == count
+    assert math.isclose(result.ppl, math.exp(nll / count), rel_tol=1e-5)
+    # about uniform over the vocabulary for an untrained model
+    assert 0.5 * 320 < result.ppl < 2 * 320
+
+
+def test_batch_size_does_not_change_the_result(tiny_llama):
+    tokens = torch.randint(0, 320, (4 * 16,), generator=torch.Generator().manual_seed(1))
+    one = evaluate.perplexity(tiny_llama, tokens, 16, batch_size=1, progress=False)
+    four = evaluate.perplexity(tiny_llama, tokens, 16, batch_size=4, progress=False)
+    assert math.isclose(one.ppl, four.ppl, rel_tol=1e-5)
+
+
+def test_seqlen_errors(tiny_llama):
+    tokens = torch.zeros(100, dtype=torch.long)
+    with pytest.raises(SqlabError, match="seqlen 512 is longer than the model's context .256 tokens."):
+        evaluate.perplexity(tiny_llama, tokens, 512, progress=False)
+    with pytest.raises(SqlabError, match="seqlen 200 is longer than the evaluation text .100 tokens."):
+        evaluate.perplexity(tiny_llama, tokens, 200, progress=False)
+    with pytest.raises(SqlabError, match="seqlen must be an integer >= 2"):
+        evaluate.perplexity(tiny_llama, tokens, 1, progress=False)
+
+
+def test_generation_benchmark_on_cpu(tiny_llama, tiny_tokenizer):
+    bench = evaluate.generation_benchmark(tiny_llama, tiny_tokenizer, new_tokens=8)
+    assert bench.device == "cpu" and bench.new_tokens == 8
+    assert bench.tokens_per_s > 0 and bench.decode_ms_per_token > 0
+    stored = [*tiny_llama.parameters(), *tiny_llama.buffers()]
+    assert bench.weights_mb == pytest.approx(sum(t.numel() * t.element_size() for t in stored) / 2**20)
+    assert bench.peak_memory_mb > bench.weights_mb
+    with pytest.raises(SqlabError, match="--tokens must be an integer >= 2"):
+        evaluate.generation_benchmark(tiny_llama, tiny_tokenizer, new_tokens=1)
