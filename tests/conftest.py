@@ -38,6 +38,7 @@ def tiny_tokenizer():
 
 
 def make_llama(vocab_size: int = 320, layers: int = 2, hidden: int = 64, seed: int = 0):
+    """A tiny random LLaMA; hidden 48 gives in_features that are not multiples of 32."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)

@@ -52,3 +52,62 @@ def test_eval_default_model_on_shakespeare(tmp_path):
     result = json.loads(out.read_text())
     assert result["windows"] == 8 and result["seqlen"] == 512
     assert 10 < result["ppl"] < 100
+
+
+def test_quantize_then_eval_the_checkpoint(tiny_model_dir, text_file, tmp_path):
+    out = tmp_path / "tiny-w3"
+    status, stdout, stderr = run_cli("quantize", "--model", str(tiny_model_dir), "--wbits", "3",
+                                     "--outlier-pct", "0.45", "--sensitive-pct", "0.05", "--calib",
+                                     f"text:{text_file}", "--nsamples", "2", "--seqlen", "16", "--out", str(out))
+    assert status == 0, stderr
+    assert "3-bit SqueezeLLM" in stdout and "bits/weight" in stdout
+    report = json.loads((out / "quant_report.json").read_text())
+    assert report["config"]["wbits"] == 3 and len(report["layers"]) == 14
+    assert not (tmp_path / "tiny-w3.work").exists()
+    status, stdout, stderr = run_cli("eval", "--model", str(out), "--dataset", f"text:{text_file}",
+                                     "--seqlen", "32", "--max-windows", "2", "--json", str(tmp_path / "e.json"))
+    assert status == 0, stderr
+    assert math.isfinite(json.loads((tmp_path / "e.json").read_text())["ppl"])
+
+
+def test_quantize_bad_input(tiny_model_dir, text_file, tmp_path):
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "keep.txt").write_text("x")
+    cases = [
+        (("--outlier-pct", "100"), r"outlier_pct is a percentage in [0, 100), got 100.0"),
+        (("--calib", "nope"), "unknown dataset 'nope'"),
+        (("--out", str(foreign)), "exists and is not a sqlab checkpoint"),
+    ]
+    for extra, message in cases:
+        argv = ["quantize", "--model", str(tiny_model_dir), "--calib", f"text:{text_file}", "--nsamples", "1",
+                "--seqlen", "16", "--out", str(tmp_path / "o"), *extra]
+        status, _, stderr = run_cli(*argv)
+        assert status == 2 and message in stderr and "Traceback" not in stderr, (extra, stderr)
+    status, _, stderr = run_cli("quantize", "--model", str(tiny_model_dir), "--wbits", "5", "--out", "x")
+    assert status == 2 and "invalid choice: 5" in stderr
+    assert (foreign / "keep.txt").read_text() == "x"
+
+
+def test_demo_fast_mode_prints_the_table_with_the_method_ordering(tmp_path):
+    """A small real quantization of the default model, checked against the unquantized model."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "demo.json"
+    proc = subprocess.run([sys.executable, "-m", "sqlab.cli", "demo", "--json", str(out)], capture_output=True,
+                          text=True, env={**os.environ, "SQLAB_FAST": "1"})
+    assert proc.returncode == 0, proc.stderr
+    table = json.loads(out.read_text())
+    rows = {r["method"]: r for r in table["rows"]}
+    assert len(rows) == 7 and "SqueezeLLM 3-bit dense-only" in proc.stdout
+    fp = rows["unquantized (fp16 size)"]["ppl"]
+    for wbits in (3, 4):
+        rtn = rows[f"RTN per-channel {wbits}-bit"]
+        dense = rows[f"SqueezeLLM {wbits}-bit dense-only"]
+        sparse = rows[f"SqueezeLLM {wbits}-bit 0.45% + 0.05% sparse"]
+        assert dense["ppl"] < rtn["ppl"]
+        assert wbits < dense["bits_per_weight"] < sparse["bits_per_weight"] < wbits + 1
+        assert abs(dense["ppl"] - fp) / fp < 0.1  # two quantized blocks stay close to the reference
+    assert rows["SqueezeLLM 3-bit 0.45% + 0.05% sparse"]["ppl"] < rows["SqueezeLLM 3-bit dense-only"]["ppl"]

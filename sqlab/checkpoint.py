@@ -1,0 +1,253 @@
+"""Saving and loading quantized models; the original SqueezeLLM ``.pt`` format.
+
+A checkpoint is a directory: the Hugging Face ``config.json`` and tokenizer files,
+``quant_config.json`` (``{"wbits", "outlier_pct", "sensitive_pct", "format", ...}``),
+and ``model.safetensors`` holding, per quantized linear, ``qweight``,
+``lookup_table`` and, with sparsity, ``rows``/``cols``/``vals``; every other
+parameter as it is. Loading never unpickles code: safetensors here, and
+``torch.load(..., weights_only=True)`` for the original model-zoo files.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from . import models
+from .errors import SqlabError
+from .packing import packed_rows
+from .qlinear import SqueezeLinear
+
+log = logging.getLogger(__name__)
+
+FORMAT = "sqlab-squeezellm-v1"
+QUANT_CONFIG = "quant_config.json"
+WEIGHTS = "model.safetensors"
+PARTS = ("qweight", "lookup_table", "rows", "cols", "vals", "bias")
+
+
+def is_checkpoint(path: str | Path) -> bool:
+    return (Path(path) / QUANT_CONFIG).is_file()
+
+
+def quantized_layers(model: nn.Module) -> dict[str, SqueezeLinear]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, SqueezeLinear)}
+
+
+def _unique_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The state dict without repeats of tied tensors, and which key each dropped one repeats."""
+    state, tied, seen = {}, {}, {}
+    for key, tensor in model.state_dict().items():
+        ident = (tensor.data_ptr(), tensor.dtype, tuple(tensor.shape), tensor.device)
+        if tensor.numel() and ident in seen:
+            tied[key] = seen[ident]
+            continue
+        seen[ident] = key
+        state[key] = tensor.detach().contiguous().cpu()
+    return state, tied
+
+
+def _replace_atomically(tmp: Path, out: Path) -> None:
+    if out.exists():
+        if not is_checkpoint(out) and any(out.iterdir()):
+            raise SqlabError(f"{str(out)!r} exists and is not a sqlab checkpoint; refusing to overwrite it")
+        old = out.with_name(out.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
+
+
+def save_quantized(model: nn.Module, out: str | Path, quant_config: dict, tokenizer=None) -> Path:
+    """Write a checkpoint directory; it appears complete or not at all."""
+    out = Path(out)
+    layers = quantized_layers(model)
+    if not layers:
+        raise SqlabError("the model has no SqueezeLinear layers; quantize it first (simulate=False)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    try:
+        model.config.to_json_file(tmp / "config.json")
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        state, tied = _unique_state(model)
+        meta = {"format": FORMAT, "tied": json.dumps(tied)}
+        save_file(state, str(tmp / WEIGHTS), metadata=meta)
+        wbits = {m.wbits for m in layers.values()}
+        payload = {"wbits": wbits.pop() if len(wbits) == 1 else sorted(wbits), "format": FORMAT, **quant_config}
+        (tmp / QUANT_CONFIG).write_text(json.dumps(payload, indent=2) + "\n")
+        os.chmod(tmp, 0o755)
+        _replace_atomically(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _install_shells(model: nn.Module, shapes: dict[str, dict[str, tuple[tuple[int, ...], torch.dtype]]],
+                    source: str) -> None:
+    """Replace the named linears with empty ``SqueezeLinear`` layers sized from stored tensors."""
+    linears = dict(model.named_modules())
+    for name, parts in shapes.items():
+        linear = linears.get(name)
+        if not isinstance(linear, nn.Linear):
+            raise SqlabError(f"{source} quantizes {name!r}, which is not a linear layer of this model")
+        missing = {"qweight", "lookup_table"} - set(parts)
+        if missing:
+            raise SqlabError(f"{source} lacks {', '.join(f'{name}.{p}' for p in sorted(missing))}")
+        (lut_shape, lut_dtype) = parts["lookup_table"]
+        wbits = {8: 3, 16: 4}.get(lut_shape[-1])
+        if wbits is None or len(lut_shape) != 2:
+            raise SqlabError(f"{name}.lookup_table in {source} has shape {lut_shape}; expected "
+                             f"({linear.out_features}, 8) or ({linear.out_features}, 16)")
+        expected = {"qweight": (packed_rows(linear.in_features, wbits), linear.out_features),
+                    "lookup_table": (linear.out_features, 2**wbits)}
+        nnz = parts["vals"][0][0] if "vals" in parts else 0
+        if nnz:
+            expected.update(rows=(linear.out_features + 1,), cols=(nnz,), vals=(nnz,))
+        if "bias" in parts:
+            expected["bias"] = (linear.out_features,)
+        for part, shape in expected.items():
+            if part not in parts:
+                raise SqlabError(f"{source} lacks {name}.{part}")
+            if tuple(parts[part][0]) != shape:
+                raise SqlabError(f"{name}.{part} in {source} has shape {tuple(parts[part][0])}; this model "
+                                 f"({linear.in_features} -> {linear.out_features}) needs {shape}")
+        vals_dtype = parts["vals"][1] if nnz else (parts["bias"][1] if "bias" in parts else torch.float32)
+        shell = SqueezeLinear(linear.in_features, linear.out_features, wbits, nnz, "bias" in parts,
+                              lut_dtype, vals_dtype)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, shell)
+
+
+def _group_shapes(shapes: dict[str, tuple[tuple[int, ...], torch.dtype]]) -> dict[str, dict]:
+    """``{module: {part: (shape, dtype)}}`` for every module that has a ``qweight``."""
+    grouped: dict[str, dict] = {}
+    for key, value in shapes.items():
+        module, _, part = key.rpartition(".")
+        if part in PARTS:
+            grouped.setdefault(module, {})[part] = value
+    return {m: parts for m, parts in grouped.items() if "qweight" in parts}
+
+
+def _load_into(model: nn.Module, state: dict[str, torch.Tensor], source: str, *, strict: bool) -> None:
+    expected = model.state_dict()
+    for key, tensor in state.items():
+        if key in expected and tuple(expected[key].shape) != tuple(tensor.shape):
+            raise SqlabError(f"tensor {key} in {source} has shape {tuple(tensor.shape)}; the model needs "
+                             f"{tuple(expected[key].shape)}")
+    result = model.load_state_dict(state, strict=False)
+    if result.unexpected_keys:
+        raise SqlabError(f"{source} holds tensors this model does not have: {', '.join(result.unexpected_keys[:5])}")
+    if strict and result.missing_keys:
+        raise SqlabError(f"{source} lacks tensors of this model: {', '.join(result.missing_keys[:5])}")
+
+
+def _model_from_config(path: Path, dtype: torch.dtype) -> nn.Module:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except Exception as exc:
+        raise SqlabError(f"cannot read the model config in {str(path)!r}: {exc}") from exc
+    return AutoModelForCausalLM.from_config(config, dtype=dtype)
+
+
+def load_quantized(path: str | Path, device: torch.device | str | None = None) -> nn.Module:
+    """Load a checkpoint directory into ``SqueezeLinear`` layers."""
+    path = Path(path)
+    try:
+        quant = json.loads((path / QUANT_CONFIG).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise SqlabError(f"{str(path)!r} is not a sqlab checkpoint: cannot read {QUANT_CONFIG} ({exc})") from exc
+    if quant.get("format") != FORMAT:
+        raise SqlabError(f"{str(path / QUANT_CONFIG)!r} has format {quant.get('format')!r}; expected {FORMAT!r}")
+    weights = path / WEIGHTS
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            meta = f.metadata() or {}
+            state = {key: f.get_tensor(key) for key in f.keys()}
+    except Exception as exc:
+        raise SqlabError(f"cannot read {str(weights)!r}: it is missing, truncated or not a safetensors file "
+                         f"({exc})") from exc
+    if meta.get("format") != FORMAT:
+        raise SqlabError(f"{str(weights)!r} was not written by sqlab (format {meta.get('format')!r})")
+    floats = [t.dtype for k, t in state.items() if t.is_floating_point() and not k.endswith("lookup_table")]
+    model = _model_from_config(path, floats[0] if floats else torch.float32)
+    _install_shells(model, _group_shapes({k: (tuple(t.shape), t.dtype) for k, t in state.items()}), str(weights))
+    tied = json.loads(meta.get("tied", "{}"))
+    for key, source in tied.items():
+        state[key] = state[source]
+    _load_into(model, state, str(weights), strict=True)
+    device = torch.device(device) if device is not None else models.default_device()
+    model.to(device).eval()
+    model.sqlab_spec = str(path)
+    return model
+
+
+def load(spec: str, device: torch.device | str | None = None) -> nn.Module:
+    """Any model sqlab knows: a quantized checkpoint directory, or what ``models.load_model`` takes."""
+    if is_checkpoint(spec):
+        return load_quantized(spec, device)
+    return models.load_model(spec, device)
+
+
+def export_squeezellm(model: nn.Module, path: str | Path) -> Path:
+    """Write the original SqueezeLLM ``.pt`` state dict (model-zoo layout, fp32 LUTs and values)."""
+    layers = quantized_layers(model)
+    if not layers:
+        raise SqlabError("the model has no SqueezeLinear layers to export")
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    for name, layer in layers.items():
+        state[f"{name}.lookup_table"] = layer.lookup_table.detach().float().cpu()
+        if layer.nnz:
+            state[f"{name}.vals"] = layer.vals.detach().float().cpu()
+            state[f"sparse_threshold.{name}"] = layer.nnz
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as tmp:
+        torch.save(state, tmp)
+    os.replace(tmp.name, path)
+    return path
+
+
+def import_squeezellm(path: str | Path, base: str, device: torch.device | str | None = "cpu") -> nn.Module:
+    """Load an original SqueezeLLM ``.pt`` file into ``SqueezeLinear`` layers of the ``base`` model.
+
+    ``base`` is the unquantized model (any spec ``load_model`` takes): it supplies
+    the architecture and every parameter the file does not hold (older model-zoo
+    files store only the quantized layers).
+    """
+    path = Path(path)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise SqlabError(f"SqueezeLLM checkpoint {str(path)!r} does not exist") from None
+    except Exception as exc:
+        raise SqlabError(f"cannot read {str(path)!r} as a SqueezeLLM state dict (truncated, or not a "
+                         f"torch.save file of tensors): {str(exc).splitlines()[0]}") from exc
+    if not isinstance(state, dict) or not any(k.endswith(".qweight") for k in state):
+        raise SqlabError(f"{str(path)!r} is not a SqueezeLLM checkpoint: it holds no '*.qweight' tensors")
+    state = {k: v for k, v in state.items() if not k.startswith("sparse_threshold.")}
+    bad = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise SqlabError(f"{str(path)!r} holds non-tensor entries: {', '.join(bad[:5])}")
+    model = models.load_model(base, device="cpu")
+    _install_shells(model, _group_shapes({k: (tuple(v.shape), v.dtype) for k, v in state.items()}), str(path))
+    _load_into(model, state, str(path), strict=False)
+    missing = [f"{n}.{p}" for n, layer in quantized_layers(model).items() for p in ("qweight", "lookup_table")
+               if f"{n}.{p}" not in state]
+    if missing:
+        raise SqlabError(f"{str(path)!r} lacks {', '.join(missing[:5])}")
+    model.to(device).eval()
+    return model

@@ -1,0 +1,112 @@
+"""``SqueezeLinear``: a linear layer stored as packed 3/4-bit indices, a LUT per row, and CSR.
+
+The reconstructed weight is ``W_hat = lut[row, index] + S``: each output row
+decodes its indices through its own look-up table (the row's k-means centroids),
+then the sparse part adds back the outliers and sensitive values. On the CPU the
+forward pass is a reference that computes ``x @ W_hat.T + b`` exactly; the GPU
+kernels compute the same product without materialising ``W_hat``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .errors import SqlabError
+from .packing import CSR, packed_rows, reconstruct, unpack
+
+
+class SqueezeLinear(nn.Module):
+    """A quantized ``nn.Linear`` in the SqueezeLLM layout.
+
+    Buffers: ``qweight`` (int32, ``(ceil(in/32)·wbits, out)``), ``lookup_table``
+    (``(out, 2**wbits)``), and with sparsity ``rows`` (int32, ``out + 1``),
+    ``cols`` (int32, ``nnz``), ``vals`` (``nnz``); ``bias`` if the layer has one.
+    """
+
+    def __init__(self, in_features: int, out_features: int, wbits: int, nnz: int = 0, bias: bool = False,
+                 lut_dtype: torch.dtype = torch.float16, vals_dtype: torch.dtype = torch.float32, device=None):
+        super().__init__()
+        if wbits not in (3, 4):
+            raise SqlabError(f"wbits must be 3 or 4, got {wbits!r}")
+        self.in_features, self.out_features, self.wbits = in_features, out_features, wbits
+        self.register_buffer("qweight", torch.zeros(packed_rows(in_features, wbits), out_features,
+                                                    dtype=torch.int32, device=device))
+        self.register_buffer("lookup_table", torch.zeros(out_features, 2**wbits, dtype=lut_dtype, device=device))
+        if nnz:
+            self.register_buffer("rows", torch.zeros(out_features + 1, dtype=torch.int32, device=device))
+            self.register_buffer("cols", torch.zeros(nnz, dtype=torch.int32, device=device))
+            self.register_buffer("vals", torch.zeros(nnz, dtype=vals_dtype, device=device))
+        else:
+            self.rows = self.cols = self.vals = None
+        if bias:
+            self.register_buffer("bias", torch.zeros(out_features, dtype=vals_dtype, device=device))
+        else:
+            self.bias = None
+
+    @classmethod
+    def from_parts(cls, qweight: Tensor, lookup_table: Tensor, in_features: int, csr: CSR | None = None,
+                   bias: Tensor | None = None) -> "SqueezeLinear":
+        out_features, k = lookup_table.shape
+        wbits = {8: 3, 16: 4}.get(k)
+        if wbits is None:
+            raise SqlabError(f"lookup_table has {k} entries per row; expected 8 (3-bit) or 16 (4-bit)")
+        nnz = csr.nnz if csr is not None else 0
+        vals_dtype = csr.vals.dtype if nnz else (bias.dtype if bias is not None else torch.float32)
+        layer = cls(in_features, out_features, wbits, nnz, bias is not None, lookup_table.dtype, vals_dtype,
+                    device=qweight.device)
+        layer.qweight.copy_(qweight)
+        layer.lookup_table.copy_(lookup_table)
+        if nnz:
+            layer.rows.copy_(csr.rows)
+            layer.cols.copy_(csr.cols)
+            layer.vals.copy_(csr.vals)
+        if bias is not None:
+            layer.bias.copy_(bias)
+        return layer
+
+    @property
+    def nnz(self) -> int:
+        return 0 if self.vals is None else self.vals.numel()
+
+    def indices(self) -> Tensor:
+        """The dense part's indices, ``(out_features, in_features)`` uint8."""
+        return unpack(self.qweight, self.wbits, self.in_features)
+
+    def csr(self) -> CSR | None:
+        return CSR(self.rows, self.cols, self.vals) if self.vals is not None else None
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> Tensor:
+        """``W_hat`` (out_features, in_features): LUT lookup plus the sparse part."""
+        return reconstruct(self.indices(), self.lookup_table, self.csr(), dtype)
+
+    def _dense(self, dtype: torch.dtype) -> Tensor:
+        """``W_hat`` for the CPU path, decoded once and kept until a buffer changes."""
+        key = (dtype, self.qweight.device, *(t._version for t in self.buffers()))
+        cached = getattr(self, "_dense_cache", None)
+        if cached is None or cached[0] != key:
+            cached = (key, self.dequantize(dtype))
+            self._dense_cache = cached
+        return cached[1]
+
+    def _apply(self, fn, *args, **kwargs):
+        self._dense_cache = None  # moved or cast: decode again
+        return super()._apply(fn, *args, **kwargs)
+
+    def forward(self, x: Tensor) -> Tensor:
+        # the CPU reference keeps the decoded weight (speed over memory: the CPU is for
+        # experiments); on a GPU nothing is cached
+        weight = self._dense(x.dtype) if not x.is_cuda else self.dequantize(x.dtype)
+        return nn.functional.linear(x, weight, None if self.bias is None else self.bias.to(x.dtype))
+
+    def storage_bits(self) -> dict[str, int]:
+        """Bits stored for each part: indices, LUT, sparse values and their indices, bias."""
+        lut = self.lookup_table
+        bits = {"indices": self.qweight.numel() * 32, "lut": lut.numel() * lut.element_size() * 8}
+        if self.vals is not None:
+            bits["sparse"] = sum(t.numel() * t.element_size() * 8 for t in (self.rows, self.cols, self.vals))
+        return bits
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, wbits={self.wbits}, "
+                f"nnz={self.nnz}, bias={self.bias is not None}")

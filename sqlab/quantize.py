@@ -1,0 +1,293 @@
+"""SqueezeLLM, layer by layer: dense-and-sparse split, weighted k-means, packing.
+
+``quantize_model(model, config, fisher)`` replaces every quantizable linear with a
+``SqueezeLinear`` (or, with ``simulate=True``, writes the reconstructed weight into
+the ordinary ``nn.Linear`` for fast accuracy sweeps). With a ``work_dir`` each
+finished decoder block is saved atomically, so an interrupted run started again
+skips finished blocks and ends with the same result.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from . import outliers
+from .config import QuantConfig
+from .errors import SqlabError
+from .kmeans import assign, weighted_kmeans
+from .models import block_linears, decoder_blocks, quantizable_linears
+from .packing import CSR, correct_sparse, pack, reconstruct, unpack
+from .qlinear import SqueezeLinear
+
+
+@dataclass
+class QuantizedWeight:
+    """One matrix, quantized: indices, a LUT per row, and the sparse part."""
+
+    indices: Tensor  # (out_features, in_features) uint8
+    lut: Tensor  # (out_features, 2**wbits) fp16, ascending per row
+    csr: CSR | None
+    outliers: int = 0
+    sensitive: int = 0
+
+    @property
+    def wbits(self) -> int:
+        return int(math.log2(self.lut.shape[1]))
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> Tensor:
+        return reconstruct(self.indices, self.lut, self.csr, dtype)
+
+
+@dataclass
+class LayerStats:
+    name: str
+    shape: tuple[int, int]
+    outliers: int
+    sensitive: int
+    weighted_error: float  # sum_j F_j (w_j - w_hat_j)^2
+    mse: float  # mean (w - w_hat)^2
+    bits: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class QuantReport:
+    config: QuantConfig
+    outlier_range: float | None
+    layers: list[LayerStats]
+
+    @property
+    def weights(self) -> int:
+        return sum(s.shape[0] * s.shape[1] for s in self.layers)
+
+    @property
+    def total_bits(self) -> int:
+        return sum(sum(s.bits.values()) for s in self.layers)
+
+    @property
+    def bits_per_weight(self) -> float:
+        """Effective bits per weight: indices + LUT + sparse part, over all quantized weights."""
+        return self.total_bits / self.weights
+
+    @property
+    def size_mb(self) -> float:
+        return self.total_bits / 8 / 2**20
+
+    @property
+    def sparse_pct(self) -> float:
+        return 100 * sum(s.outliers + s.sensitive for s in self.layers) / self.weights
+
+    @property
+    def outlier_pct(self) -> float:
+        return 100 * sum(s.outliers for s in self.layers) / self.weights
+
+    def as_dict(self) -> dict:
+        return {"config": self.config.as_dict(), "outlier_range": self.outlier_range,
+                "bits_per_weight": self.bits_per_weight, "size_mb": self.size_mb,
+                "outlier_pct": self.outlier_pct, "sparse_pct": self.sparse_pct,
+                "layers": [asdict(s) for s in self.layers]}
+
+
+def _check_finite(name: str, tensor: Tensor, what: str) -> None:
+    if not torch.isfinite(tensor).all():
+        raise SqlabError(f"{what} of {name} contain NaN or Inf; cannot quantize it")
+
+
+def kmeans_weights(weight: Tensor, fisher: Tensor | None, sparse: Tensor, weighted: bool) -> Tensor:
+    """Per-weight importance for clustering: Fisher (or 1), zero where the weight went to S.
+
+    A row whose remaining importances are all zero falls back to uniform weights
+    over its dense positions.
+    """
+    base = fisher.float().clamp_min(0) if weighted and fisher is not None else torch.ones_like(weight, dtype=torch.float32)
+    dense = (~sparse).float()
+    importance = base * dense
+    empty = importance.sum(1, keepdim=True) <= 0
+    return torch.where(empty, dense, importance)
+
+
+def quantize_group(weights: dict[str, Tensor], fishers: dict[str, Tensor | None], config: QuantConfig,
+                   thresholds: dict[str, float | None]) -> dict[str, QuantizedWeight]:
+    """Quantize matrices of equal ``in_features`` together: one batched k-means over all their rows.
+
+    ``thresholds`` are the outlier thresholds ``T`` of the matrices (``None``: no outliers).
+    """
+    splits, importances = {}, {}
+    for name, w in weights.items():
+        splits[name] = outliers.split(w, fishers.get(name), thresholds.get(name), config.sensitive_pct)
+        importances[name] = kmeans_weights(w, fishers.get(name), splits[name].mask, config.weighted)
+    names = list(weights)
+    km = weighted_kmeans(torch.cat([weights[n].float() for n in names]), torch.cat([importances[n] for n in names]),
+                         2**config.wbits, iters=config.kmeans_iters, restarts=config.kmeans_restarts,
+                         seed=config.seed)
+    result, start = {}, 0
+    for name in names:
+        w = weights[name]
+        rows = slice(start, start + w.shape[0])
+        start += w.shape[0]
+        lut = km.centroids[rows].to(torch.float16)
+        # indices against the stored (fp16) LUT, so the dense part decodes to its nearest entry
+        indices = assign(w.float(), lut.float())
+        split = splits[name]
+        csr = None
+        if split.mask.any():
+            r, c = split.mask.nonzero(as_tuple=True)
+            idx, csr = correct_sparse(r, c, w[r, c], lut, w.shape[0])
+            indices[r, c] = idx.to(torch.uint8)
+        result[name] = QuantizedWeight(indices, lut, csr, split.outliers, split.sensitive)
+    return result
+
+
+def layer_stats(name: str, weight: Tensor, fisher: Tensor | None, q: QuantizedWeight, layer: SqueezeLinear) -> LayerStats:
+    w_hat = q.dequantize(torch.float32)
+    diff2 = (weight.float() - w_hat) ** 2
+    weighted = float((fisher.float() * diff2).sum()) if fisher is not None else float("nan")
+    return LayerStats(name, tuple(weight.shape), q.outliers, q.sensitive, weighted, float(diff2.mean()),
+                      layer.storage_bits())
+
+
+def to_layer(q: QuantizedWeight, bias: Tensor | None) -> SqueezeLinear:
+    return SqueezeLinear.from_parts(pack(q.indices, q.wbits), q.lut, q.indices.shape[1], q.csr, bias)
+
+
+def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, child, module)
+
+
+def outlier_thresholds(model: nn.Module, config: QuantConfig) -> tuple[float | None, dict[str, float]]:
+    """The IQR range ``r`` for this run (given, solved for ``outlier_pct``, or none) and each matrix's ``T``."""
+    if not config.uses_outliers:
+        return None, {}
+    weights = {n: m.weight.detach() for n, m in quantizable_linears(model).items()}
+    quartiles = {n: outliers.quartiles(w) for n, w in weights.items()}
+    r = config.outlier_range
+    if r is None:
+        r = outliers.solve_outlier_range(weights, config.outlier_pct, seed=config.seed, quartiles_of=quartiles)
+    return float(r), {n: outliers.iqr_threshold(*q, r) for n, q in quartiles.items()}
+
+
+class _WorkDir:
+    """Finished blocks of an interrupted run, one safetensors file each, written atomically."""
+
+    def __init__(self, path: Path, identity: dict):
+        self.path = Path(path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        marker = self.path / "run.json"
+        if marker.exists():
+            found = json.loads(marker.read_text())
+            if found != identity:
+                raise SqlabError(f"work directory {str(self.path)!r} holds blocks of a different run "
+                                 f"({marker}); delete it or choose another directory")
+        else:
+            marker.write_text(json.dumps(identity, indent=1, sort_keys=True))
+
+    def file(self, index: int) -> Path:
+        return self.path / f"block_{index:04d}.safetensors"
+
+    def load(self, index: int) -> dict[str, QuantizedWeight] | None:
+        path = self.file(index)
+        if not path.exists():
+            return None
+        tensors = load_file(str(path))
+        meta = json.loads(tensors.pop("__meta__").numpy().tobytes().decode()) if "__meta__" in tensors else {}
+        result = {}
+        for name, info in meta.items():
+            csr = None
+            if f"{name}.vals" in tensors:
+                csr = CSR(tensors[f"{name}.rows"], tensors[f"{name}.cols"], tensors[f"{name}.vals"])
+            indices = unpack(tensors[f"{name}.qweight"], info["wbits"], info["in_features"])
+            result[name] = QuantizedWeight(indices, tensors[f"{name}.lookup_table"], csr, info["outliers"],
+                                           info["sensitive"])
+        return result
+
+    def save(self, index: int, block: dict[str, QuantizedWeight]) -> None:
+        tensors, meta = {}, {}
+        for name, q in block.items():
+            tensors[f"{name}.qweight"] = pack(q.indices, q.wbits)
+            tensors[f"{name}.lookup_table"] = q.lut.contiguous()
+            if q.csr is not None:
+                tensors[f"{name}.rows"], tensors[f"{name}.cols"], tensors[f"{name}.vals"] = \
+                    q.csr.rows, q.csr.cols, q.csr.vals.contiguous()
+            meta[name] = {"wbits": q.wbits, "in_features": q.indices.shape[1], "outliers": q.outliers,
+                          "sensitive": q.sensitive}
+        tensors["__meta__"] = torch.frombuffer(bytearray(json.dumps(meta).encode()), dtype=torch.uint8)
+        with tempfile.NamedTemporaryFile(dir=self.path, suffix=".tmp", delete=False) as tmp:
+            pass
+        save_file({k: v.cpu() for k, v in tensors.items()}, tmp.name)
+        os.replace(tmp.name, self.file(index))
+
+
+@torch.no_grad()
+def quantize_model(model: nn.Module, config: QuantConfig, fisher: dict[str, Tensor] | None = None, *,
+                   simulate: bool = False, work_dir: str | Path | None = None, blocks: list[int] | None = None,
+                   progress: bool = True) -> QuantReport:
+    """Quantize every quantizable linear of ``model`` in place; returns per-layer statistics.
+
+    ``fisher`` maps module names to Fisher information of their weights; it is
+    needed for sensitivity-weighted k-means and for ``sensitive_pct > 0``
+    (``config.weighted=False`` runs plain k-means without it). ``blocks`` limits
+    the work to those decoder blocks (by index), for quick looks; the outlier
+    range is still solved over the whole model.
+    """
+    linears = quantizable_linears(model)
+    if fisher is None and (config.weighted or config.sensitive_pct > 0):
+        raise SqlabError("SqueezeLLM needs the Fisher information (sqlab.compute_fisher); pass fisher=..., "
+                         "or use weighted=False with sensitive_pct=0 for plain k-means")
+    for name, linear in linears.items():
+        _check_finite(name, linear.weight, "weights")
+        if fisher is not None:
+            if name not in fisher:
+                raise SqlabError(f"the Fisher information has no entry for {name}")
+            if tuple(fisher[name].shape) != tuple(linear.weight.shape):
+                raise SqlabError(f"the Fisher information of {name} has shape {tuple(fisher[name].shape)}, "
+                                 f"the weight has {tuple(linear.weight.shape)}")
+            _check_finite(name, fisher[name], "Fisher values")
+    outlier_range, thresholds = outlier_thresholds(model, config)
+    store = None
+    if work_dir is not None:
+        from .models import fingerprint
+
+        store = _WorkDir(work_dir, {"config": config.as_dict(), "outlier_range": outlier_range,
+                                    "model": fingerprint(model)})
+    stats = []
+    chosen = list(enumerate(decoder_blocks(model)))
+    if blocks is not None:
+        bad = [b for b in blocks if not 0 <= b < len(chosen)]
+        if bad:
+            raise SqlabError(f"block indices {bad} out of range; the model has {len(chosen)} decoder blocks")
+        chosen = [chosen[b] for b in sorted(set(blocks))]
+    for index, (prefix, block) in tqdm(chosen, desc=f"SqueezeLLM {config.wbits}-bit", unit="block",
+                                       disable=not progress, leave=False):
+        members = {f"{prefix}.{n}": m for n, m in block_linears(model, block).items()}
+        done = store.load(index) if store is not None else None
+        if done is None:
+            done = {}
+            by_width: dict[int, list[str]] = {}
+            for name, m in members.items():
+                by_width.setdefault(m.in_features, []).append(name)
+            for names in by_width.values():
+                done.update(quantize_group({n: members[n].weight.detach() for n in names},
+                                           {n: fisher[n] if fisher is not None else None for n in names},
+                                           config, {n: thresholds.get(n) for n in names}))
+            if store is not None:
+                store.save(index, done)
+        for name, linear in members.items():
+            q = done[name]
+            layer = to_layer(q, linear.bias.detach() if linear.bias is not None else None)
+            stats.append(layer_stats(name, linear.weight, fisher[name] if fisher is not None else None, q, layer))
+            if simulate:
+                linear.weight.copy_(q.dequantize(linear.weight.dtype))
+            else:
+                _set_module(model, name, layer.to(linear.weight.device))
+    return QuantReport(config, outlier_range, stats)

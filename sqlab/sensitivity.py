@@ -1,0 +1,107 @@
+"""Sensitivity: the diagonal of the Fisher information of every quantizable weight.
+
+For each calibration window (batch size 1) back-propagate the language-modelling
+loss and add the square of each weight's gradient into an fp32 accumulator:
+``F = sum_samples g ⊙ g``. Only the quantizable linears require grad. Results are
+cached on disk (safetensors) by model content, corpus, window count, length and
+seed, so a second call is a load.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from . import assets
+from .errors import SqlabError
+from .models import fingerprint, quantizable_linears
+
+log = logging.getLogger(__name__)
+
+
+def fisher_information(model: nn.Module, windows: torch.Tensor, *, progress: bool = True) -> dict[str, torch.Tensor]:
+    """Diagonal Fisher of every quantizable weight, ``{module name: (out_features, in_features)}`` fp32.
+
+    ``windows`` is ``(nsamples, seqlen)`` token ids; one backward pass per window.
+    """
+    linears = quantizable_linears(model)
+    device = next(model.parameters()).device
+    was_training = model.training
+    saved = {name: p.requires_grad for name, p in model.named_parameters()}
+    fisher = {name: torch.zeros(m.weight.shape, dtype=torch.float32, device=device) for name, m in linears.items()}
+    try:
+        model.eval()  # no dropout: the Fisher of the deployed model
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for m in linears.values():
+            m.weight.requires_grad_(True)
+        for window in tqdm(windows, desc="Fisher", unit="sample", disable=not progress, leave=False):
+            ids = window[None].to(device)
+            loss = model(ids, labels=ids, use_cache=False).loss
+            loss.backward()
+            for name, m in linears.items():
+                fisher[name].add_(m.weight.grad.float().square())
+                m.weight.grad = None
+    finally:
+        for name, p in model.named_parameters():
+            p.requires_grad_(saved[name])
+            p.grad = None
+        model.train(was_training)
+    for name, f in fisher.items():
+        if not torch.isfinite(f).all():
+            raise SqlabError(f"the Fisher information of {name} is not finite (NaN or Inf gradients); "
+                             "check the model's weights and the calibration data")
+    return fisher
+
+
+def fisher_cache_path(model: nn.Module, corpus: str, nsamples: int, seqlen: int, seed: int) -> Path:
+    key = f"{fingerprint(model)}-{corpus.replace('/', '_').replace(':', '_')}-n{nsamples}-l{seqlen}-s{seed}"
+    return assets.data_dir() / "cache" / "fisher" / f"{key}.safetensors"
+
+
+def load_fisher(path: Path, model: nn.Module | None = None) -> dict[str, torch.Tensor]:
+    """Read a Fisher file; with ``model``, check it names every quantizable weight with its shape."""
+    try:
+        fisher = load_file(str(path))
+    except Exception as exc:
+        raise SqlabError(f"cannot read Fisher information from {str(path)!r}: {exc}") from exc
+    if model is not None:
+        for name, linear in quantizable_linears(model).items():
+            if name not in fisher:
+                raise SqlabError(f"Fisher file {str(path)!r} has no entry for {name}")
+            if tuple(fisher[name].shape) != tuple(linear.weight.shape):
+                raise SqlabError(f"Fisher of {name} in {str(path)!r} has shape {tuple(fisher[name].shape)}, "
+                                 f"the model's weight has {tuple(linear.weight.shape)}")
+    return fisher
+
+
+def save_fisher(fisher: dict[str, torch.Tensor], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as tmp:
+        pass
+    save_file({k: v.contiguous().cpu() for k, v in fisher.items()}, tmp.name)
+    os.replace(tmp.name, path)
+
+
+def compute_fisher(model: nn.Module, tokenizer, corpus: str = "shakespeare", nsamples: int = 16,
+                   seqlen: int = 512, seed: int = 0, *, cache: bool = True,
+                   progress: bool = True) -> dict[str, torch.Tensor]:
+    """Fisher information on ``nsamples`` calibration windows of ``corpus``, cached on disk."""
+    from .data import calibration_windows
+
+    path = fisher_cache_path(model, corpus, nsamples, seqlen, seed)
+    if cache and path.exists():
+        log.info("Fisher information from cache %s", path.name)
+        return load_fisher(path, model)
+    windows = calibration_windows(tokenizer, corpus, nsamples, seqlen, seed)
+    fisher = fisher_information(model, windows, progress=progress)
+    if cache:
+        save_fisher(fisher, path)
+    return fisher

@@ -1,0 +1,144 @@
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from sqlab.kmeans import assign, weighted_kmeans
+
+
+def lloyd_per_row(x: np.ndarray, f: np.ndarray, k: int, iters: int = 200) -> float:
+    """Reference: a plain per-row weighted Lloyd loop from the round-to-nearest grid."""
+    f = f if f.sum() > 0 else np.ones_like(f)
+    c = x.min() + (x.max() - x.min()) * (np.arange(k) + 0.5) / k
+    for _ in range(iters):
+        labels = np.abs(x[:, None] - c[None, :]).argmin(1)
+        new = c.copy()
+        for j in range(k):
+            member = labels == j
+            if f[member].sum() > 0:
+                new[j] = (f[member] * x[member]).sum() / f[member].sum()
+        if np.array_equal(new, c):
+            break
+        c = new
+    labels = np.abs(x[:, None] - c[None, :]).argmin(1)
+    return float((f * (x - c[labels]) ** 2).sum())
+
+
+def optimum(x: np.ndarray, f: np.ndarray, k: int) -> float:
+    """Exact weighted 1-D k-means by dynamic programming over sorted prefixes (small n only)."""
+    f = f if f.sum() > 0 else np.ones_like(f)
+    order = np.argsort(x)
+    x, f = x[order], f[order]
+    p0, p1, p2 = (np.concatenate([[0.0], np.cumsum(v)]) for v in (f, f * x, f * x * x))
+
+    def cost(i, j):
+        s0 = p0[j] - p0[i]
+        return 0.0 if s0 <= 0 else max(p2[j] - p2[i] - (p1[j] - p1[i]) ** 2 / s0, 0.0)
+
+    n = len(x)
+    best = [0.0] + [np.inf] * n
+    for _ in range(k):
+        best = [0.0] + [min(best[i] + cost(i, j) for i in range(j)) for j in range(1, n + 1)]
+    return best[n]
+
+
+rows_strategy = st.tuples(
+    st.integers(2, 24), st.sampled_from([8, 16]), st.integers(0, 10**6),
+    st.sampled_from([1.0, 6.0]), st.booleans(), st.booleans(),
+)
+
+
+def _row(n, seed, power, outlier, zeros):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal(n) * 0.02
+    if outlier:
+        x[rng.integers(0, n)] *= 12
+    f = rng.random(n) ** power
+    if zeros:
+        f[rng.random(n) < 0.3] = 0.0
+    return x, f
+
+
+@settings(max_examples=150, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@given(rows_strategy)
+def test_never_worse_than_per_row_lloyd_and_never_below_the_optimum(case):
+    n, k, seed, power, outlier, zeros = case
+    x, f = _row(n, seed, power, outlier, zeros)
+    ours = weighted_kmeans(torch.tensor(x[None]), torch.tensor(f[None]), k, restarts=2).sse.item()
+    scale = float(((f if f.sum() > 0 else np.ones(n)) * x * x).sum()) + 1e-30
+    assert ours <= lloyd_per_row(x, f, k) * (1 + 1e-7) + 1e-12 * scale
+    assert ours >= optimum(x, f, k) * (1 - 1e-7) - 1e-12 * scale
+
+
+def test_close_to_the_optimum_on_average():
+    ratios = []
+    for seed in range(60):
+        x, f = _row(20, seed, 6.0, seed % 3 == 0, seed % 4 == 0)
+        ours = weighted_kmeans(torch.tensor(x[None]), torch.tensor(f[None]), 8).sse.item()
+        scale = float((f * x * x).sum())
+        ratios.append((ours + 1e-9 * scale) / (optimum(x, f, 8) + 1e-9 * scale))
+    assert np.mean(ratios) < 1.15
+
+
+def test_total_sse_not_worse_than_scikit_learn_per_row():
+    from sklearn.cluster import KMeans
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(40, 256, generator=gen, dtype=torch.float64) * 0.02
+    f = torch.rand(40, 256, generator=gen, dtype=torch.float64) ** 6
+    ours = weighted_kmeans(x, f, 8).sse.sum().item()
+    ref = 0.0
+    for row, weight in zip(x.numpy(), f.numpy()):
+        km = KMeans(n_clusters=8, n_init="auto", max_iter=50, random_state=0).fit(row[:, None], sample_weight=weight)
+        ref += float((weight * (row - km.cluster_centers_[km.labels_, 0]) ** 2).sum())
+    assert ours <= ref
+
+
+def test_outputs_shapes_order_and_consistency():
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(33, 100, generator=gen)
+    f = torch.rand(33, 100, generator=gen)
+    res = weighted_kmeans(x, f, 16)
+    assert res.centroids.shape == (33, 16) and res.labels.shape == (33, 100) and res.labels.dtype == torch.uint8
+    assert (res.centroids[:, 1:] >= res.centroids[:, :-1]).all()
+    assert torch.equal(res.labels, assign(x, res.centroids))
+    direct = (f.double() * (x.double() - res.centroids.double().gather(1, res.labels.long())) ** 2).sum(1)
+    assert torch.allclose(res.sse, direct, rtol=1e-5)
+
+
+def test_rows_are_independent_and_deterministic():
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(12, 64, generator=gen)
+    f = torch.rand(12, 64, generator=gen) ** 4
+    together = weighted_kmeans(x, f, 8, restarts=2)
+    again = weighted_kmeans(x, f, 8, restarts=2)
+    assert torch.equal(together.centroids, again.centroids)
+    for i in (0, 5, 11):
+        alone = weighted_kmeans(x[i : i + 1], f[i : i + 1], 8, restarts=2)
+        assert torch.equal(alone.centroids[0], together.centroids[i])
+
+
+def test_all_zero_weights_mean_uniform_weights():
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 50, generator=gen)
+    f = torch.rand(3, 50, generator=gen)
+    f[1] = 0
+    res = weighted_kmeans(x, f, 8)
+    plain = weighted_kmeans(x[1:2], None, 8)
+    assert torch.equal(res.centroids[1], plain.centroids[0])
+    assert torch.isfinite(res.centroids).all()
+
+
+def test_weighting_pulls_centroids_towards_heavy_points():
+    x = torch.tensor([[0.0, 0.1, 0.2, 1.0, 1.1, 1.2, 5.0, 5.05]])
+    f = torch.tensor([[1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1000.0, 1.0]])
+    res = weighted_kmeans(x, f, 2)
+    assert abs(res.centroids[0, 1].item() - 5.0) < 1e-3  # the heavy point owns its centroid
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="k must be in"):
+        weighted_kmeans(torch.zeros(2, 4), None, 1)
+    with pytest.raises(ValueError, match="differs from x shape"):
+        weighted_kmeans(torch.zeros(2, 4), torch.zeros(2, 5), 8)

@@ -1,0 +1,57 @@
+import pytest
+import torch
+
+from sqlab import SqlabError
+from sqlab import outliers
+
+
+def test_iqr_threshold_formula():
+    assert outliers.iqr_threshold(-1.0, 2.0, 1.5) == max(abs(-1 - 4.5), abs(2 + 4.5))
+    w = torch.arange(101, dtype=torch.float32) - 40  # quartiles -15 and 35
+    assert outliers.quartiles(w) == (-15.0, 35.0)
+    mask = outliers.outlier_mask(w, 0.2)  # IQR 50: T = max(|-15-10|, |35+10|) = 45
+    assert mask.sum() == 16 and mask[-16:].all()
+
+
+def _matrices(seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    shapes = [(64, 96), (128, 96), (96, 256), (32, 32)]
+    mats = {}
+    for i, s in enumerate(shapes):
+        w = torch.randn(s, generator=gen) * (0.01 * (i + 1))
+        w += (torch.rand(s, generator=gen) < 0.01) * torch.randn(s, generator=gen) * 0.2  # heavy tails
+        mats[f"m{i}"] = w
+    return mats
+
+
+@pytest.mark.parametrize("target", [0.05, 0.45, 1.0, 3.0])
+def test_solving_for_r_meets_the_model_wide_outlier_share(target):
+    mats = _matrices()
+    r = outliers.solve_outlier_range(mats, target)
+    total = sum(w.numel() for w in mats.values())
+    got = 100 * sum(int(outliers.outlier_mask(w, r).sum()) for w in mats.values()) / total
+    assert abs(got - target) <= 0.02
+
+
+def test_unreachable_target_is_a_clear_error():
+    with pytest.raises(SqlabError, match="outlier_pct 60.0 is out of reach"):
+        outliers.solve_outlier_range(_matrices(), 60.0)
+    bad = _matrices()
+    bad["m1"][0, 0] = float("nan")
+    with pytest.raises(SqlabError, match="weights of m1 contain NaN or Inf"):
+        outliers.solve_outlier_range(bad, 0.45)
+
+
+def test_sensitive_values_are_the_top_fisher_entries_outside_the_outliers():
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(40, 50, generator=gen)
+    fisher = torch.rand(40, 50, generator=gen)
+    threshold = outliers.iqr_threshold(*outliers.quartiles(w), 1.0)
+    split = outliers.split(w, fisher, threshold, sensitive_pct=2.0)
+    out = w.abs() >= threshold
+    sens = split.mask & ~out
+    assert split.outliers == int(out.sum()) and split.sensitive == int(sens.sum()) == round(0.02 * 2000)
+    assert torch.equal(split.mask, out | sens)
+    assert fisher[sens].min() >= fisher[~out & ~sens].max()
+    with pytest.raises(SqlabError, match="needs the Fisher information"):
+        outliers.split(w, None, None, 1.0)
