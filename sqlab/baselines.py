@@ -1,68 +1,244 @@
-"""Baselines to compare SqueezeLLM against: round-to-nearest (RTN).
+"""Baselines to compare SqueezeLLM against: round-to-nearest (RTN) and GPTQ.
 
-RTN is uniform min-max quantization: per output channel (``groupsize=None``) or
-per group of ``groupsize`` consecutive inputs, ``2**wbits`` evenly spaced levels
-from the group's minimum to its maximum (an fp16 scale and a ``wbits``-bit zero
-point per group).
+**RTN** is uniform min-max quantization: ``2**wbits`` evenly spaced levels from a
+group's minimum to its maximum, per output channel (``groupsize=None``) or per
+group of ``groupsize`` consecutive inputs (a shorter last group when it does not
+divide ``in_features``); an fp16 scale and a ``wbits``-bit zero point per group.
+
+**GPTQ** (Frantar et al., 2022) quantizes the columns of ``W`` one at a time and
+spreads each column's error over the columns not yet quantized, using the
+inverse of the layer Hessian ``H = 2 X Xᵀ`` of its calibration inputs ``X``.
+Decoder blocks go in order, each fed the outputs of the already-quantized blocks
+before it; within a block every linear sees the block's inputs. Dampening adds
+``percdamp · mean(diag H)`` to the diagonal; updates are applied lazily in
+blocks of 128 columns; ``act_order`` visits columns by decreasing ``diag H``.
+Both produce reconstructed weights (simulate mode) and count their effective
+bits per weight: codes, scales, zeros and, for act-order with groups, the
+group index of every input.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import logging
+import math
+import os
+import tempfile
+from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
+from .config import QuantConfig
 from .errors import SqlabError
-from .models import quantizable_linears
+from .models import block_linears, decoder_blocks, quantizable_linears
+from .quantize import LayerStats, QuantReport
+
+log = logging.getLogger(__name__)
+
+
+def _grid(w: Tensor, wbits: int) -> tuple[Tensor, Tensor]:
+    """Min-max scale and zero point of each row of ``w`` (rows, group) -> (rows, 1) each."""
+    lo = w.amin(-1, keepdim=True).clamp_max(0)
+    hi = w.amax(-1, keepdim=True).clamp_min(0)
+    scale = ((hi - lo) / (2**wbits - 1)).clamp_min(1e-12).half().float()  # scales are stored in fp16
+    return scale, torch.round(-lo / scale)
+
+
+def _round(w: Tensor, scale: Tensor, zero: Tensor, wbits: int) -> Tensor:
+    q = torch.clamp(torch.round(w / scale) + zero, 0, 2**wbits - 1)
+    return (q - zero) * scale
 
 
 def rtn_quantize(weight: Tensor, wbits: int, groupsize: int | None = None) -> Tensor:
     """Round-to-nearest reconstruction of ``weight`` (out_features, in_features)."""
     if wbits not in (2, 3, 4, 8):
         raise SqlabError(f"RTN wbits must be 2, 3, 4 or 8, got {wbits!r}")
-    out_features, in_features = weight.shape
-    g = groupsize or in_features
-    if in_features % g:
-        raise SqlabError(f"groupsize {g} does not divide in_features {in_features}")
-    w = weight.float().reshape(out_features, in_features // g, g)
-    lo = w.amin(-1, keepdim=True).clamp_max(0)
-    hi = w.amax(-1, keepdim=True).clamp_min(0)
-    levels = 2**wbits - 1
-    scale = ((hi - lo) / levels).clamp_min(1e-12).half().float()  # scales are stored in fp16
-    zero = torch.round(-lo / scale)
-    q = torch.clamp(torch.round(w / scale) + zero, 0, levels)
-    return ((q - zero) * scale).reshape(out_features, in_features).to(weight.dtype)
+    w = weight.float()
+    out = torch.empty_like(w)
+    step = groupsize or w.shape[1]
+    for start in range(0, w.shape[1], step):  # a loop over groups of columns, not rows
+        group = w[:, start : start + step]
+        out[:, start : start + step] = _round(group, *_grid(group, wbits), wbits)
+    return out.to(weight.dtype)
 
 
-def rtn_bits_per_weight(wbits: int, in_features: int, groupsize: int | None = None) -> float:
-    """Stored bits per weight: the codes plus an fp16 scale and a ``wbits``-bit zero per group."""
-    g = groupsize or in_features
-    return wbits + (16 + wbits) / g
+def bits_per_weight(wbits: int, in_features: int, out_features: int, groupsize: int | None = None,
+                    act_order: bool = False) -> float:
+    """Stored bits per weight of a uniform quantizer.
+
+    The codes, plus an fp16 scale and a ``wbits``-bit zero per group, plus (act-order
+    with groups) a 32-bit group index per input column.
+    """
+    groups = math.ceil(in_features / (groupsize or in_features))
+    extra = groups * (16 + wbits) / in_features
+    if act_order and groupsize:
+        extra += 32 / out_features
+    return wbits + extra
 
 
-@dataclass
-class BaselineReport:
-    method: str
-    wbits: int
-    groupsize: int | None
-    weights: int
-    bits_per_weight: float
-
-    @property
-    def size_mb(self) -> float:
-        return self.weights * self.bits_per_weight / 8 / 2**20
+def _stats(name: str, before: Tensor, after: Tensor, fisher: Tensor | None, bits: float) -> LayerStats:
+    diff2 = (before.float() - after.float()) ** 2
+    weighted = float((fisher.float() * diff2).sum()) if fisher is not None else float("nan")
+    return LayerStats(name, tuple(before.shape), 0, 0, weighted, float(diff2.mean()),
+                      {"total": round(bits * before.numel())})
 
 
 @torch.no_grad()
-def rtn_quantize_model(model: nn.Module, wbits: int, groupsize: int | None = None,
-                       only: set[str] | None = None) -> BaselineReport:
+def rtn_quantize_model(model: nn.Module, config: QuantConfig, fisher: dict[str, Tensor] | None = None,
+                       only: set[str] | None = None) -> QuantReport:
     """RTN of every quantizable linear (or those named in ``only``), in place (simulated)."""
-    weights = bits = 0
+    stats = []
     for name, linear in quantizable_linears(model).items():
         if only is not None and name not in only:
             continue
-        linear.weight.copy_(rtn_quantize(linear.weight, wbits, groupsize))
-        weights += linear.weight.numel()
-        bits += linear.weight.numel() * rtn_bits_per_weight(wbits, linear.in_features, groupsize)
-    return BaselineReport("rtn", wbits, groupsize, weights, bits / max(weights, 1))
+        before = linear.weight.detach().clone()
+        linear.weight.copy_(rtn_quantize(before, config.wbits, config.groupsize))
+        bits = bits_per_weight(config.wbits, linear.in_features, linear.out_features, config.groupsize)
+        stats.append(_stats(name, before, linear.weight, fisher.get(name) if fisher else None, bits))
+    return QuantReport(config, None, stats)
+
+
+def gptq_quantize(weight: Tensor, hessian: Tensor, wbits: int, groupsize: int | None = None,
+                  act_order: bool = False, percdamp: float = 0.01, blocksize: int = 128) -> Tensor:
+    """GPTQ reconstruction of ``weight`` (out, in) given the layer Hessian ``hessian`` (in, in)."""
+    w = weight.float().clone()
+    h = hessian.float().clone()
+    columns = w.shape[1]
+    dead = torch.diag(h) == 0  # inputs that never fired: nothing to preserve there
+    h[dead, dead] = 1
+    w[:, dead] = 0
+    perm = None
+    if act_order:
+        perm = torch.argsort(torch.diag(h), descending=True)
+        w, h = w[:, perm], h[perm][:, perm]
+    h += percdamp * torch.mean(torch.diag(h)) * torch.eye(columns, device=h.device)
+    try:
+        hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    except torch.linalg.LinAlgError as exc:
+        raise SqlabError(f"the Hessian is not positive definite even after dampening {percdamp}; "
+                         "use more calibration samples or a larger percdamp") from exc
+    q = torch.zeros_like(w)
+    scale = zero = None
+    if not groupsize:
+        scale, zero = _grid(w, wbits)
+    for i1 in range(0, columns, blocksize):
+        i2 = min(i1 + blocksize, columns)
+        w1, err1, hinv1 = w[:, i1:i2].clone(), torch.zeros_like(w[:, i1:i2]), hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = w1[:, i]
+            if groupsize and (i1 + i) % groupsize == 0:
+                # the group's grid from its weights as updated so far
+                group = torch.cat([w1[:, i:], w[:, i2:]], 1)[:, :groupsize]
+                scale, zero = _grid(group, wbits)
+            qcol = _round(col[:, None], scale, zero, wbits)[:, 0]
+            q[:, i1 + i] = qcol
+            e = (col - qcol) / hinv1[i, i]
+            w1[:, i:] -= e[:, None] * hinv1[i, i:][None, :]
+            err1[:, i] = e
+        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]  # the lazy update of the columns after this block
+    if perm is not None:
+        q = q[:, torch.argsort(perm)]
+    return q.to(weight.dtype)
+
+
+class _Stop(Exception):
+    pass
+
+
+def _block_inputs(model: nn.Module, windows: Tensor) -> tuple[Tensor, dict]:
+    """Hidden states entering the first decoder block for each window, and its keyword arguments."""
+    first = decoder_blocks(model)[0][1]
+    device = next(model.parameters()).device
+    captured, kwargs = [], {}
+
+    def grab(module, args, kw):
+        captured.append(args[0] if args else kw["hidden_states"])
+        kwargs.update({k: v for k, v in kw.items() if k != "hidden_states"})
+        raise _Stop
+
+    handle = first.register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        for window in windows:
+            try:
+                model(window[None].to(device), use_cache=False)
+            except _Stop:
+                pass
+    finally:
+        handle.remove()
+    return torch.cat(captured), kwargs
+
+
+def _run_block(block: nn.Module, inputs: Tensor, kwargs: dict) -> Tensor:
+    outs = []
+    for x in inputs:
+        out = block(x[None], **kwargs)
+        outs.append(out[0] if isinstance(out, (tuple, list)) else out)
+    return torch.cat(outs)
+
+
+def _hessian_path(cache_dir: Path | None, key: str, index: int) -> Path | None:
+    return None if cache_dir is None else Path(cache_dir) / key / f"block_{index:04d}.safetensors"
+
+
+@torch.no_grad()
+def gptq_quantize_model(model: nn.Module, windows: Tensor, config: QuantConfig, *,
+                        fisher: dict[str, Tensor] | None = None, cache_dir: str | Path | None = None,
+                        cache_key: str | None = None, progress: bool = True) -> QuantReport:
+    """GPTQ of every quantizable linear, block by block on ``windows`` (nsamples, seqlen), in place.
+
+    With ``cache_dir`` and ``cache_key`` (a content key of the model, the data and
+    the settings), each block's Hessians are saved, and a second run with the same
+    key reads them instead of running the model.
+    """
+    blocks = decoder_blocks(model)
+    paths = [_hessian_path(cache_dir, cache_key, i) if cache_key else None for i in range(len(blocks))]
+    need_forward = not all(p is not None and p.exists() for p in paths)
+    inputs = kwargs = None
+    if need_forward:
+        inputs, kwargs = _block_inputs(model, windows)
+    stats = []
+    for index, (prefix, block) in enumerate(tqdm(blocks, desc=f"GPTQ {config.wbits}-bit", unit="block",
+                                                 disable=not progress, leave=False)):
+        linears = block_linears(model, block)
+        path = paths[index]
+        if path is not None and path.exists():
+            hessians = load_file(str(path))
+        else:
+            hessians = {name: torch.zeros(m.in_features, m.in_features, device=m.weight.device)
+                        for name, m in linears.items()}
+            count = 0
+
+            def accumulate(name):
+                def hook(module, args, output):
+                    x = args[0].reshape(-1, args[0].shape[-1]).float()
+                    hessians[name].addmm_(x.T, x, alpha=2.0)
+                return hook
+
+            handles = [m.register_forward_hook(accumulate(n)) for n, m in linears.items()]
+            try:
+                _run_block(block, inputs, kwargs)
+            finally:
+                for h in handles:
+                    h.remove()
+            count = inputs.shape[0] * inputs.shape[1]
+            hessians = {n: h / count for n, h in hessians.items()}
+            if path is not None:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as tmp:
+                    pass
+                save_file({n: h.contiguous().cpu() for n, h in hessians.items()}, tmp.name)
+                os.replace(tmp.name, path)
+        for name, linear in linears.items():
+            before = linear.weight.detach().clone()
+            q = gptq_quantize(before, hessians[name].to(before.device), config.wbits, config.groupsize,
+                              config.act_order, config.percdamp)
+            linear.weight.copy_(q)
+            full = f"{prefix}.{name}"
+            bits = bits_per_weight(config.wbits, linear.in_features, linear.out_features, config.groupsize,
+                                   config.act_order)
+            stats.append(_stats(full, before, q, fisher.get(full) if fisher else None, bits))
+        if need_forward and index + 1 < len(blocks):
+            inputs = _run_block(block, inputs, kwargs)  # the next block sees this block quantized
+    return QuantReport(config, None, stats)

@@ -30,6 +30,7 @@ from .qlinear import SqueezeLinear
 log = logging.getLogger(__name__)
 
 FORMAT = "sqlab-squeezellm-v1"
+SIMULATED = "sqlab-simulated-v1"  # a baseline's reconstructed weights in an ordinary model directory
 QUANT_CONFIG = "quant_config.json"
 WEIGHTS = "model.safetensors"
 PARTS = ("qweight", "lookup_table", "rows", "cols", "vals", "bias")
@@ -37,6 +38,13 @@ PARTS = ("qweight", "lookup_table", "rows", "cols", "vals", "bias")
 
 def is_checkpoint(path: str | Path) -> bool:
     return (Path(path) / QUANT_CONFIG).is_file()
+
+
+def checkpoint_format(path: str | Path) -> str | None:
+    try:
+        return json.loads((Path(path) / QUANT_CONFIG).read_text()).get("format")
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return None
 
 
 def quantized_layers(model: nn.Module) -> dict[str, SqueezeLinear]:
@@ -67,6 +75,23 @@ def _replace_atomically(tmp: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, out)
+
+
+def save_simulated(model: nn.Module, out: str | Path, quant_config: dict, tokenizer=None) -> Path:
+    """Write a baseline's fake-quantized model as an ordinary model directory, marked as such."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    try:
+        model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        (tmp / QUANT_CONFIG).write_text(json.dumps({**quant_config, "format": SIMULATED}, indent=2) + "\n")
+        os.chmod(tmp, 0o755)
+        _replace_atomically(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
 
 
 def save_quantized(model: nn.Module, out: str | Path, quant_config: dict, tokenizer=None) -> Path:
@@ -197,7 +222,7 @@ def load_quantized(path: str | Path, device: torch.device | str | None = None) -
 
 def load(spec: str, device: torch.device | str | None = None) -> nn.Module:
     """Any model sqlab knows: a quantized checkpoint directory, or what ``models.load_model`` takes."""
-    if is_checkpoint(spec):
+    if is_checkpoint(spec) and checkpoint_format(spec) != SIMULATED:
         return load_quantized(spec, device)
     return models.load_model(spec, device)
 

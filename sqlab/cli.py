@@ -88,20 +88,21 @@ def cmd_bench(args) -> int:
     return 0
 
 
-def _quant_config(args, **overrides):
+def _quant_config(args):
     from .config import QuantConfig
 
-    return QuantConfig(wbits=args.wbits, outlier_pct=args.outlier_pct, sensitive_pct=args.sensitive_pct,
-                       outlier_range=args.outlier_range, weighted=not args.no_weighting, calib=args.calib,
-                       nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, **overrides)
+    return QuantConfig(method=args.method, wbits=args.wbits, outlier_pct=args.outlier_pct,
+                       sensitive_pct=args.sensitive_pct, outlier_range=args.outlier_range,
+                       weighted=not args.no_weighting, calib=args.calib, nsamples=args.nsamples,
+                       seqlen=args.seqlen, seed=args.seed, groupsize=args.groupsize or None,
+                       act_order=args.act_order)
 
 
 def cmd_quantize(args) -> int:
     import shutil
 
     from . import checkpoint, data, models
-    from .quantize import quantize_model
-    from .sensitivity import compute_fisher
+    from .experiments import quantize
 
     config = _quant_config(args)  # bad settings fail before anything slow
     data.parse_corpus(config.calib)
@@ -110,39 +111,99 @@ def cmd_quantize(args) -> int:
         raise SqlabError(f"--out {args.out!r} exists and is not a sqlab checkpoint; choose another directory")
     tokenizer = models.load_tokenizer(args.model)
     model = models.load_model(args.model)
-    fisher = compute_fisher(model, tokenizer, config.calib, config.nsamples, config.seqlen, config.seed)
     work = out.with_name(out.name + ".work")
-    report = quantize_model(model, config, fisher, work_dir=work)
-    checkpoint.save_quantized(model, out, {**config.as_dict(), "outlier_range": report.outlier_range,
-                                           "base_model": args.model}, tokenizer)
+    report = quantize(model, tokenizer, config, work_dir=work if config.method == "squeezellm" else None)
+    meta = {**config.relevant(), "label": config.label(), "outlier_range": report.outlier_range,
+            "bits_per_weight": report.bits_per_weight, "base_model": args.model}
+    if config.method == "squeezellm":
+        checkpoint.save_quantized(model, out, meta, tokenizer)
+    else:
+        checkpoint.save_simulated(model, out, meta, tokenizer)
     _write_json(str(out / "quant_report.json"), report.as_dict())
     shutil.rmtree(work, ignore_errors=True)
-    print(f"{config.wbits}-bit SqueezeLLM of {args.model}: {report.bits_per_weight:.3f} bits/weight, "
-          f"{report.size_mb:.1f} MB of quantized linears, {report.outlier_pct:.3f}% outliers "
-          f"(r = {report.outlier_range}), {report.sparse_pct:.3f}% sparse -> {out}")
+    sparse = (f", {report.outlier_pct:.3f}% outliers (r = {report.outlier_range}), {report.sparse_pct:.3f}% sparse"
+              if config.method == "squeezellm" else " (reconstructed weights, stored unpacked)")
+    print(f"{config.label()} of {args.model}: {report.bits_per_weight:.3f} bits/weight, "
+          f"{report.size_mb:.1f} MB of quantized linears{sparse} -> {out}")
+    return 0
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def _ints(text: str) -> list[int]:
+    values = _floats(text)
+    if any(v != int(v) for v in values):
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
+    return [int(v) for v in values]
+
+
+def _names(text: str) -> list[str]:
+    return [v.strip() for v in text.split(",") if v.strip()]
+
+
+def cmd_sweep(args) -> int:
+    from . import experiments
+
+    common = dict(calib=args.calib, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
+                  weighted=not args.no_weighting, act_order=args.act_order)
+    if args.preset == "paper":
+        configs = experiments.paper_configs(args.wbits, **common)
+    else:
+        bad = [m for m in args.methods if m not in ("squeezellm", "rtn", "gptq")]
+        if bad:
+            raise SqlabError(f"unknown method {bad[0]!r}; --methods takes squeezellm, rtn, gptq")
+        configs = experiments.sweep_configs(args.methods, args.wbits, args.outlier_pct, args.sensitive_pct,
+                                            args.groupsize, **common)
+    evaluation = experiments.EvalSettings(tuple(args.datasets), args.eval_seqlen, args.max_windows)
+    sweeper = experiments.Sweeper(args.model, evaluation)
+    frame = sweeper.run(configs)
+    table = experiments.tidy(frame)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    table.to_csv(out / "results.csv", index=False)
+    frame.to_json(out / "results.json", orient="records", indent=1)
+    print(experiments.render(frame))
+    print(f"written to {out / 'results.csv'} and {out / 'results.json'}")
     return 0
 
 
 def cmd_demo(args) -> int:
-    from .demo import run_demo
+    from .experiments import render, run_demo, tidy
 
-    table = run_demo(max_windows=args.max_windows, seqlen=args.seqlen, fast=fast_mode())
-    print(table.render())
-    _write_json(args.json, table.as_dict())
+    frame, settings = run_demo(max_windows=args.max_windows, seqlen=args.seqlen, fast=fast_mode())
+    print(f"SqueezeLLM demo on {settings['model']}: perplexity on the Shakespeare evaluation plays "
+          f"({', '.join(settings['eval_texts'])}), {settings['windows']} windows of {settings['seqlen']} tokens")
+    print(f"calibration: {settings['calibration']['nsamples']} x {settings['calibration']['seqlen']} tokens of "
+          f"{settings['calibration']['calib']}; quantized blocks: {settings['quantized_blocks']}")
+    print(render(frame))
+    print(f"({settings['note']})")
+    _write_json(args.json, {**settings, "rows": tidy(frame).to_dict(orient="records")})
     print(f"written to {args.json}")
     return 0
 
 
-def _add_quant_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--wbits", type=int, choices=(3, 4), default=3)
-    p.add_argument("--outlier-pct", type=float, default=0.0, help="model-wide %% of weights kept as outliers")
-    p.add_argument("--sensitive-pct", type=float, default=0.0, help="%% of each matrix kept by Fisher")
-    p.add_argument("--outlier-range", type=float, help="fix the IQR range r instead of solving for --outlier-pct")
+def _add_calib_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-weighting", action="store_true", help="plain k-means (ablation: no Fisher weighting)")
+    p.add_argument("--act-order", action="store_true", help="GPTQ: quantize columns by decreasing Hessian diagonal")
     p.add_argument("--calib", default="shakespeare", help="calibration corpus (default shakespeare)")
     p.add_argument("--nsamples", type=_positive, default=16, help="calibration windows (default 16)")
     p.add_argument("--seqlen", type=_positive, default=512, help="calibration window length (default 512)")
     p.add_argument("--seed", type=int, default=0)
+
+
+def _add_quant_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--method", choices=("squeezellm", "rtn", "gptq"), default="squeezellm")
+    p.add_argument("--wbits", type=int, choices=(3, 4), default=3)
+    p.add_argument("--outlier-pct", type=float, default=0.0, help="model-wide %% of weights kept as outliers")
+    p.add_argument("--sensitive-pct", type=float, default=0.0, help="%% of each matrix kept by Fisher")
+    p.add_argument("--outlier-range", type=float, help="fix the IQR range r instead of solving for --outlier-pct")
+    p.add_argument("--groupsize", type=int, default=0, help="rtn/gptq: inputs per scale (0: per channel)")
+    _add_calib_args(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -172,6 +233,22 @@ def build_parser() -> argparse.ArgumentParser:
     _add_quant_args(p)
     p.add_argument("--out", required=True, help="checkpoint directory to write")
     p.set_defaults(run=cmd_quantize)
+
+    p = sub.add_parser("sweep", help="evaluate a grid of methods and settings (cached, resumable)")
+    p.add_argument("--model", default="default")
+    p.add_argument("--preset", choices=("paper",), help="paper: RTN/GPTQ per-channel and g128, SqueezeLLM "
+                   "dense, 0.05%%, 0.45%%+0.05%% (replaces the grid options)")
+    p.add_argument("--methods", type=_names, default=["squeezellm"], help="comma-separated: squeezellm,rtn,gptq")
+    p.add_argument("--wbits", type=_ints, default=[3, 4], help="comma-separated, e.g. 3,4")
+    p.add_argument("--outlier-pct", type=_floats, default=[0.0], help="SqueezeLLM, e.g. 0,0.05,0.45")
+    p.add_argument("--sensitive-pct", type=_floats, default=[0.0], help="SqueezeLLM, e.g. 0,0.05")
+    p.add_argument("--groupsize", type=_ints, default=[0], help="baselines, e.g. 0,128 (0: per channel)")
+    p.add_argument("--datasets", type=_names, default=["shakespeare"], help="evaluation corpora, comma-separated")
+    p.add_argument("--eval-seqlen", type=_positive, help="evaluation window (default 512 on CPU, 2048 on GPU)")
+    p.add_argument("--max-windows", type=_positive, default=32, help="evaluation windows per dataset (default 32)")
+    _add_calib_args(p)
+    p.add_argument("--out", required=True, help="directory for results.csv and results.json")
+    p.set_defaults(run=cmd_sweep)
 
     p = sub.add_parser("demo", help="the main job on the embedded default model")
     p.add_argument("--seqlen", type=_positive, help="evaluation window length (default 512 on CPU)")

@@ -60,7 +60,7 @@ def test_quantize_then_eval_the_checkpoint(tiny_model_dir, text_file, tmp_path):
                                      "--outlier-pct", "0.45", "--sensitive-pct", "0.05", "--calib",
                                      f"text:{text_file}", "--nsamples", "2", "--seqlen", "16", "--out", str(out))
     assert status == 0, stderr
-    assert "3-bit SqueezeLLM" in stdout and "bits/weight" in stdout
+    assert "SqueezeLLM 3-bit 0.45%+0.05%" in stdout and "bits/weight" in stdout
     report = json.loads((out / "quant_report.json").read_text())
     assert report["config"]["wbits"] == 3 and len(report["layers"]) == 14
     assert not (tmp_path / "tiny-w3.work").exists()
@@ -100,14 +100,19 @@ def test_demo_fast_mode_prints_the_table_with_the_method_ordering(tmp_path):
                           text=True, env={**os.environ, "SQLAB_FAST": "1"})
     assert proc.returncode == 0, proc.stderr
     table = json.loads(out.read_text())
-    rows = {r["method"]: r for r in table["rows"]}
-    assert len(rows) == 7 and "SqueezeLLM 3-bit dense-only" in proc.stdout
+    rows = {r["label"]: {**r, "ppl": r["ppl_shakespeare"]} for r in table["rows"]}
+    assert len(rows) == 7 and "SqueezeLLM 3-bit dense" in proc.stdout
+    assert table["quantized_blocks"] == "0-1 (fast mode)"
     fp = rows["unquantized (fp16 size)"]["ppl"]
     for wbits in (3, 4):
-        rtn = rows[f"RTN per-channel {wbits}-bit"]
-        dense = rows[f"SqueezeLLM {wbits}-bit dense-only"]
-        sparse = rows[f"SqueezeLLM {wbits}-bit 0.45% + 0.05% sparse"]
+        rtn = rows[f"RTN {wbits}-bit per-channel"]
+        dense = rows[f"SqueezeLLM {wbits}-bit dense"]
+        sparse = rows[f"SqueezeLLM {wbits}-bit 0.45%+0.05%"]
         assert dense["ppl"] < rtn["ppl"]
         assert wbits < dense["bits_per_weight"] < sparse["bits_per_weight"] < wbits + 1
         assert abs(dense["ppl"] - fp) / fp < 0.1  # two quantized blocks stay close to the reference
-    assert rows["SqueezeLLM 3-bit 0.45% + 0.05% sparse"]["ppl"] < rows["SqueezeLLM 3-bit dense-only"]["ppl"]
+    assert rows["SqueezeLLM 3-bit 0.45%+0.05%"]["ppl"] < rows["SqueezeLLM 3-bit dense"]["ppl"]
+    # a second run is a lookup
+    again = subprocess.run([sys.executable, "-m", "sqlab.cli", "demo", "--json", str(out)], capture_output=True,
+                           text=True, env={**os.environ, "SQLAB_FAST": "1"})
+    assert again.returncode == 0 and again.stdout.count("(cached)") == 7

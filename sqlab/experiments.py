@@ -1,0 +1,290 @@
+"""The experiment engine: one entry point for every method, and cached, resumable sweeps.
+
+``quantize(model, tokenizer, config)`` runs SqueezeLLM, RTN or GPTQ with the same
+calibration settings. ``run_sweep`` evaluates a list of configs and returns a
+tidy table; every finished point is stored under ``data/cache/results`` by a
+content key (model weights, the settings its method reads, the evaluation
+settings), so running a sweep again is a lookup, and an interrupted sweep
+resumes at the first missing point. Fisher information, SqueezeLLM look-up
+tables and GPTQ Hessians are cached the same way.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import logging
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from . import assets, baselines, data, evaluate, models
+from .config import QuantConfig
+from .errors import SqlabError
+from .quantize import QuantReport, quantize_model
+from .sensitivity import compute_fisher
+
+log = logging.getLogger(__name__)
+
+
+def _cache(*parts: str) -> Path:
+    return assets.data_dir() / "cache" / Path(*parts)
+
+
+def quantize(model: nn.Module, tokenizer, config: QuantConfig, *, fisher: dict | None = None,
+             simulate: bool = False, work_dir: str | Path | None = None, blocks: list[int] | None = None,
+             cache: bool = True, progress: bool = True) -> QuantReport:
+    """Quantize ``model`` in place with ``config.method``, calibrating on ``config.calib``.
+
+    SqueezeLLM computes (or loads) the Fisher information and packs
+    ``SqueezeLinear`` layers unless ``simulate``; RTN and GPTQ always write their
+    reconstructed weights into the ``nn.Linear`` layers (they have no packed
+    format here). ``fisher``, when given, is also used to report the baselines'
+    Fisher-weighted error per layer.
+    """
+    if config.method == "squeezellm":
+        if fisher is None and (config.weighted or config.sensitive_pct > 0):
+            fisher = compute_fisher(model, tokenizer, config.calib, config.nsamples, config.seqlen, config.seed,
+                                    cache=cache, progress=progress)
+        return quantize_model(model, config, fisher, simulate=simulate, work_dir=work_dir, blocks=blocks,
+                              progress=progress)
+    only = None
+    if blocks is not None:
+        chosen = [models.decoder_blocks(model)[b][0] + "." for b in blocks]
+        only = {n for n in models.quantizable_linears(model) if n.startswith(tuple(chosen))}
+    if config.method == "rtn":
+        return baselines.rtn_quantize_model(model, config, fisher, only=only)
+    if blocks is not None:
+        raise SqlabError("GPTQ runs the whole model block by block; it does not take `blocks`")
+    windows = data.calibration_windows(tokenizer, config.calib, config.nsamples, config.seqlen, config.seed)
+    key = config.key(models.fingerprint(model)) if cache else None
+    return baselines.gptq_quantize_model(model, windows, config, fisher=fisher, cache_dir=_cache("hessians"),
+                                         cache_key=key, progress=progress)
+
+
+def reference_config() -> dict:
+    return {"method": "none", "label": "unquantized (fp16 size)", "wbits": 16}
+
+
+def sweep_configs(methods=("squeezellm",), wbits=(3, 4), outlier_pct=(0.0,), sensitive_pct=(0.0,),
+                  groupsize=(None,), **common) -> list[QuantConfig]:
+    """The grid: SqueezeLLM over outlier % × sensitive %, the baselines over group size.
+
+    ``common`` settings (calibration, seed, ``weighted``, ``act_order``, ...) go to
+    the methods that read them.
+    """
+    configs = []
+    for method, bits in itertools.product(methods, wbits):
+        if method == "squeezellm":
+            grid = [{"outlier_pct": o, "sensitive_pct": s} for o, s in itertools.product(outlier_pct, sensitive_pct)]
+        else:
+            grid = [{"groupsize": g or None} for g in groupsize]
+        configs += [QuantConfig.for_method(method, bits, **common, **cell) for cell in grid]
+    return list(dict.fromkeys(configs))
+
+
+# the paper's main table: RTN and GPTQ per channel and g128; SqueezeLLM dense-only,
+# 0.05% (sensitive values only) and 0.45% outliers + 0.05% sensitive values
+PAPER_BASELINES = (("rtn", None), ("rtn", 128), ("gptq", None), ("gptq", 128))
+PAPER_SQUEEZELLM = ((0.0, 0.0), (0.0, 0.05), (0.45, 0.05))
+
+
+def paper_configs(wbits=(3, 4), **common) -> list[QuantConfig]:
+    configs = []
+    for bits in wbits:
+        configs += [QuantConfig.for_method(m, bits, groupsize=g, **common) for m, g in PAPER_BASELINES]
+        configs += [QuantConfig.for_method("squeezellm", bits, outlier_pct=o, sensitive_pct=s, **common)
+                    for o, s in PAPER_SQUEEZELLM]
+    return configs
+
+
+@dataclass
+class EvalSettings:
+    datasets: tuple[str, ...] = ("shakespeare",)
+    seqlen: int | None = None  # None: 512 on the CPU, 2048 on a GPU
+    max_windows: int | None = 32
+
+    def as_dict(self, seqlen: int) -> dict:
+        return {"datasets": list(self.datasets), "seqlen": seqlen, "max_windows": self.max_windows}
+
+
+def result_key(fingerprint: str, point: dict, evaluation: dict) -> str:
+    payload = json.dumps([fingerprint, point, evaluation], sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()[:20]
+
+
+def _write_json(path: Path, payload: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as tmp:
+        json.dump(payload, tmp, indent=1)
+    os.replace(tmp.name, path)
+
+
+class Sweeper:
+    """Evaluates configs on one model, each point cached on disk by content key.
+
+    The model is loaded once; between points its original weights are restored
+    in place (points run in simulate mode, which gives the packed model's
+    numbers exactly).
+    """
+
+    def __init__(self, model_spec: str = "default", evaluation: EvalSettings | None = None,
+                 cache: bool = True, progress: bool = True, blocks: list[int] | None = None):
+        self.spec, self.cache, self.progress = model_spec, cache, progress
+        self.blocks = sorted(set(blocks)) if blocks is not None else None
+        self.evaluation = evaluation or EvalSettings()
+        for name in self.evaluation.datasets:
+            data.parse_corpus(name)
+        self.tokenizer = models.load_tokenizer(model_spec)
+        self.model = models.load_model(model_spec)
+        self.fingerprint = models.fingerprint(self.model)
+        self.seqlen = self.evaluation.seqlen or (2048 if self.model.device.type == "cuda" else 512)
+        self.pristine = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        self._tokens: dict[str, torch.Tensor] = {}
+        self._fisher: dict[tuple, dict] = {}
+
+    def tokens(self, dataset: str) -> torch.Tensor:
+        if dataset not in self._tokens:
+            self._tokens[dataset] = data.eval_tokens(self.tokenizer, dataset, self.seqlen)
+        return self._tokens[dataset]
+
+    def fisher(self, config: QuantConfig) -> dict:
+        key = (config.calib, config.nsamples, config.seqlen, config.seed)
+        if key not in self._fisher:
+            self._fisher[key] = compute_fisher(self.model, self.tokenizer, *key, cache=self.cache,
+                                               progress=self.progress)
+        return self._fisher[key]
+
+    def key(self, point: dict) -> str:
+        evaluation = self.evaluation.as_dict(self.seqlen)
+        if self.blocks is not None:
+            evaluation["blocks"] = self.blocks
+        return result_key(self.fingerprint, point, evaluation)
+
+    def cached(self, point: dict) -> dict | None:
+        path = _cache("results", f"{self.key(point)}.json")
+        if self.cache and path.exists():
+            try:
+                return json.loads(path.read_text())
+            except json.JSONDecodeError:
+                path.unlink()
+        return None
+
+    def _evaluate(self) -> dict[str, float]:
+        return {f"ppl_{d}": evaluate.perplexity(self.model, self.tokens(d), self.seqlen,
+                                                max_windows=self.evaluation.max_windows,
+                                                progress=self.progress).ppl
+                for d in self.evaluation.datasets}
+
+    def _restore(self) -> None:
+        self.model.load_state_dict(self.pristine)
+
+    def run_point(self, config: QuantConfig | None) -> dict:
+        """One row: ``None`` is the unquantized reference."""
+        point = reference_config() if config is None else {**config.relevant(), "label": config.label()}
+        found = self.cached(point)
+        if found is not None:
+            return {**found, "cached": True}
+        start = time.perf_counter()
+        if config is None:
+            weights = sum(m.weight.numel() for n, m in models.quantizable_linears(self.model).items()
+                          if self.blocks is None or _block_of(n) in self.blocks)
+            row = {**point, "bits_per_weight": 16.0, "size_mb": weights * 2 / 2**20, "layers": []}
+        else:
+            fisher = self.fisher(config) if config.method == "squeezellm" else None
+            work = None
+            if self.cache and config.method == "squeezellm":
+                work = _cache("quant", config.key(self.fingerprint))  # finished blocks: LUTs and sparse parts
+            try:
+                report = quantize(self.model, self.tokenizer, config, fisher=fisher, simulate=True, work_dir=work,
+                                  blocks=self.blocks, cache=self.cache, progress=self.progress)
+                row = {**point, "bits_per_weight": report.bits_per_weight, "size_mb": report.size_mb,
+                       "outlier_range": report.outlier_range, "sparse_pct": report.sparse_pct
+                       if config.method == "squeezellm" else 0.0,
+                       "layers": [{"name": s.name, "mse": s.mse, "weighted_error": s.weighted_error}
+                                  for s in report.layers]}
+                row.update(self._evaluate())
+            finally:
+                self._restore()
+        if config is None:
+            row.update(self._evaluate())
+        row["seconds"] = time.perf_counter() - start
+        if self.cache:
+            _write_json(_cache("results", f"{self.key(point)}.json"), row)
+        return {**row, "cached": False}
+
+    def run(self, configs: list[QuantConfig], include_reference: bool = True, on_row=None):
+        """All points as a pandas DataFrame (one row per point; per-layer errors in ``layers``)."""
+        import pandas as pd
+
+        points = ([None] if include_reference else []) + list(configs)
+        rows = []
+        for config in tqdm(points, desc="sweep", unit="point", disable=not self.progress, leave=False):
+            row = self.run_point(config)
+            rows.append(row)
+            if on_row is not None:
+                on_row(row)
+        return pd.DataFrame(rows)
+
+
+def _block_of(name: str) -> int:
+    """The decoder block index in a quantizable linear's name (``model.layers.3.mlp.up_proj`` -> 3)."""
+    return next(int(part) for part in name.split(".") if part.isdigit())
+
+
+TABLE_COLUMNS = ("label", "method", "wbits", "outlier_pct", "sensitive_pct", "groupsize", "act_order", "weighted",
+                 "bits_per_weight", "size_mb")
+
+
+def tidy(frame):
+    """The table without per-layer details: settings, size, one perplexity column per dataset, time."""
+    ppl = [c for c in frame.columns if c.startswith("ppl_")]
+    columns = [c for c in TABLE_COLUMNS if c in frame.columns] + ppl + ["seconds", "cached"]
+    return frame[columns]
+
+
+def render(frame) -> str:
+    """A plain-text table of a sweep."""
+    ppl = [c for c in frame.columns if c.startswith("ppl_")]
+    head = f"{'method':<38} {'bits/weight':>11} {'size MB':>8} " + " ".join(f"{c[4:]:>12}" for c in ppl) + \
+        f" {'time s':>7}"
+    lines = [head, "-" * len(head)]
+    for _, r in frame.iterrows():
+        lines.append(f"{r['label']:<38} {r['bits_per_weight']:>11.3f} {r['size_mb']:>8.1f} "
+                     + " ".join(f"{r[c]:>12.3f}" for c in ppl)
+                     + f" {r['seconds']:>7.1f}" + (" (cached)" if r.get("cached") else ""))
+    return "\n".join(lines)
+
+
+REFERENCE_NOTE = ("reference weights: SmolLM2-135M-Instruct dequantized from its published Q4_1 GGUF; "
+                  "computed in fp32 on the CPU, sized as fp16")
+
+
+def run_demo(max_windows: int | None = None, seqlen: int | None = None, fast: bool = False,
+             progress: bool = True):
+    """The main job: the comparison table on the default model.
+
+    Rows: unquantized; RTN per-channel 3/4-bit; SqueezeLLM dense-only and 0.45%
+    outliers + 0.05% sensitive values at 3/4-bit. ``fast`` shrinks it to seconds:
+    two decoder blocks, two evaluation windows, a tiny calibration set.
+    Returns ``(frame, settings)``.
+    """
+    calib = dict(calib="shakespeare", nsamples=2 if fast else 16, seqlen=128 if fast else 512)
+    configs = [QuantConfig(method="rtn", wbits=b) for b in (3, 4)]
+    configs += [QuantConfig(wbits=b, outlier_pct=o, sensitive_pct=s, **calib)
+                for b in (3, 4) for o, s in ((0.0, 0.0), (0.45, 0.05))]
+    evaluation = EvalSettings(("shakespeare",), seqlen, max_windows or (2 if fast else 32))
+    sweeper = Sweeper("default", evaluation, progress=progress, blocks=[0, 1] if fast else None)
+    frame = sweeper.run(configs)
+    blocks = "0-1 (fast mode)" if fast else f"all {len(models.decoder_blocks(sweeper.model))}"
+    settings = {"model": "default (SmolLM2-135M-Instruct)", "dataset": "shakespeare",
+                "eval_texts": list(data.EVAL_TEXTS), "seqlen": sweeper.seqlen, "windows": evaluation.max_windows,
+                "calibration": calib, "quantized_blocks": blocks, "note": REFERENCE_NOTE}
+    return frame, settings
