@@ -185,16 +185,21 @@ def _hessian_path(cache_dir: Path | None, key: str, index: int) -> Path | None:
 @torch.no_grad()
 def gptq_quantize_model(model: nn.Module, windows: Tensor, config: QuantConfig, *,
                         fisher: dict[str, Tensor] | None = None, cache_dir: str | Path | None = None,
-                        cache_key: str | None = None, progress: bool = True) -> QuantReport:
+                        cache_key: str | None = None, only_blocks: list[int] | None = None,
+                        progress: bool = True) -> QuantReport:
     """GPTQ of every quantizable linear, block by block on ``windows`` (nsamples, seqlen), in place.
 
     With ``cache_dir`` and ``cache_key`` (a content key of the model, the data and
     the settings), each block's Hessians are saved, and a second run with the same
-    key reads them instead of running the model.
+    key reads them instead of running the model. ``only_blocks`` quantizes just
+    those blocks (the others still pass their outputs on).
     """
     blocks = decoder_blocks(model)
-    paths = [_hessian_path(cache_dir, cache_key, i) if cache_key else None for i in range(len(blocks))]
-    need_forward = not all(p is not None and p.exists() for p in paths)
+    chosen = set(range(len(blocks)) if only_blocks is None else only_blocks)
+    blocks = blocks[: max(chosen) + 1]  # nothing after the last chosen block matters
+    paths = [_hessian_path(cache_dir, cache_key, i) if cache_key and i in chosen else None
+             for i in range(len(blocks))]
+    need_forward = not all(p is not None and p.exists() for i, p in enumerate(paths) if i in chosen)
     inputs = kwargs = None
     if need_forward:
         inputs, kwargs = _block_inputs(model, windows)
@@ -203,12 +208,15 @@ def gptq_quantize_model(model: nn.Module, windows: Tensor, config: QuantConfig, 
                                                  disable=not progress, leave=False)):
         linears = block_linears(model, block)
         path = paths[index]
+        if index not in chosen:
+            if need_forward and index + 1 < len(blocks):
+                inputs = _run_block(block, inputs, kwargs)
+            continue
         if path is not None and path.exists():
             hessians = load_file(str(path))
         else:
             hessians = {name: torch.zeros(m.in_features, m.in_features, device=m.weight.device)
                         for name, m in linears.items()}
-            count = 0
 
             def accumulate(name):
                 def hook(module, args, output):
@@ -242,3 +250,32 @@ def gptq_quantize_model(model: nn.Module, windows: Tensor, config: QuantConfig, 
         if need_forward and index + 1 < len(blocks):
             inputs = _run_block(block, inputs, kwargs)  # the next block sees this block quantized
     return QuantReport(config, None, stats)
+
+
+def rtn_levels(weight: Tensor, wbits: int) -> Tensor:
+    """The per-channel round-to-nearest grid of each row, ``(rows, 2**wbits)`` ascending."""
+    scale, zero = _grid(weight.float(), wbits)
+    return (torch.arange(2**wbits, device=weight.device)[None, :] - zero) * scale
+
+
+def grid_comparison(weight: Tensor, fisher: Tensor, wbits: int) -> tuple[dict[str, Tensor], "object"]:
+    """Three ways to choose ``2**wbits`` levels for each row of ``weight`` (rows, n).
+
+    The uniform RTN grid, plain k-means, and Fisher-weighted k-means (SqueezeLLM).
+    Returns the levels of each, ``{name: (rows, k)}``, and a DataFrame with each
+    row's weighted error ``sum F (w - q)^2`` and plain mean squared error.
+    """
+    import pandas as pd
+
+    from .kmeans import assign, weighted_kmeans
+
+    w, f = weight.float(), fisher.float()
+    levels = {"RTN grid": rtn_levels(w, wbits),
+              "k-means": weighted_kmeans(w, None, 2**wbits, restarts=2).centroids,
+              "Fisher-weighted k-means": weighted_kmeans(w, f, 2**wbits, restarts=2).centroids}
+    rows = []
+    for name, grid in levels.items():
+        q = grid.gather(1, assign(w, grid).long())
+        for i, (we, mse) in enumerate(zip((f * (w - q) ** 2).sum(1).tolist(), ((w - q) ** 2).mean(1).tolist())):
+            rows.append({"method": name, "row": i, "weighted_error": we, "mse": mse})
+    return levels, pd.DataFrame(rows)

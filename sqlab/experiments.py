@@ -27,7 +27,6 @@ from tqdm.auto import tqdm
 
 from . import assets, baselines, data, evaluate, models
 from .config import QuantConfig
-from .errors import SqlabError
 from .quantize import QuantReport, quantize_model
 from .sensitivity import compute_fisher
 
@@ -40,33 +39,35 @@ def _cache(*parts: str) -> Path:
 
 def quantize(model: nn.Module, tokenizer, config: QuantConfig, *, fisher: dict | None = None,
              simulate: bool = False, work_dir: str | Path | None = None, blocks: list[int] | None = None,
-             cache: bool = True, progress: bool = True) -> QuantReport:
+             profile=None, cache: bool = True, progress: bool = True) -> QuantReport:
     """Quantize ``model`` in place with ``config.method``, calibrating on ``config.calib``.
 
     SqueezeLLM computes (or loads) the Fisher information and packs
-    ``SqueezeLinear`` layers unless ``simulate``; RTN and GPTQ always write their
-    reconstructed weights into the ``nn.Linear`` layers (they have no packed
-    format here). ``fisher``, when given, is also used to report the baselines'
-    Fisher-weighted error per layer.
+    ``SqueezeLinear`` layers unless ``simulate``; with ``cache`` its finished blocks
+    are kept in ``data/cache/quant`` (unless a ``work_dir`` is given), so quantizing
+    the same model with the same settings again is a load. RTN and GPTQ always
+    write their reconstructed weights into the ``nn.Linear`` layers (they have no
+    packed format here). ``fisher``, when given, is also used to report the
+    baselines' Fisher-weighted error per layer.
     """
     if config.method == "squeezellm":
         if fisher is None and (config.weighted or config.sensitive_pct > 0):
             fisher = compute_fisher(model, tokenizer, config.calib, config.nsamples, config.seqlen, config.seed,
                                     cache=cache, progress=progress)
+        if work_dir is None and cache:
+            work_dir = _cache("quant", config.key(models.fingerprint(model)))
         return quantize_model(model, config, fisher, simulate=simulate, work_dir=work_dir, blocks=blocks,
-                              progress=progress)
+                              profile=profile, progress=progress)
     only = None
     if blocks is not None:
         chosen = [models.decoder_blocks(model)[b][0] + "." for b in blocks]
         only = {n for n in models.quantizable_linears(model) if n.startswith(tuple(chosen))}
     if config.method == "rtn":
         return baselines.rtn_quantize_model(model, config, fisher, only=only)
-    if blocks is not None:
-        raise SqlabError("GPTQ runs the whole model block by block; it does not take `blocks`")
     windows = data.calibration_windows(tokenizer, config.calib, config.nsamples, config.seqlen, config.seed)
-    key = config.key(models.fingerprint(model)) if cache else None
+    key = config.key(models.fingerprint(model), blocks) if cache else None
     return baselines.gptq_quantize_model(model, windows, config, fisher=fisher, cache_dir=_cache("hessians"),
-                                         cache_key=key, progress=progress)
+                                         cache_key=key, only_blocks=blocks, progress=progress)
 
 
 def reference_config() -> dict:
@@ -115,8 +116,12 @@ class EvalSettings:
         return {"datasets": list(self.datasets), "seqlen": seqlen, "max_windows": self.max_windows}
 
 
+# bumped whenever a result row changes shape, so older cache entries are not reused
+RESULT_SCHEMA = 2
+
+
 def result_key(fingerprint: str, point: dict, evaluation: dict) -> str:
-    payload = json.dumps([fingerprint, point, evaluation], sort_keys=True, default=str)
+    payload = json.dumps([RESULT_SCHEMA, fingerprint, point, evaluation], sort_keys=True, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()[:20]
 
 
@@ -149,6 +154,7 @@ class Sweeper:
         self.pristine = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         self._tokens: dict[str, torch.Tensor] = {}
         self._fisher: dict[tuple, dict] = {}
+        self._profile = None
 
     def tokens(self, dataset: str) -> torch.Tensor:
         if dataset not in self._tokens:
@@ -161,6 +167,15 @@ class Sweeper:
             self._fisher[key] = compute_fisher(self.model, self.tokenizer, *key, cache=self.cache,
                                                progress=self.progress)
         return self._fisher[key]
+
+    def profile(self):
+        """The outlier profile of the unquantized weights, built once."""
+        if self._profile is None:
+            from .outliers import OutlierProfile
+
+            names = models.quantizable_linears(self.model)
+            self._profile = OutlierProfile({n: self.pristine[f"{n}.weight"] for n in names})
+        return self._profile
 
     def key(self, point: dict) -> str:
         evaluation = self.evaluation.as_dict(self.seqlen)
@@ -195,17 +210,16 @@ class Sweeper:
         start = time.perf_counter()
         if config is None:
             weights = sum(m.weight.numel() for n, m in models.quantizable_linears(self.model).items()
-                          if self.blocks is None or _block_of(n) in self.blocks)
+                          if self.blocks is None or models.split_name(n)[0] in self.blocks)
             row = {**point, "bits_per_weight": 16.0, "size_mb": weights * 2 / 2**20, "layers": []}
         else:
             fisher = self.fisher(config) if config.method == "squeezellm" else None
-            work = None
-            if self.cache and config.method == "squeezellm":
-                work = _cache("quant", config.key(self.fingerprint))  # finished blocks: LUTs and sparse parts
             try:
-                report = quantize(self.model, self.tokenizer, config, fisher=fisher, simulate=True, work_dir=work,
-                                  blocks=self.blocks, cache=self.cache, progress=self.progress)
+                report = quantize(self.model, self.tokenizer, config, fisher=fisher, simulate=True,
+                                  blocks=self.blocks, profile=self.profile() if config.uses_outliers else None,
+                                  cache=self.cache, progress=self.progress)
                 row = {**point, "bits_per_weight": report.bits_per_weight, "size_mb": report.size_mb,
+                       "bits_breakdown": report.bits_breakdown(),
                        "outlier_range": report.outlier_range, "sparse_pct": report.sparse_pct
                        if config.method == "squeezellm" else 0.0,
                        "layers": [{"name": s.name, "mse": s.mse, "weighted_error": s.weighted_error}
@@ -232,11 +246,6 @@ class Sweeper:
             if on_row is not None:
                 on_row(row)
         return pd.DataFrame(rows)
-
-
-def _block_of(name: str) -> int:
-    """The decoder block index in a quantizable linear's name (``model.layers.3.mlp.up_proj`` -> 3)."""
-    return next(int(part) for part in name.split(".") if part.isdigit())
 
 
 TABLE_COLUMNS = ("label", "method", "wbits", "outlier_pct", "sensitive_pct", "groupsize", "act_order", "weighted",

@@ -117,6 +117,15 @@ def quantizable_linears(model: nn.Module) -> dict[str, nn.Linear]:
             for name, linear in block_linears(model, block).items()}
 
 
+def split_name(name: str) -> tuple[int, str]:
+    """``model.layers.3.self_attn.q_proj`` -> ``(3, "self_attn.q_proj")``: block index and module in the block."""
+    parts = name.split(".")
+    for i, part in enumerate(parts):
+        if part.isdigit():
+            return int(part), ".".join(parts[i + 1 :])
+    raise SqlabError(f"{name!r} names no decoder block")
+
+
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 

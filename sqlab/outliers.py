@@ -58,59 +58,87 @@ class _MatrixProfile:
     scale: float  # weights each sorted entry stands for
 
 
-def solve_outlier_range(weights: dict[str, Tensor], outlier_pct: float, *, tolerance_pct: float = 0.02,
-                        seed: int = 0, quartiles_of: dict[str, tuple[float, float]] | None = None) -> float:
-    """The IQR range ``r`` whose model-wide outlier share is closest to ``outlier_pct``.
+class OutlierProfile:
+    """The model's weights summarised for fast questions about the IQR range ``r``.
 
-    The share is non-increasing in ``r``; bisection on it costs one ``searchsorted``
-    per matrix and step. Raises if the target is out of reach. ``quartiles_of``
-    passes quartiles already computed.
+    Per matrix: its quartiles and the sorted ``|w|`` (a seeded sample of
+    ``SAMPLE`` entries for larger matrices), so the outlier share at any ``r`` is
+    one ``searchsorted`` per matrix.
     """
-    gen = torch.Generator().manual_seed(seed)
-    profiles, total = [], 0
-    for name, w in weights.items():
-        flat = w.detach().reshape(-1).float().cpu()
-        if not torch.isfinite(flat).all():
-            raise SqlabError(f"weights of {name} contain NaN or Inf")
-        q1, q3 = quartiles_of[name] if quartiles_of is not None else quartiles(flat)
-        scale = 1.0
-        if flat.numel() > SAMPLE:
-            scale = flat.numel() / SAMPLE
-            flat = flat[torch.randint(flat.numel(), (SAMPLE,), generator=gen)]
-        profiles.append(_MatrixProfile(q1, q3, flat.abs().sort().values, scale))
-        total += w.numel()
 
-    def share(r: float) -> float:
-        count = 0.0
-        for p in profiles:
-            t = torch.tensor([iqr_threshold(p.q1, p.q3, r)])
-            below = torch.searchsorted(p.sorted_abs, t).item()  # entries with |w| < T
-            count += (p.sorted_abs.numel() - below) * p.scale
-        return 100.0 * count / total
+    def __init__(self, weights: dict[str, Tensor], *, seed: int = 0):
+        gen = torch.Generator().manual_seed(seed)
+        self.weights = weights
+        self.matrices: dict[str, _MatrixProfile] = {}
+        for name, w in weights.items():
+            flat = w.detach().reshape(-1).float().cpu()
+            if not torch.isfinite(flat).all():
+                raise SqlabError(f"weights of {name} contain NaN or Inf")
+            q1, q3 = quartiles(flat)
+            scale = 1.0
+            if flat.numel() > SAMPLE:
+                scale = flat.numel() / SAMPLE
+                flat = flat[torch.randint(flat.numel(), (SAMPLE,), generator=gen)]
+            self.matrices[name] = _MatrixProfile(q1, q3, flat.abs().sort().values, scale)
+        self.total = sum(w.numel() for w in weights.values())
 
-    target = float(outlier_pct)
-    if share(0.0) < target:
-        raise SqlabError(f"outlier_pct {target} is out of reach: even r = 0 (T = max(|q1|, |q3|)) makes only "
-                         f"{share(0.0):.3f}% of the weights outliers")
-    lo, hi = 0.0, 1.0
-    while share(hi) > target:
-        hi *= 2
-        if hi > 1e6:
-            raise SqlabError(f"could not find an IQR range r giving {target}% outliers")
-    for _ in range(60):
-        mid = (lo + hi) / 2
-        if share(mid) > target:
-            lo = mid
-        else:
-            hi = mid
-    r = hi if abs(share(hi) - target) <= abs(share(lo) - target) else lo
-    got = 100.0 * sum(int((w.abs() >= iqr_threshold(p.q1, p.q3, r)).sum())
-                      for w, p in zip(weights.values(), profiles)) / total
-    if abs(got - target) > tolerance_pct:
-        log.warning("outlier share %.4f%% at r=%.4f misses the target %.4f%% by more than %.2f points",
-                    got, r, target, tolerance_pct)
-    log.info("IQR range r = %.4f gives %.4f%% outliers (target %.4f%%)", r, got, target)
-    return r
+    def threshold(self, name: str, r: float) -> float:
+        m = self.matrices[name]
+        return iqr_threshold(m.q1, m.q3, r)
+
+    def count(self, name: str, r: float) -> float:
+        """Outliers of one matrix at range ``r`` (estimated from the sample for large matrices)."""
+        m = self.matrices[name]
+        below = torch.searchsorted(m.sorted_abs, torch.tensor([self.threshold(name, r)])).item()
+        return (m.sorted_abs.numel() - below) * m.scale
+
+    def share(self, r: float) -> float:
+        """Model-wide outlier percentage at range ``r``."""
+        return 100.0 * sum(self.count(name, r) for name in self.matrices) / self.total
+
+    def exact_share(self, r: float) -> float:
+        return 100.0 * sum(int((w.abs() >= self.threshold(n, r)).sum()) for n, w in self.weights.items()) / self.total
+
+    def solve(self, outlier_pct: float, tolerance_pct: float = 0.02) -> float:
+        """The range ``r`` whose model-wide outlier share is closest to ``outlier_pct``.
+
+        The share is non-increasing in ``r``; bisection costs one ``searchsorted``
+        per matrix and step. Raises if the target is out of reach; warns if the
+        exact share misses it by more than ``tolerance_pct`` points.
+        """
+        target = float(outlier_pct)
+        if self.share(0.0) < target:
+            raise SqlabError(f"outlier_pct {target} is out of reach: even r = 0 (T = max(|q1|, |q3|)) makes only "
+                             f"{self.share(0.0):.3f}% of the weights outliers")
+        lo, hi = 0.0, 1.0
+        while self.share(hi) > target:
+            hi *= 2
+            if hi > 1e6:
+                raise SqlabError(f"could not find an IQR range r giving {target}% outliers")
+        for _ in range(60):
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if self.share(mid) > target else (lo, mid)
+        r = hi if abs(self.share(hi) - target) <= abs(self.share(lo) - target) else lo
+        got = self.exact_share(r)
+        if abs(got - target) > tolerance_pct:
+            log.warning("outlier share %.4f%% at r=%.4f misses the target %.4f%% by more than %.2f points",
+                        got, r, target, tolerance_pct)
+        log.info("IQR range r = %.4f gives %.4f%% outliers (target %.4f%%)", r, got, target)
+        return r
+
+    def by_matrix(self, r: float):
+        """Outlier share of every matrix at range ``r``: a DataFrame (name, block, module, outlier_pct, threshold)."""
+        import pandas as pd
+
+        from .models import split_name
+
+        rows = []
+        for name, w in self.weights.items():
+            t = self.threshold(name, r)
+            block, module = split_name(name)
+            rows.append({"name": name, "block": block, "module": module, "threshold": t,
+                         "outlier_pct": 100.0 * float((w.abs() >= t).float().mean())})
+        return pd.DataFrame(rows)
 
 
 def sensitive_mask(fisher: Tensor, sensitive_pct: float, exclude: Tensor | None = None) -> Tensor:
@@ -146,3 +174,10 @@ def split(weight: Tensor, fisher: Tensor | None, threshold: float | None, sensit
             raise SqlabError("sensitive_pct > 0 needs the Fisher information")
         sensitive = sensitive_mask(fisher, sensitive_pct, exclude=outliers)
     return SparseSplit(outliers | sensitive, int(outliers.sum()), int(sensitive.sum()))
+
+
+def overlap(weight: Tensor, fisher: Tensor, threshold: float, sensitive_pct: float) -> dict[str, int]:
+    """How many outliers are also among the top ``sensitive_pct`` by Fisher (chosen without excluding them)."""
+    out = weight.abs() >= threshold
+    sens = sensitive_mask(fisher, sensitive_pct)
+    return {"outliers": int(out.sum()), "sensitive": int(sens.sum()), "both": int((out & sens).sum())}

@@ -83,6 +83,14 @@ class QuantReport:
     def size_mb(self) -> float:
         return self.total_bits / 8 / 2**20
 
+    def bits_breakdown(self) -> dict[str, float]:
+        """Bits per weight by part (indices, lut, sparse for SqueezeLLM; total for the baselines)."""
+        parts: dict[str, float] = {}
+        for s in self.layers:
+            for part, bits in s.bits.items():
+                parts[part] = parts.get(part, 0.0) + bits
+        return {part: bits / self.weights for part, bits in parts.items()}
+
     @property
     def sparse_pct(self) -> float:
         return 100 * sum(s.outliers + s.sensitive for s in self.layers) / self.weights
@@ -165,16 +173,18 @@ def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
     setattr(root.get_submodule(parent) if parent else root, child, module)
 
 
-def outlier_thresholds(model: nn.Module, config: QuantConfig) -> tuple[float | None, dict[str, float]]:
-    """The IQR range ``r`` for this run (given, solved for ``outlier_pct``, or none) and each matrix's ``T``."""
+def outlier_thresholds(model: nn.Module, config: QuantConfig,
+                       profile: outliers.OutlierProfile | None = None) -> tuple[float | None, dict[str, float]]:
+    """The IQR range ``r`` for this run (given, solved for ``outlier_pct``, or none) and each matrix's ``T``.
+
+    ``profile`` reuses a summary of the model's (unquantized) weights across runs.
+    """
     if not config.uses_outliers:
         return None, {}
-    weights = {n: m.weight.detach() for n, m in quantizable_linears(model).items()}
-    quartiles = {n: outliers.quartiles(w) for n, w in weights.items()}
-    r = config.outlier_range
-    if r is None:
-        r = outliers.solve_outlier_range(weights, config.outlier_pct, seed=config.seed, quartiles_of=quartiles)
-    return float(r), {n: outliers.iqr_threshold(*q, r) for n, q in quartiles.items()}
+    if profile is None:
+        profile = outliers.OutlierProfile({n: m.weight.detach() for n, m in quantizable_linears(model).items()})
+    r = config.outlier_range if config.outlier_range is not None else profile.solve(config.outlier_pct)
+    return float(r), {n: profile.threshold(n, r) for n in profile.matrices}
 
 
 class _WorkDir:
@@ -231,29 +241,39 @@ class _WorkDir:
 @torch.no_grad()
 def quantize_model(model: nn.Module, config: QuantConfig, fisher: dict[str, Tensor] | None = None, *,
                    simulate: bool = False, work_dir: str | Path | None = None, blocks: list[int] | None = None,
-                   progress: bool = True) -> QuantReport:
+                   profile: outliers.OutlierProfile | None = None, progress: bool = True) -> QuantReport:
     """Quantize every quantizable linear of ``model`` in place; returns per-layer statistics.
 
     ``fisher`` maps module names to Fisher information of their weights; it is
     needed for sensitivity-weighted k-means and for ``sensitive_pct > 0``
     (``config.weighted=False`` runs plain k-means without it). ``blocks`` limits
     the work to those decoder blocks (by index), for quick looks; the outlier
-    range is still solved over the whole model.
+    range is still solved over the whole model (``profile``, an
+    ``outliers.OutlierProfile`` of the unquantized weights, saves summarising
+    them again).
     """
-    linears = quantizable_linears(model)
     if fisher is None and (config.weighted or config.sensitive_pct > 0):
         raise SqlabError("SqueezeLLM needs the Fisher information (sqlab.compute_fisher); pass fisher=..., "
                          "or use weighted=False with sensitive_pct=0 for plain k-means")
-    for name, linear in linears.items():
-        _check_finite(name, linear.weight, "weights")
-        if fisher is not None:
+    chosen = list(enumerate(decoder_blocks(model)))
+    if blocks is not None:
+        bad = [b for b in blocks if not 0 <= b < len(chosen)]
+        if bad:
+            raise SqlabError(f"block indices {bad} out of range; the model has {len(chosen)} decoder blocks")
+        chosen = [chosen[b] for b in sorted(set(blocks))]
+    for _, (prefix, block) in chosen:
+        for short, linear in block_linears(model, block).items():
+            name = f"{prefix}.{short}"
+            _check_finite(name, linear.weight, "weights")
+            if fisher is None:
+                continue
             if name not in fisher:
                 raise SqlabError(f"the Fisher information has no entry for {name}")
             if tuple(fisher[name].shape) != tuple(linear.weight.shape):
                 raise SqlabError(f"the Fisher information of {name} has shape {tuple(fisher[name].shape)}, "
                                  f"the weight has {tuple(linear.weight.shape)}")
             _check_finite(name, fisher[name], "Fisher values")
-    outlier_range, thresholds = outlier_thresholds(model, config)
+    outlier_range, thresholds = outlier_thresholds(model, config, profile)
     store = None
     if work_dir is not None:
         from .models import fingerprint
@@ -261,12 +281,6 @@ def quantize_model(model: nn.Module, config: QuantConfig, fisher: dict[str, Tens
         store = _WorkDir(work_dir, {"config": config.as_dict(), "outlier_range": outlier_range,
                                     "model": fingerprint(model)})
     stats = []
-    chosen = list(enumerate(decoder_blocks(model)))
-    if blocks is not None:
-        bad = [b for b in blocks if not 0 <= b < len(chosen)]
-        if bad:
-            raise SqlabError(f"block indices {bad} out of range; the model has {len(chosen)} decoder blocks")
-        chosen = [chosen[b] for b in sorted(set(blocks))]
     for index, (prefix, block) in tqdm(chosen, desc=f"SqueezeLLM {config.wbits}-bit", unit="block",
                                        disable=not progress, leave=False):
         members = {f"{prefix}.{n}": m for n, m in block_linears(model, block).items()}

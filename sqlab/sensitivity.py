@@ -105,3 +105,46 @@ def compute_fisher(model: nn.Module, tokenizer, corpus: str = "shakespeare", nsa
     if cache:
         save_fisher(fisher, path)
     return fisher
+
+
+def fisher_summary(fisher: dict[str, torch.Tensor]):
+    """One row per matrix: block, module, and the spread of its Fisher values (a pandas DataFrame)."""
+    import pandas as pd
+
+    from .models import split_name
+
+    rows = []
+    for name, f in fisher.items():
+        block, module = split_name(name)
+        flat = f.reshape(-1).float()
+        sample = flat[torch.linspace(0, flat.numel() - 1, min(flat.numel(), 1 << 20)).long()].sort().values
+        rows.append({"name": name, "block": block, "module": module, "numel": flat.numel(),
+                     "total": float(flat.sum()), "mean": float(flat.mean()),
+                     "median": float(sample[sample.numel() // 2]), "p99": float(sample[int(0.99 * (sample.numel() - 1))]),
+                     "max": float(flat.max())})
+    return pd.DataFrame(rows)
+
+
+def top_mass(fisher: dict[str, torch.Tensor], pcts=(0.05, 0.45, 1.0, 5.0)) -> dict[float, float]:
+    """Share of the total Fisher information held by the top ``pct`` percent of each matrix's weights."""
+    held = {p: 0.0 for p in pcts}
+    total = 0.0
+    for f in fisher.values():
+        flat = f.reshape(-1).float()
+        total += float(flat.sum())
+        top = flat.topk(max(1, round(max(pcts) / 100 * flat.numel()))).values.cumsum(0)
+        for p in pcts:
+            held[p] += float(top[max(1, round(p / 100 * flat.numel())) - 1])
+    return {p: held[p] / total for p in pcts}
+
+
+def fisher_by_module(fisher: dict[str, torch.Tensor], per_matrix: int = 4096) -> dict[str, torch.Tensor]:
+    """An evenly spaced sample of every matrix's Fisher values, pooled per module (for histograms)."""
+    from .models import split_name
+
+    pooled: dict[str, list[torch.Tensor]] = {}
+    for name, f in fisher.items():
+        flat = f.reshape(-1)
+        pooled.setdefault(split_name(name)[1], []).append(
+            flat[torch.linspace(0, flat.numel() - 1, min(per_matrix, flat.numel())).long()])
+    return {module: torch.cat(parts) for module, parts in pooled.items()}

@@ -112,3 +112,10 @@ def test_default_model_from_gguf_and_from_converted_directory():
     from_gguf = models.load_model(str(gguf), device="cpu")
     name = "model.layers.3.mlp.down_proj.weight"
     assert torch.equal(model.state_dict()[name], from_gguf.state_dict()[name])
+
+
+def test_split_name_gives_block_and_module():
+    assert models.split_name("model.layers.3.self_attn.q_proj") == (3, "self_attn.q_proj")
+    assert models.split_name("model.decoder.layers.11.fc1") == (11, "fc1")
+    with pytest.raises(SqlabError, match="'lm_head' names no decoder block"):
+        models.split_name("lm_head")

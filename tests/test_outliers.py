@@ -27,7 +27,7 @@ def _matrices(seed=0):
 @pytest.mark.parametrize("target", [0.05, 0.45, 1.0, 3.0])
 def test_solving_for_r_meets_the_model_wide_outlier_share(target):
     mats = _matrices()
-    r = outliers.solve_outlier_range(mats, target)
+    r = outliers.OutlierProfile(mats).solve(target)
     total = sum(w.numel() for w in mats.values())
     got = 100 * sum(int(outliers.outlier_mask(w, r).sum()) for w in mats.values()) / total
     assert abs(got - target) <= 0.02
@@ -35,11 +35,11 @@ def test_solving_for_r_meets_the_model_wide_outlier_share(target):
 
 def test_unreachable_target_is_a_clear_error():
     with pytest.raises(SqlabError, match="outlier_pct 60.0 is out of reach"):
-        outliers.solve_outlier_range(_matrices(), 60.0)
+        outliers.OutlierProfile(_matrices()).solve(60.0)
     bad = _matrices()
     bad["m1"][0, 0] = float("nan")
     with pytest.raises(SqlabError, match="weights of m1 contain NaN or Inf"):
-        outliers.solve_outlier_range(bad, 0.45)
+        outliers.OutlierProfile(bad)
 
 
 def test_sensitive_values_are_the_top_fisher_entries_outside_the_outliers():
