@@ -8,7 +8,9 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.sqlab-installed
 TORCH_CPU := torch==2.13.0
 
-.PHONY: setup fetch demo test lab clean-cache
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
+
+.PHONY: setup fetch demo test lab browser clean-cache
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -29,7 +31,12 @@ fetch: setup
 demo: setup
 	$(BIN)/sqlab demo
 
-test: setup
+# Debian's Chromium for the browser test (Playwright drives it; no browser is downloaded)
+browser:
+	command -v chromium >/dev/null 2>&1 || $(SUDO) apt-get install -y -qq chromium \
+		|| ($(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium)
+
+test: setup browser
 	$(BIN)/python -m pytest -q
 
 lab: setup

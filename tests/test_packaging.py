@@ -68,7 +68,8 @@ def test_make_targets_install_and_fetch():
         assert target in makefile
     assert "torch==2.13.0" in makefile and "nvidia-smi" in makefile
     assert "sqlab fetch" in makefile
-    assert re.search(r"^test: setup\n\t.*pytest", makefile, flags=re.M)
+    assert re.search(r"^test: setup.*\n\t.*pytest", makefile, flags=re.M)
+    assert re.search(r"^browser:\n.*apt-get install -y -qq chromium", makefile, flags=re.M)
     assert re.search(r"^demo: setup\n\t.*sqlab demo", makefile, flags=re.M)
 
 
