@@ -172,6 +172,14 @@ def cmd_sweep(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    from .report import write_report
+
+    path = write_report(args.out, fast=args.fast or fast_mode())
+    print(f"report written to {path}")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from .experiments import render, run_demo, tidy
 
@@ -249,6 +257,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_calib_args(p)
     p.add_argument("--out", required=True, help="directory for results.csv and results.json")
     p.set_defaults(run=cmd_sweep)
+
+    p = sub.add_parser("report", help="the paper's figures and tables on the default model, as one HTML file")
+    p.add_argument("--out", required=True, help="directory for report.html and report.json")
+    p.add_argument("--fast", action="store_true", help="seconds instead of an hour: 2 blocks, 2 windows")
+    p.set_defaults(run=cmd_report)
 
     p = sub.add_parser("demo", help="the main job on the embedded default model")
     p.add_argument("--seqlen", type=_positive, help="evaluation window length (default 512 on CPU)")

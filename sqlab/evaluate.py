@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import resource
+import statistics
 import time
 from dataclasses import asdict, dataclass
 
@@ -157,3 +158,73 @@ def generation_benchmark(model: nn.Module, tokenizer, new_tokens: int = 64,
         tokens_per_s=1.0 / per_token if per_token > 0 else float("inf"),
         weights_mb=weights_bytes(model) / 2**20, peak_memory_mb=peak, peak_memory_kind=kind,
     )
+
+
+def _time(fn, repeats: int, device: torch.device) -> float:
+    """Median wall time of ``fn()`` in seconds after a warm-up, synchronising a GPU."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def memory_bandwidth(device: torch.device | str = "cpu", megabytes: int = 256, repeats: int = 7) -> float:
+    """Measured memory bandwidth in GB/s: a large tensor copy (bytes read + bytes written)."""
+    device = torch.device(device)
+    src = torch.empty(megabytes * 2**20 // 4, dtype=torch.float32, device=device).fill_(1.0)
+    dst = torch.empty_like(src)
+    seconds = _time(lambda: dst.copy_(src), repeats, device)
+    return 2 * src.numel() * 4 / seconds / 1e9
+
+
+def gemv_timings(shapes: list[tuple[int, int]], dtypes=(torch.float32, torch.bfloat16),
+                 device: torch.device | str = "cpu", repeats: int = 15) -> list[dict]:
+    """Batch-1 matrix-vector products ``(out, in) @ (in,)``: bytes read, median time, GB/s."""
+    device = torch.device(device)
+    rows = []
+    for out_features, in_features in shapes:
+        for dtype in dtypes:
+            w = torch.randn(out_features, in_features, dtype=dtype, device=device)
+            x = torch.randn(1, in_features, dtype=dtype, device=device)
+            seconds = _time(lambda: torch.nn.functional.linear(x, w), repeats, device)
+            moved = (w.numel() + in_features + out_features) * w.element_size()
+            rows.append({"out_features": out_features, "in_features": in_features,
+                         "dtype": str(dtype).replace("torch.", ""), "bytes": moved, "seconds": seconds,
+                         "gbs": moved / seconds / 1e9, "device": str(device)})
+    return rows
+
+
+def cuda_graph_ms(calls: list, repeat: int = 20, warmup: int = 3) -> float:
+    """Median GPU time (ms) of ``calls`` run back to back, captured once as a CUDA graph and replayed.
+
+    The calls are warmed up on the capture stream first (kernels compiled, memory
+    allocated); each replay is timed with CUDA events, so host launch overhead is
+    not counted.
+    """
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(warmup):
+            for call in calls:
+                call()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=stream):
+        for call in calls:
+            call()
+    for _ in range(warmup):
+        graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(repeat):
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)

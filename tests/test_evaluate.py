@@ -54,3 +54,18 @@ def test_generation_benchmark_on_cpu(tiny_llama, tiny_tokenizer):
     assert bench.peak_memory_mb > bench.weights_mb
     with pytest.raises(SqlabError, match="--tokens must be an integer >= 2"):
         evaluate.generation_benchmark(tiny_llama, tiny_tokenizer, new_tokens=1)
+
+
+def test_gemv_timings_count_the_bytes_read():
+    rows = evaluate.gemv_timings([(64, 32), (96, 128)], dtypes=(torch.float32, torch.bfloat16), repeats=3)
+    assert [(r["out_features"], r["in_features"], r["dtype"]) for r in rows] == [
+        (64, 32, "float32"), (64, 32, "bfloat16"), (96, 128, "float32"), (96, 128, "bfloat16")]
+    for r in rows:
+        size = 4 if r["dtype"] == "float32" else 2
+        assert r["bytes"] == (r["out_features"] * r["in_features"] + r["in_features"] + r["out_features"]) * size
+        assert r["seconds"] > 0 and r["gbs"] == pytest.approx(r["bytes"] / r["seconds"] / 1e9)
+
+
+def test_memory_bandwidth_is_a_plausible_rate():
+    gbs = evaluate.memory_bandwidth("cpu", megabytes=16, repeats=3)
+    assert 0.1 < gbs < 10_000  # GB/s: a copy cannot be slower than a disk or faster than any RAM
