@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from . import kernels
 from .errors import SqlabError
 from .packing import CSR, packed_rows, reconstruct, unpack
 
@@ -94,8 +95,12 @@ class SqueezeLinear(nn.Module):
         return super()._apply(fn, *args, **kwargs)
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.is_cuda and x.dtype in kernels.DTYPES and kernels.available():
+            # decoding (1-8 tokens): LUT-GEMV with the sparse part fused; a prompt:
+            # dequantize once and cuBLAS
+            return kernels.squeeze_linear_forward(self, x)
         # the CPU reference keeps the decoded weight (speed over memory: the CPU is for
-        # experiments); on a GPU nothing is cached
+        # experiments); on a GPU without CuPy nothing is cached
         weight = self._dense(x.dtype) if not x.is_cuda else self.dequantize(x.dtype)
         return nn.functional.linear(x, weight, None if self.bias is None else self.bias.to(x.dtype))
 
