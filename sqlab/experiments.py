@@ -192,6 +192,30 @@ class Sweeper:
                 path.unlink()
         return None
 
+    def speed(self, config: QuantConfig | None, new_tokens: int = 32) -> dict:
+        """Greedy decoding speed and memory of one point on this machine (``None``: unquantized).
+
+        A fresh copy of the model is quantized (packed ``SqueezeLinear`` layers for
+        SqueezeLLM) and timed with ``evaluate.generation_benchmark``; the row is
+        cached like a result, keyed also by the device and token count, so a
+        report shows the measurement it took once instead of timing again.
+        """
+        point = reference_config() if config is None else {**config.relevant(), "label": config.label()}
+        device = str(models.default_device())
+        key = result_key(self.fingerprint, point, {"speed": new_tokens, "device": device, "blocks": self.blocks})
+        path = _cache("speed", f"{key}.json")
+        if self.cache and path.exists():
+            return {**json.loads(path.read_text()), "cached": True}
+        model = models.load_model(self.spec)
+        if config is not None:
+            quantize(model, self.tokenizer, config, fisher=self.fisher(config) if config.method == "squeezellm" else None,
+                     blocks=self.blocks, cache=self.cache, progress=self.progress)
+        bench = evaluate.generation_benchmark(model, self.tokenizer, new_tokens=new_tokens)
+        row = {"label": point["label"], **bench.as_dict()}
+        if self.cache:
+            _write_json(path, row)
+        return row
+
     def _evaluate(self) -> dict[str, float]:
         return {f"ppl_{d}": evaluate.perplexity(self.model, self.tokens(d), self.seqlen,
                                                 max_windows=self.evaluation.max_windows,

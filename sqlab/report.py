@@ -220,15 +220,9 @@ class PaperReport:
     def latency(self, gpu_results: dict | None = None) -> Section:
         if gpu_results:
             return gpu_latency(gpu_results)
-        rows = []
-        for label, config in (("unquantized", None), ("3-bit", self.config(3)), ("4-bit", self.config(4)),
-                              ("3-bit + 0.45% sparse", self.config(3, outlier_pct=0.45, sensitive_pct=0.05))):
-            model = models.load_model("default")
-            if config is not None:
-                experiments.quantize(model, self.tokenizer, config, fisher=self.fisher, blocks=self.settings.blocks,
-                                     progress=self.progress)
-            bench = evaluate.generation_benchmark(model, self.tokenizer, new_tokens=8 if self.settings.fast else 32)
-            rows.append({"label": label, **bench.as_dict()})
+        rows = [{**self.sweeper.speed(config, new_tokens=8 if self.settings.fast else 32), "label": label}
+                for label, config in (("unquantized", None), ("3-bit", self.config(3)), ("4-bit", self.config(4)),
+                                      ("3-bit + 0.45% sparse", self.config(3, outlier_pct=0.45, sensitive_pct=0.05)))]
         table = pd.DataFrame(rows)[["label", "device", "tokens_per_s", "decode_ms_per_token", "weights_mb",
                                     "peak_memory_mb"]]
         return Section("latency", "Latency and memory (CPU)", "Table 3: generation latency and peak memory",

@@ -155,3 +155,26 @@ def test_quantize_cli_baseline_writes_a_loadable_directory(tiny_model_dir, text_
     status, _, stderr = run_cli("quantize", "--model", str(tiny_model_dir), "--method", "rtn", "--outlier-pct", "1",
                                 "--out", str(tmp_path / "y"))
     assert status == 2 and "method 'rtn' keeps no sparse part" in stderr
+
+
+def test_speed_is_measured_once_on_the_packed_model(tiny_model_dir, text_file, isolated_cache, monkeypatch):
+    from sqlab import SqueezeLinear, evaluate
+
+    sweeper = experiments.Sweeper(str(tiny_model_dir), experiments.EvalSettings((f"text:{text_file}",), 32, 2),
+                                  progress=False)
+    measured = []
+    real = evaluate.generation_benchmark
+
+    def spy(model, tokenizer, new_tokens):
+        measured.append(sum(isinstance(m, SqueezeLinear) for m in model.modules()))
+        return real(model, tokenizer, new_tokens=new_tokens)
+
+    monkeypatch.setattr(evaluate, "generation_benchmark", spy)
+    config = QuantConfig(wbits=3, outlier_pct=1.0, **_settings(text_file))
+    first = sweeper.speed(config, new_tokens=3)
+    assert measured == [14] and first["label"] == "SqueezeLLM 3-bit 1%+0%" and first["tokens_per_s"] > 0
+    assert sweeper.speed(config, new_tokens=3) == {**first, "cached": True} and len(measured) == 1
+    sweeper.speed(config, new_tokens=4)  # another token count is another measurement
+    reference = sweeper.speed(None, new_tokens=3)
+    assert measured == [14, 14, 0] and reference["label"] == "unquantized (fp16 size)"
+    assert len(list((isolated_cache / "cache" / "speed").glob("*.json"))) == 3
