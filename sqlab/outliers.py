@@ -96,8 +96,12 @@ class OutlierProfile:
         """Model-wide outlier percentage at range ``r``."""
         return 100.0 * sum(self.count(name, r) for name in self.matrices) / self.total
 
+    def exact_count(self, name: str, r: float) -> int:
+        """Outliers of one matrix at range ``r``, counted on all its weights."""
+        return int((self.weights[name].abs() >= self.threshold(name, r)).sum())
+
     def exact_share(self, r: float) -> float:
-        return 100.0 * sum(int((w.abs() >= self.threshold(n, r)).sum()) for n, w in self.weights.items()) / self.total
+        return 100.0 * sum(self.exact_count(n, r) for n in self.weights) / self.total
 
     def solve(self, outlier_pct: float, tolerance_pct: float = 0.02) -> float:
         """The range ``r`` whose model-wide outlier share is closest to ``outlier_pct``.
@@ -134,10 +138,9 @@ class OutlierProfile:
 
         rows = []
         for name, w in self.weights.items():
-            t = self.threshold(name, r)
             block, module = split_name(name)
-            rows.append({"name": name, "block": block, "module": module, "threshold": t,
-                         "outlier_pct": 100.0 * float((w.abs() >= t).float().mean())})
+            rows.append({"name": name, "block": block, "module": module, "threshold": self.threshold(name, r),
+                         "outlier_pct": 100.0 * self.exact_count(name, r) / w.numel()})
         return pd.DataFrame(rows)
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import pandas as pd
 import plotly.graph_objects as go
 
-from . import assets, baselines, evaluate, experiments, models, outliers, viz
+from . import assets, baselines, evaluate, experiments, models, viz
 from .config import QuantConfig
 
 MODEL_NOTE = ("SmolLM2-135M-Instruct (LLaMA architecture, 30 blocks, hidden 576) instead of LLaMA-7B/13B/30B/65B; "
@@ -147,12 +147,12 @@ class PaperReport:
                        "bandwidth, not timed (the CPU path has no packed kernel)", figures, notes)
 
     def distributions(self, name: str = "model.layers.15.mlp.down_proj") -> Section:
-        profile = outliers.OutlierProfile({name: self.weights[name]})
-        model_profile = self.sweeper.profile()
-        thresholds = {f"{pct}% model-wide": model_profile.threshold(name, model_profile.solve(pct)) for pct in (0.05, 0.45)}
+        profile = self.sweeper.profile()
+        ranges = {pct: profile.solve(pct) for pct in (0.05, 0.45)}
+        thresholds = {f"{pct}% model-wide": profile.threshold(name, r) for pct, r in ranges.items()}
         hist = viz.weight_histogram(self.weights[name], thresholds, title=f"Weights of {name} with outlier thresholds")
         fisher = viz.fisher_histogram({name: self.fisher[name]})
-        share = profile.share(model_profile.solve(0.45))
+        share = 100 * profile.exact_count(name, ranges[0.45]) / self.weights[name].numel()
         return Section("distributions", "Weight and sensitivity distributions of one layer",
                        "Figure 2 / Figure 3: long-tailed weights and Fisher values", MODEL_NOTE, self.data_note,
                        [hist, fisher], [f"At the model-wide 0.45% setting this matrix has {share:.3f}% outliers."])

@@ -107,6 +107,11 @@ def compute_fisher(model: nn.Module, tokenizer, corpus: str = "shakespeare", nsa
     return fisher
 
 
+def _even_sample(flat: torch.Tensor, n: int) -> torch.Tensor:
+    """At most ``n`` evenly spaced entries of a flat tensor (all of it when it is smaller)."""
+    return flat[torch.linspace(0, flat.numel() - 1, min(n, flat.numel())).long()]
+
+
 def fisher_summary(fisher: dict[str, torch.Tensor]):
     """One row per matrix: block, module, and the spread of its Fisher values (a pandas DataFrame)."""
     import pandas as pd
@@ -117,7 +122,7 @@ def fisher_summary(fisher: dict[str, torch.Tensor]):
     for name, f in fisher.items():
         block, module = split_name(name)
         flat = f.reshape(-1).float()
-        sample = flat[torch.linspace(0, flat.numel() - 1, min(flat.numel(), 1 << 20)).long()].sort().values
+        sample = _even_sample(flat, 1 << 20).sort().values
         rows.append({"name": name, "block": block, "module": module, "numel": flat.numel(),
                      "total": float(flat.sum()), "mean": float(flat.mean()),
                      "median": float(sample[sample.numel() // 2]), "p99": float(sample[int(0.99 * (sample.numel() - 1))]),
@@ -144,7 +149,5 @@ def fisher_by_module(fisher: dict[str, torch.Tensor], per_matrix: int = 4096) ->
 
     pooled: dict[str, list[torch.Tensor]] = {}
     for name, f in fisher.items():
-        flat = f.reshape(-1)
-        pooled.setdefault(split_name(name)[1], []).append(
-            flat[torch.linspace(0, flat.numel() - 1, min(per_matrix, flat.numel())).long()])
+        pooled.setdefault(split_name(name)[1], []).append(_even_sample(f.reshape(-1), per_matrix))
     return {module: torch.cat(parts) for module, parts in pooled.items()}

@@ -76,7 +76,7 @@ def outlier_explorer(profile, r: float = 2.0) -> Panel:
         name = _name(names, block.value, module.value)
         t = profile.threshold(name, slider.value)
         w = profile.weights[name]
-        here = int((w.abs() >= t).sum())
+        here = profile.exact_count(name, slider.value)
         total = profile.share(slider.value)
         status.value = (f"<b>r = {slider.value:.2f}</b>: T = {t:.4f}; {here:,} outliers in {name} "
                         f"({100 * here / w.numel():.3f}%); model-wide ≈ {total:.3f}% of all quantizable weights")
