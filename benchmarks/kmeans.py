@@ -4,9 +4,12 @@ For several full matrices of the default model with its real Fisher information,
 both solve the same problem per output row: 2**wbits centroids minimising
 sum F_j (w_j - c)^2. scikit-learn runs row by row
 (KMeans(n_clusters=2**wbits, n_init="auto", max_iter=50, random_state=0) with
-sample_weight=F), as the original release does; ours runs all rows at once.
-Prints total weighted SSE of each, their ratio, and the speed ratio, on the same
-cores in the same run. Targets: SSE ratio <= 1.00, speed-up >= 30x.
+sample_weight=F), as the original release does; ours runs all rows at once, with
+the quantizer's default (one start) and with kmeans_restarts=2. Prints total
+weighted SSE of each, their ratio, and the speed ratio, on the same cores in the
+same run (both warmed up first). scikit-learn's time is one pass over all rows;
+ours, tens of milliseconds and so more exposed to a busy machine, is the median
+of five runs. Targets: SSE ratio <= 1.00, speed-up >= 30x.
 
     .venv/bin/python benchmarks/kmeans.py [--layer 10] [--wbits 3 4] [--nsamples 16]
 """
@@ -14,6 +17,7 @@ cores in the same run. Targets: SSE ratio <= 1.00, speed-up >= 30x.
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 import numpy as np
@@ -22,6 +26,7 @@ import torch
 import sqlab
 from sqlab.kmeans import weighted_kmeans
 
+REPEATS = 5  # runs of ours per matrix; the median is reported
 MODULES = ("self_attn.q_proj", "self_attn.k_proj", "mlp.gate_proj", "mlp.down_proj")
 
 
@@ -34,6 +39,13 @@ def sklearn_rows(w: np.ndarray, f: np.ndarray, k: int) -> float:
         km.fit(row[:, None], sample_weight=weight)
         sse += float((weight * (row - km.cluster_centers_[km.labels_, 0]) ** 2).sum())
     return sse
+
+
+def _warm_up(w: torch.Tensor, f: torch.Tensor, k: int) -> None:
+    """Import scikit-learn, start its thread pools and touch our code paths, outside the timings."""
+    sklearn_rows(w[:2].double().numpy(), f[:2].double().numpy(), k)
+    for restarts in (1, 2):
+        weighted_kmeans(w[:8], f[:8], k, restarts=restarts)
 
 
 def main() -> None:
@@ -53,7 +65,7 @@ def main() -> None:
 
     print(f"threads: {torch.get_num_threads()}  model: SmolLM2-135M-Instruct (dequantized Q4_1 weights), "
           f"Fisher from {args.nsamples} x {args.seqlen} Shakespeare calibration tokens")
-    print("ours-1: one seed (divisive); ours-2: plus Lloyd from the uniform grid (the quantizer's default)")
+    print("ours-1: the quantizer's default, one (divisive) start; ours-2: plus a start from the uniform grid")
     header = (f"{'matrix':<24} {'bits':>4} {'rows':>5} {'SSE sklearn':>11} {'ratio-1':>7} {'ratio-2':>7} "
               f"{'sklearn s':>9} {'ours-1 s':>8} {'ours-2 s':>8} {'speed-1':>7} {'speed-2':>7}")
     print(header)
@@ -67,15 +79,18 @@ def main() -> None:
             f = fisher[name].float()
             if args.rows:
                 w, f = w[: args.rows], f[: args.rows]
+            _warm_up(w, f, k)
             start = time.perf_counter()
             ref = sklearn_rows(w.double().numpy(), f.double().numpy(), k)
             t_ref = time.perf_counter() - start
             ours = []
             for restarts in (1, 2):
-                weighted_kmeans(w[:8], f[:8], k, restarts=restarts)  # warm-up
-                start = time.perf_counter()
-                sse = weighted_kmeans(w, f, k, restarts=restarts).sse.sum().item()
-                ours.append((sse, time.perf_counter() - start))
+                times = []
+                for _ in range(REPEATS):
+                    start = time.perf_counter()
+                    sse = weighted_kmeans(w, f, k, restarts=restarts).sse.sum().item()
+                    times.append(time.perf_counter() - start)
+                ours.append((sse, statistics.median(times)))
             (sse1, t1), (sse2, t2) = ours
             totals[wbits] += [ref, sse1, sse2, t_ref, t1, t2]
             short = name.replace("model.layers.", "L")
@@ -87,6 +102,11 @@ def main() -> None:
         print(f"{'total':<24} {wbits:>4} {'':>5} {ref:>11.4e} {sse1 / ref:>7.3f} {sse2 / ref:>7.3f} "
               f"{t_ref:>9.2f} {t1:>8.3f} {t2:>8.3f} {t_ref / t1:>6.1f}x {t_ref / t2:>6.1f}x")
     print("targets: SSE ratio <= 1.00, speed-up >= 30x")
+    for wbits in args.wbits:
+        ref, sse1, _, t_ref, t1, _ = totals[wbits]
+        met = sse1 / ref <= 1.0 and t_ref / t1 >= 30
+        print(f"{wbits}-bit, default: SSE ratio {sse1 / ref:.3f}, {t_ref / t1:.1f}x faster: "
+              f"{'both targets met' if met else 'target MISSED'}")
 
 
 if __name__ == "__main__":

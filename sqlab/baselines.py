@@ -271,8 +271,8 @@ def grid_comparison(weight: Tensor, fisher: Tensor, wbits: int) -> tuple[dict[st
 
     w, f = weight.float(), fisher.float()
     levels = {"RTN grid": rtn_levels(w, wbits),
-              "k-means": weighted_kmeans(w, None, 2**wbits, restarts=2).centroids,
-              "Fisher-weighted k-means": weighted_kmeans(w, f, 2**wbits, restarts=2).centroids}
+              "k-means": weighted_kmeans(w, None, 2**wbits).centroids,
+              "Fisher-weighted k-means": weighted_kmeans(w, f, 2**wbits).centroids}
     rows = []
     for name, grid in levels.items():
         q = grid.gather(1, assign(w, grid).long())

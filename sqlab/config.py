@@ -18,6 +18,9 @@ METHOD_FIELDS = {
     "rtn": ("groupsize",),
     "gptq": ("groupsize", "act_order", "percdamp", "calib", "nsamples", "seqlen", "seed"),
 }
+# bumped when a method's results change for the same settings, so caches keyed by
+# settings do not serve results of the older code
+METHOD_VERSIONS = {"squeezellm": 2, "rtn": 1, "gptq": 1}
 
 
 @dataclass(frozen=True)
@@ -47,7 +50,7 @@ class QuantConfig:
     seqlen: int = 512
     seed: int = 0
     kmeans_iters: int = 50
-    kmeans_restarts: int = 2
+    kmeans_restarts: int = 1
     groupsize: int | None = None
     act_order: bool = False
     percdamp: float = 0.01
@@ -135,7 +138,7 @@ class QuantConfig:
 
         Settings the method does not read leave the key unchanged.
         """
-        payload = json.dumps([self.relevant(), *extra], sort_keys=True, default=str)
+        payload = json.dumps([self.relevant(), METHOD_VERSIONS[self.method], *extra], sort_keys=True, default=str)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
     def label(self) -> str:

@@ -26,7 +26,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import assets, baselines, data, evaluate, models
-from .config import QuantConfig
+from .config import METHOD_VERSIONS, QuantConfig
 from .quantize import QuantReport, quantize_model
 from .sensitivity import compute_fisher
 
@@ -121,7 +121,8 @@ RESULT_SCHEMA = 2
 
 
 def result_key(fingerprint: str, point: dict, evaluation: dict) -> str:
-    payload = json.dumps([RESULT_SCHEMA, fingerprint, point, evaluation], sort_keys=True, default=str)
+    version = METHOD_VERSIONS.get(point.get("method"))
+    payload = json.dumps([RESULT_SCHEMA, version, fingerprint, point, evaluation], sort_keys=True, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()[:20]
 
 

@@ -7,9 +7,9 @@ sort per row and prefix sums of ``F``, ``F·w`` and ``F·w²``, a cluster's weig
 mean and weighted SSE are O(1) differences, and everything below works on the
 ``k + 1`` interval edges of each row instead of its ``n`` points:
 
-1. **Divisive seeding** — start from one cluster and, ``k - 1`` times, split the
-   cluster whose best two-way split (found by a 2-means Lloyd on the interval,
-   O(log n) per step) lowers the SSE most.
+1. **Divisive seeding** — start from one cluster and, in rounds, split the
+   clusters whose best two-way split (found by a 2-means Lloyd on the interval,
+   O(log n)) lowers the SSE most.
 2. **Lloyd** — midpoints between centroids, a ``searchsorted`` for the new edges,
    new means: O(k log n) per row and iteration. Rows that have settled leave the
    working set.
@@ -18,149 +18,236 @@ mean and weighted SSE are O(1) differences, and everything below works on the
    the cheapest adjacent pair and splitting the most profitable cluster, when
    that lowers the SSE, escapes them; Lloyd then settles again.
 
+Steps 1-3 run on a coarse copy of each long row: ``BINS`` groups of consecutive
+points of the sorted row (half of equal count, half of equal width), each
+standing for its points with their exact moments. A partition into whole groups
+then has its exact SSE, while the searches and gathers stay small and in cache.
+Lloyd on the full row finishes from the best coarse solution, moving the edges
+to single points.
+
 All rows move together as tensor code; there is no Python loop over rows. A
 second restart starts from the uniform grid that round-to-nearest uses, further
-ones from greedy weighted k-means++ seeds (O(k n) each); every row keeps its best.
+ones from greedy weighted k-means++ seeds; every row keeps its best.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import sys
+from dataclasses import dataclass, field
+from functools import cached_property
 
+import numpy as np
 import torch
 from torch import Tensor
 
-# Rows are processed in chunks of at most this many elements (per fp64 array).
+# Rows are processed in chunks of at most this many elements.
 CHUNK_ELEMENTS = 1 << 23
-TINY = 1e-30
+# Groups per row (at least 4k) in the coarse copy where seeding, restarts and moves run.
+BINS = 64
+TINY = 1e-300
 
 
 @dataclass
 class KMeansResult:
     centroids: Tensor  # (rows, k), ascending per row
-    labels: Tensor  # (rows, n), uint8 index of each weight's centroid
     sse: Tensor  # (rows,) weighted sum of squared errors, float64
+    x: Tensor = field(repr=False)  # (rows, n) the clustered values
+
+    @cached_property
+    def labels(self) -> Tensor:
+        """(rows, n) uint8 index of each value's nearest centroid."""
+        return assign(self.x, self.centroids)
 
 
 def weighted_kmeans(x: Tensor, weight: Tensor | None, k: int, *, iters: int = 50, restarts: int = 1,
                     seed: int = 0) -> KMeansResult:
     """Weighted k-means of every row of ``x`` (rows, n) with ``weight`` (rows, n) >= 0.
 
-    ``weight=None`` is plain (unweighted) k-means. A row whose weights are all zero
-    uses uniform weights. ``restarts``: 1 is the divisive seed; 2 adds Lloyd from
-    the uniform (round-to-nearest) grid, so no row ends worse than that; more add
-    k-means++ seeds. Deterministic for a ``seed``.
+    ``weight=None`` is plain (unweighted) k-means; negative weights count as zero,
+    and a row whose weights are all zero uses uniform weights. ``restarts``: 1 is
+    the divisive seed; 2 adds a start from the uniform (round-to-nearest) grid;
+    more add k-means++ seeds. Deterministic for a ``seed``. NaN or Inf in ``x``
+    or ``weight`` raise ``ValueError``.
     """
     if x.ndim != 2:
         raise ValueError(f"x must be (rows, n), got shape {tuple(x.shape)}")
     if not 2 <= k <= 256:
         raise ValueError(f"k must be in [2, 256], got {k}")
-    if weight is None:
-        weight = torch.ones_like(x)
+    x = x.detach()
+    weight = torch.ones_like(x) if weight is None else weight.detach()
     if weight.shape != x.shape:
         raise ValueError(f"weight shape {tuple(weight.shape)} differs from x shape {tuple(x.shape)}")
     rows, n = x.shape
     step = max(1, CHUNK_ELEMENTS // max(n, 1))
-    parts = [_kmeans_chunk(x[i : i + step], weight[i : i + step], k, iters, restarts, seed + i)
-             for i in range(0, rows, step)]
-    return KMeansResult(torch.cat([p.centroids for p in parts]), torch.cat([p.labels for p in parts]),
-                        torch.cat([p.sse for p in parts]))
+    with torch.inference_mode():
+        parts = [_kmeans_chunk(x[i : i + step], weight[i : i + step], k, iters, restarts, seed + i)
+                 for i in range(0, rows, step)]
+        centroids, sse = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+    # plain tensors again, usable with autograd
+    return KMeansResult(centroids.clone(), sse.clone(), x)
 
 
 @dataclass
 class _Row:
-    """A chunk of sorted rows ``xs`` (rows, n) with prefix sums.
+    """Sorted rows ``xs`` (rows, m) with prefix sums of their moments.
 
-    ``prefix[m][:, i]`` is the sum of ``F·x**m`` over the first ``i`` sorted
-    entries (``m`` = 0, 1, 2), each ``(rows, n + 1)`` and contiguous: a 2-D gather
-    from it is several times faster than one from a stacked 3-D tensor.
+    ``f01[:, i]`` is the sum of ``F + i·F·x`` over the first ``i`` entries (one
+    complex gather reads both), ``f2[:, i]`` that of ``F·x²``; both ``(rows, m + 1)``.
+    An entry is a point or, in the coarse copy, a group of points: ``xs`` is then
+    the group's mean and the sums are those of its points, so interval statistics
+    stay exact.
     """
 
     xs: Tensor
-    prefix: tuple[Tensor, ...]
+    f01: Tensor
+    f2: Tensor
 
-    def _sums(self, lo: Tensor, hi: Tensor, moments: int) -> list[Tensor]:
+    def sums(self, lo: Tensor, hi: Tensor, second: bool = False) -> tuple[Tensor, ...]:
+        """Sums of ``F``, ``F·x`` (and with ``second``, ``F·x²``) over each interval ``xs[lo:hi]``."""
         m = lo.shape[1]
         idx = torch.cat([lo, hi], 1)
-        out = []
-        for prefix in self.prefix[:moments]:
-            got = prefix.gather(1, idx)
-            out.append(got[:, m:] - got[:, :m])
-        return out
+        got = self.f01.gather(1, idx)
+        d = got[:, m:] - got[:, :m]
+        if not second:
+            return d.real, d.imag
+        got2 = self.f2.gather(1, idx)
+        return d.real, d.imag, got2[:, m:] - got2[:, :m]
 
     def cost(self, lo: Tensor, hi: Tensor) -> Tensor:
-        """Weighted SSE of the interval ``xs[lo:hi]`` around its weighted mean."""
-        s0, s1, s2 = self._sums(lo, hi, 3)
-        return (s2 - s1 * s1 / s0.clamp_min(TINY)).clamp_min(0)
+        """Weighted SSE of each interval around its weighted mean."""
+        s0, s1, s2 = self.sums(lo, hi, second=True)
+        return (s2 - s1.square() / s0.clamp_min(TINY)).clamp_min(0)
 
-    def mean(self, lo: Tensor, hi: Tensor) -> Tensor:
-        """Weighted mean of ``xs[lo:hi]``; the midpoint of its range if it has no weight."""
-        s0, s1 = self._sums(lo, hi, 2)
-        mean = s1 / s0.clamp_min(TINY)
-        empty = s0 <= 0
-        if empty.any():
-            n = self.xs.shape[1]
-            mid = (self.xs.gather(1, lo.clamp(0, n - 1)) + self.xs.gather(1, (hi - 1).clamp(0, n - 1))) / 2
-            mean = torch.where(empty, mid, mean)
-        return mean
+    def mean(self, lo: Tensor, hi: Tensor, empty: Tensor) -> Tensor:
+        """Weighted mean of each interval; ``empty`` where the interval has no weight."""
+        s0, s1 = self.sums(lo, hi)
+        return torch.where(s0 > 0, s1 / s0.clamp_min(TINY), empty)
+
+    def sse(self, c: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
+        """Weighted SSE of the intervals around the given centroids ``c``, summed per row."""
+        s0, s1, s2 = self.sums(lo, hi, second=True)
+        return (s2 - 2 * c * s1 + c * c * s0).sum(1).clamp_min(0)
 
     def edges(self, c: Tensor) -> Tensor:
         """Interval edges ``(rows, k + 1)`` of the clusters of ascending centroids ``c``."""
-        mid = ((c[:, 1:] + c[:, :-1]) / 2).contiguous()
+        mid = ((c[:, 1:] + c[:, :-1]) * 0.5).contiguous()
         pos = torch.searchsorted(self.xs, mid, right=True)
-        rows, n = self.xs.shape
-        return torch.cat([pos.new_zeros(rows, 1), pos, pos.new_full((rows, 1), n)], 1)
+        rows, m = self.xs.shape
+        return torch.cat([pos.new_zeros(rows, 1), pos, pos.new_full((rows, 1), m)], 1)
 
-    def select(self, keep: Tensor, moments: int = 3) -> "_Row":
-        return _Row(self.xs[keep], tuple(p[keep] for p in self.prefix[:moments]))
+    def select(self, keep: Tensor, f2: bool = True) -> "_Row":
+        """The rows ``keep``; without ``f2`` (enough for Lloyd), copying a third less."""
+        return _Row(self.xs[keep], self.f01[keep], self.f2[keep] if f2 else self.f2[:0])
 
 
-def _kmeans_chunk(x: Tensor, weight: Tensor, k: int, iters: int, restarts: int, seed: int) -> KMeansResult:
-    n = x.shape[1]
-    # fp64 throughout: Fisher weights span many decades, and in fp32 the prefix sums of a
-    # cluster of tiny weights lose their mean to cancellation
-    xw = x.to(torch.float64)
-    raw = weight.to(torch.float64).clamp_min(0)
-    total = raw.sum(1, keepdim=True)
-    f = torch.where(total > 0, raw / total.clamp_min(TINY), 1.0 / n)
-    # k-means is shift invariant: centring each row keeps the prefix sums well conditioned
-    shift = (f * xw).sum(1, keepdim=True)
-    xs, order = (xw - shift).sort(1)
-    fs = f.gather(1, order)
-    fx = fs * xs
-    data = _Row(xs, tuple(_prefix_sum(m) for m in (fs, fx, fx * xs)))
-
+def _kmeans_chunk(x: Tensor, weight: Tensor, k: int, iters: int, restarts: int, seed: int) -> tuple[Tensor, Tensor]:
+    data, shift, total = _prepare(x, weight)
+    rows, n = data.xs.shape
+    bins = max(BINS, 4 * k)
+    coarse = _coarse(data, bins) if n > 2 * bins else data
     gen = torch.Generator(device=x.device).manual_seed(seed)
     best_c = best_sse = None
     for r in range(restarts):
         if r == 0:
-            c = _divisive(data, k)
+            c = _divisive(coarse, k)
         elif r == 1:  # the uniform grid that round-to-nearest would use
-            c = xs[:, :1] + (xs[:, -1:] - xs[:, :1]) * (torch.arange(k, device=xs.device) + 0.5) / k
+            lo, hi = data.xs[:, :1], data.xs[:, -1:]
+            c = lo + (hi - lo) * (torch.arange(k, device=x.device) + 0.5) / k
         else:
-            c = _kmeans_plus_plus(xs, fs, k, gen)
-        c = _refine(data, c, iters)
-        sse = data.cost(*_bounds(data.edges(c))).sum(1)
+            c = _kmeans_plus_plus(coarse, k, gen)
+        c = _refine(coarse, c, iters)
+        sse = coarse.sse(c, *_bounds(coarse.edges(c)))
         if best_c is None:
             best_c, best_sse = c, sse
         else:
             better = sse < best_sse
             best_c = torch.where(better[:, None], c, best_c)
             best_sse = torch.where(better, sse, best_sse)
+    if coarse is not data:
+        best_c = _lloyd(data, best_c, iters)
+    centroids = (best_c + shift).to(x.dtype)
+    # the SSE of the returned centroids, in the caller's weights (uniform for rows that had none)
+    sse = data.sse(centroids.double() - shift, *_bounds(data.edges(best_c))) * total[:, 0]
+    return centroids, sse
 
-    centroids = best_c + shift
-    labels = assign(xw, centroids)
-    # the SSE in the caller's weights (uniform for rows that had none), in fp64
-    err = (xw - centroids.gather(1, labels.long())).square_()
-    sse = torch.where(total > 0, raw, 1.0).mul_(err).sum(1)
-    return KMeansResult(centroids.to(x.dtype), labels, sse)
+
+def _prepare(x: Tensor, weight: Tensor) -> tuple[_Row, Tensor, Tensor]:
+    """Sorted, centred rows with their prefix sums; the centring shift and each row's weight total."""
+    dtype = torch.promote_types(torch.promote_types(x.dtype, weight.dtype), torch.float32)
+    xs, fs = _sort_rows(x.to(dtype), weight.to(dtype))
+    rows, n = xs.shape
+    # NaN sorts to an end of its row and makes the weight sum NaN: both checks are O(rows)
+    if not torch.isfinite(xs[:, [0, -1]]).all():
+        raise ValueError("x contains NaN or Inf")
+    fs.clamp_min_(0)
+    total = fs.sum(1, keepdim=True, dtype=torch.float64)
+    if not torch.isfinite(total).all():
+        raise ValueError("weight contains NaN or Inf")
+    if (total <= 0).any():  # no weight: uniform weights
+        fs[(total <= 0)[:, 0]] = 1.0
+        total = fs.sum(1, keepdim=True, dtype=torch.float64)
+    # fp64 sums: Fisher weights span many decades, and in fp32 the prefix sums of a cluster
+    # of tiny weights lose their mean to cancellation. Weights are normalised per row, and
+    # values centred on the row's median to keep the sums well conditioned.
+    shift = xs[:, n // 2 : n // 2 + 1].double()
+    xc = xs - shift
+    f01 = xc.new_empty(rows, n + 1, 2)
+    f01[:, 0] = 0
+    torch.div(fs, total, out=f01[:, 1:, 0])
+    torch.mul(f01[:, 1:, 0], xc, out=f01[:, 1:, 1])
+    f2 = xc.new_empty(rows, n + 1)
+    f2[:, 0] = 0
+    torch.mul(f01[:, 1:, 1], xc, out=f2[:, 1:])
+    f01.cumsum_(1)
+    f2.cumsum_(1)
+    return _Row(xc, torch.view_as_complex(f01), f2), shift, total
 
 
-def _prefix_sum(values: Tensor) -> Tensor:
-    """``(rows, n + 1)`` running sums with a leading zero column."""
-    out = values.new_zeros(values.shape[0], values.shape[1] + 1)
-    torch.cumsum(values, 1, out=out[:, 1:])
-    return out
+def _sort_rows(x: Tensor, f: Tensor) -> tuple[Tensor, Tensor]:
+    """Each row of ``x`` (rows, n) in ascending order, and ``f`` permuted alike."""
+    if x.device.type != "cpu" or x.dtype != torch.float32 or sys.byteorder != "little":
+        xs, order = x.sort(1)
+        return xs, f.gather(1, order)
+    # One int64 sort carries both, several times faster than an argsort on CPU: the high
+    # word is x's bit pattern made monotone as a signed integer, the low word f's bits.
+    xb = x.contiguous().numpy().view(np.int32)
+    key = np.empty(xb.shape, np.int64)
+    words = key.view(np.int32).reshape(*xb.shape, 2)  # little-endian: (low, high)
+    flip = xb >> 31  # negative floats: flip the magnitude bits (the map is its own inverse)
+    flip &= 0x7FFFFFFF
+    np.bitwise_xor(xb, flip, out=words[..., 1])
+    words[..., 0] = f.contiguous().numpy().view(np.int32)
+    key.sort(axis=1)
+    high = words[..., 1]
+    np.right_shift(high, 31, out=flip)
+    flip &= 0x7FFFFFFF
+    flip ^= high
+    return torch.from_numpy(flip.view(np.float32)), torch.from_numpy(words[..., 0].view(np.float32))
+
+
+def _coarse(data: _Row, bins: int) -> _Row:
+    """The rows in ``bins`` groups of consecutive points: half of equal count, half of equal width.
+
+    Equal-count groups resolve the dense middle of a row, equal-width ones its
+    sparse tails; a group may be empty.
+    """
+    xs = data.xs
+    rows, n = xs.shape
+    half = bins // 2
+    by_count = (torch.arange(1, half, device=xs.device) * n // half).expand(rows, -1)
+    lo_x, hi_x = xs[:, :1], xs[:, -1:]
+    steps = torch.arange(1, bins - half + 1, device=xs.device) / (bins - half + 1)
+    by_width = torch.searchsorted(xs, (lo_x + (hi_x - lo_x) * steps).contiguous())
+    pos = torch.cat([by_count.new_zeros(rows, 1), by_count, by_width, by_count.new_full((rows, 1), n)], 1)
+    pos = pos.sort(1).values
+    f01, f2 = data.f01.gather(1, pos), data.f2.gather(1, pos)
+    lo, hi = _bounds(pos)
+    first = xs.gather(1, lo.clamp_max(n - 1))
+    last = torch.where(hi > lo, xs.gather(1, (hi - 1).clamp_min(0)), first)
+    d = f01[:, 1:] - f01[:, :-1]
+    # a group without weight sits at the middle of its range, so the means stay sorted
+    mean = torch.where(d.real > 0, d.imag / d.real.clamp_min(TINY), (first + last) * 0.5)
+    return _Row(torch.minimum(torch.maximum(mean, first), last).contiguous(), f01, f2)
 
 
 def assign(x: Tensor, centroids: Tensor) -> Tensor:
@@ -179,56 +266,61 @@ def _two_split(data: _Row, lo: Tensor, hi: Tensor, iters: int = 2) -> Tensor:
     def inside(p: Tensor) -> Tensor:
         return torch.minimum(torch.maximum(torch.minimum(p, hi - 1), lo + 1), hi)
 
-    p = inside(torch.searchsorted(data.xs, data.mean(lo, hi).contiguous(), right=True))
+    m = lo.shape[1]
+    centre = data.mean(lo, hi, data.xs.gather(1, lo.clamp_max(data.xs.shape[1] - 1)))
+    p = inside(torch.searchsorted(data.xs, centre.contiguous(), right=True))
     for _ in range(iters):
-        mid = (data.mean(lo, p) + data.mean(p, hi)) / 2
+        s0, s1 = data.sums(torch.cat([lo, p], 1), torch.cat([p, hi], 1))
+        means = s1 / s0.clamp_min(TINY)
+        mid = (means[:, :m] + means[:, m:]) * 0.5
         p = inside(torch.searchsorted(data.xs, mid.contiguous(), right=True))
     return p
 
 
 def _split_gains(data: _Row, lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor]:
     """For every interval: its best two-way split point and the SSE that split saves."""
+    m = lo.shape[1]
     p = _two_split(data, lo, hi)
-    gain = data.cost(lo, hi) - data.cost(lo, p) - data.cost(p, hi)
+    cost = data.cost(torch.cat([lo, lo, p], 1), torch.cat([hi, p, hi], 1))
+    gain = cost[:, :m] - cost[:, m : 2 * m] - cost[:, 2 * m :]
     return p, torch.where(hi - lo >= 2, gain, -1.0)
 
 
-def _insert(t: Tensor, pos: Tensor, value: Tensor) -> Tensor:
-    """Insert ``value`` (rows, 1) at column ``pos`` (rows, 1) of every row of ``t`` (rows, m)."""
-    rows, m = t.shape
-    col = torch.arange(m + 1, device=t.device)[None, :]
-    shifted = t.gather(1, (col - (col > pos).long()).clamp_max(m - 1))
-    return torch.where(col == pos, value, shifted)
+def _interval_means(data: _Row, edges: Tensor) -> Tensor:
+    """Means of the intervals; one without weight sits at the middle of its range."""
+    lo, hi = _bounds(edges)
+    m = data.xs.shape[1]
+    first = data.xs.gather(1, lo.clamp_max(m - 1))
+    last = data.xs.gather(1, (hi - 1).clamp(0, m - 1))
+    return data.mean(lo, hi, (first + last) * 0.5)
 
 
 def _divisive(data: _Row, k: int) -> Tensor:
-    """Seed by splitting, ``k - 1`` times, the cluster whose best split saves the most.
+    """Seed by splitting the clusters whose best two-way split saves the most SSE.
 
-    Only the two halves of the cluster just split need new split candidates, so
-    each step costs O(log n) per row.
+    Each round splits the better half of the clusters (never more than ``k``
+    allows), so ``k`` clusters take about ``2 log2 k`` rounds rather than ``k - 1``
+    single splits, at nearly the same result.
     """
     rows, n = data.xs.shape
     device = data.xs.device
     edges = torch.stack([torch.zeros(rows, dtype=torch.long, device=device),
                          torch.full((rows,), n, device=device)], 1)
-    p, gain = _split_gains(data, edges[:, :1], edges[:, 1:])
-    for _ in range(k - 1):
-        j = gain.argmax(1, keepdim=True)
-        edges = _insert(edges, j + 1, p.gather(1, j))
-        lo = torch.cat([edges.gather(1, j), edges.gather(1, j + 1)], 1)
-        hi = torch.cat([edges.gather(1, j + 1), edges.gather(1, j + 2)], 1)
-        p2, g2 = _split_gains(data, lo, hi)
-        # cluster j became clusters j and j + 1: replace its candidate by theirs
-        p = _insert(p, j + 1, p2[:, 1:]).scatter(1, j, p2[:, :1])
-        gain = _insert(gain, j + 1, g2[:, 1:]).scatter(1, j, g2[:, :1])
-    return data.mean(*_bounds(edges))
+    while edges.shape[1] - 1 < k:
+        count = edges.shape[1] - 1
+        r = min((count + 1) // 2, k - count)
+        p, gain = _split_gains(data, *_bounds(edges))
+        top = gain.topk(r, 1).indices
+        edges = torch.cat([edges, p.gather(1, top)], 1).sort(1).values
+    return _interval_means(data, edges)
 
 
 def _lloyd(data: _Row, c: Tensor, iters: int) -> Tensor:
     """Lloyd iterations until the partition stops changing (per row).
 
     Rows whose partition is stable drop out of the working set, so the many rows
-    that settle in a few steps don't pay for the few that take fifty.
+    that settle in a few steps don't pay for the few that take fifty. A cluster
+    left without weight keeps its centroid, which stays between its neighbours.
     """
     c = c.clone()
     active = torch.arange(data.xs.shape[0], device=c.device)
@@ -237,55 +329,61 @@ def _lloyd(data: _Row, c: Tensor, iters: int) -> Tensor:
         edges = part.edges(ca)
         if prev is not None:
             moving = (edges != prev).any(1)
-            if not moving.any():
+            count = int(moving.sum())
+            if count == 0:
                 break
-            if moving.float().mean() < 0.75:  # compact the working set
+            if count < moving.shape[0] // 2:  # compact the working set
                 c[active] = ca
                 keep = moving.nonzero().squeeze(1)
                 active, ca, edges = active[keep], ca[keep], edges[keep]
-                part = part.select(keep, moments=2)
-        ca = part.mean(*_bounds(edges))  # means of ordered intervals are ordered
+                part = part.select(keep, f2=False)
+        ca = part.mean(*_bounds(edges), ca)  # means of ordered intervals are ordered
         prev = edges
     c[active] = ca
     return c
 
 
 def _refine(data: _Row, c: Tensor, iters: int, moves: int = 4) -> Tensor:
-    """Lloyd, then merge-split moves while they pay, each followed by Lloyd again."""
+    """Lloyd, then merge-split moves while they pay, each followed by Lloyd again.
+
+    A row whose move did not pay is left as it is: the next round would find the same.
+    """
     c = _lloyd(data, c, iters)
     k = c.shape[1]
+    rows = torch.arange(c.shape[0], device=c.device)
+    part = data
     for _ in range(moves):
-        edges = data.edges(c)
+        edges = part.edges(c[rows])
         lo, hi = _bounds(edges)
-        cost = data.cost(lo, hi)
+        cost = part.cost(lo, hi)
         # the cheapest merge of two neighbours ...
-        merged = data.cost(lo[:, :-1], hi[:, 1:]) - cost[:, :-1] - cost[:, 1:]
+        merged = part.cost(lo[:, :-1], hi[:, 1:]) - cost[:, :-1] - cost[:, 1:]
         m = merged.argmin(1, keepdim=True)
         # ... paid for by the best split of a cluster not involved in it
-        p, gain = _split_gains(data, lo, hi)
+        p, gain = _split_gains(part, lo, hi)
         j = torch.arange(k, device=c.device)[None, :]
         gain = torch.where((j == m) | (j == m + 1), -1.0, gain)
         s = gain.argmax(1, keepdim=True)
         better = gain.gather(1, s)[:, 0] > merged.gather(1, m)[:, 0] * (1 + 1e-12) + 1e-18
-        if not better.any():
+        keep = better.nonzero().squeeze(1)
+        if keep.numel() == 0:
             break
         # new edges: drop the edge between the merged pair, add the split point
         drop = torch.ones_like(edges, dtype=torch.bool).scatter(1, m + 1, False)
-        moved = torch.cat([edges[drop].reshape(edges.shape[0], k), p.gather(1, s)], 1).sort(1).values
-        rows = better.nonzero().squeeze(1)
-        new_c = data.select(rows, moments=2).mean(*_bounds(moved[rows])).sort(1).values
-        c = c.clone()
-        c[rows] = _lloyd(data.select(rows, moments=2), new_c, iters)
+        moved = torch.cat([edges[drop].reshape(edges.shape[0], k), p.gather(1, s)], 1)[keep].sort(1).values
+        rows, part = rows[keep], part.select(keep)
+        c[rows] = _lloyd(part, _interval_means(part, moved), iters)
     return c
 
 
-def _kmeans_plus_plus(xs: Tensor, fs: Tensor, k: int, gen: torch.Generator, candidates: int = 3) -> Tensor:
+def _kmeans_plus_plus(data: _Row, k: int, gen: torch.Generator, candidates: int = 3) -> Tensor:
     """Greedy weighted k-means++ seeding, for all rows at once (in fp32: it only seeds).
 
     Each new centre is the best (lowest total weighted squared distance) of a few
     candidates drawn with probability proportional to ``F · D²``.
     """
-    x, f = xs.float(), fs.float()
+    x = data.xs.float()
+    f = (data.f01[:, 1:] - data.f01[:, :-1]).real.float().clamp_min(0)
     rows, n = x.shape
     first = torch.multinomial(f + 1e-30, 1, generator=gen)
     centres = [x.gather(1, first)]
@@ -297,4 +395,5 @@ def _kmeans_plus_plus(xs: Tensor, fs: Tensor, k: int, gen: torch.Generator, cand
         best = torch.einsum("rn,rcn->rc", f, new_d2).argmin(1, keepdim=True)
         centres.append(values.gather(1, best))
         d2 = new_d2.gather(1, best[:, :, None].expand(rows, 1, n))[:, 0]
-    return torch.cat(centres, 1).to(xs.dtype).sort(1).values
+    return torch.cat(centres, 1).to(data.xs.dtype).sort(1).values
+

@@ -5,6 +5,7 @@ import torch
 
 from sqlab import QuantConfig
 from sqlab import experiments
+from sqlab import config as config_module
 from tests.conftest import run_cli
 
 
@@ -55,6 +56,16 @@ def test_cache_keys_change_with_what_matters_and_only_then():
     assert experiments.result_key("model-b", point, evaluation) != key
     assert experiments.result_key("model-a", point, {**evaluation, "max_windows": 8}) != key
     assert experiments.result_key("model-a", point, {**evaluation, "datasets": ["wikitext2"]}) != key
+
+
+def test_a_method_version_bump_retires_its_cached_results_only(monkeypatch):
+    sq, rtn = QuantConfig(wbits=3), QuantConfig(method="rtn", wbits=3)
+    evaluation = {"datasets": ["shakespeare"], "seqlen": 512, "max_windows": 32}
+    before = {c.method: (c.key(), experiments.result_key("m", c.relevant(), evaluation)) for c in (sq, rtn)}
+    monkeypatch.setitem(config_module.METHOD_VERSIONS, "squeezellm", config_module.METHOD_VERSIONS["squeezellm"] + 1)
+    after = {c.method: (c.key(), experiments.result_key("m", c.relevant(), evaluation)) for c in (sq, rtn)}
+    assert after["rtn"] == before["rtn"]
+    assert after["squeezellm"][0] != before["squeezellm"][0] and after["squeezellm"][1] != before["squeezellm"][1]
 
 
 def test_grids_and_presets():

@@ -4,6 +4,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from sqlab import kmeans
 from sqlab.kmeans import assign, weighted_kmeans
 
 
@@ -142,3 +143,73 @@ def test_bad_arguments():
         weighted_kmeans(torch.zeros(2, 4), None, 1)
     with pytest.raises(ValueError, match="differs from x shape"):
         weighted_kmeans(torch.zeros(2, 4), torch.zeros(2, 5), 8)
+
+
+def optimum_fast(x: np.ndarray, f: np.ndarray, k: int) -> float:
+    """The same exact optimum as ``optimum``, with numpy over all split points (n up to a few hundred)."""
+    order = np.argsort(x)
+    x, f = x[order], f[order]
+    p0, p1, p2 = (np.concatenate([[0.0], np.cumsum(v)]) for v in (f, f * x, f * x * x))
+    s0 = p0[None, :] - p0[:, None]
+    s1 = p1[None, :] - p1[:, None]
+    cost = np.maximum(p2[None, :] - p2[:, None] - s1 * s1 / np.maximum(s0, 1e-300), 0.0)
+    cost[np.tril_indices(len(p0))] = np.inf  # cost[i, j]: points i..j-1, i < j
+    best = np.full(len(p0), np.inf)
+    best[0] = 0.0
+    for _ in range(k):
+        best = np.minimum(best, (best[:, None] + cost).min(0))
+    return float(best[-1])
+
+
+@pytest.mark.parametrize("k", [8, 16])
+def test_long_rows_go_through_the_coarse_copy_and_stay_near_the_optimum(k):
+    # rows longer than 2 * max(BINS, 4k) are seeded and searched on groups, then finished on points
+    gen = torch.Generator().manual_seed(4)
+    n = 400
+    assert n > 2 * max(kmeans.BINS, 4 * k)
+    x = torch.randn(12, n, generator=gen) * 0.02
+    x[:, :3] *= 8  # a few outliers in every row
+    f = torch.randn(12, n, generator=gen) ** 2  # squared gradients: a heavy tail
+    res = weighted_kmeans(x, f, k, restarts=2)
+    direct = (f.double() * (x.double() - res.centroids.double().gather(1, res.labels.long())) ** 2).sum(1)
+    assert torch.allclose(res.sse, direct, rtol=1e-6)
+    opt = np.array([optimum_fast(x[i].double().numpy(), f[i].double().numpy(), k) for i in range(12)])
+    ratio = res.sse.numpy() / opt
+    assert (ratio >= 1 - 1e-9).all()
+    assert ratio.mean() < 1.08, ratio
+
+
+@settings(max_examples=60, deadline=None, derandomize=True)
+@given(st.integers(1, 5), st.integers(1, 40), st.integers(0, 10**6))
+def test_row_sort_carries_the_weights_along(rows, n, seed):
+    rng = np.random.default_rng(seed)
+    pool = np.array([0.0, -0.0, 1e-40, -1e-40, 1.5, -1.5, 3e38, -3e38, 0.25], np.float32)
+    x = np.where(rng.random((rows, n)) < 0.3, rng.choice(pool, (rows, n)),
+                 rng.standard_normal((rows, n)).astype(np.float32))
+    f = rng.random((rows, n)).astype(np.float32)
+    xs, fs = kmeans._sort_rows(torch.from_numpy(x), torch.from_numpy(f))
+    assert torch.equal(xs, torch.from_numpy(x).sort(1).values)
+    for i in range(rows):
+        assert sorted(zip(x[i].tolist(), f[i].tolist())) == sorted(zip(xs[i].tolist(), fs[i].tolist()))
+
+
+def test_double_precision_input_is_clustered_in_double():
+    gen = torch.Generator().manual_seed(5)
+    x = 1.0 + torch.randn(4, 300, generator=gen, dtype=torch.float64) * 1e-9  # distinct only in fp64
+    res = weighted_kmeans(x, None, 8)
+    assert res.centroids.dtype == torch.float64
+    assert len(torch.unique(res.centroids[0])) == 8
+    assert torch.allclose(res.sse, ((x - res.centroids.gather(1, res.labels.long())) ** 2).sum(1), rtol=1e-6)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_values_and_weights_are_refused(bad):
+    x = torch.randn(3, 300)
+    x[1, 7] = bad
+    with pytest.raises(ValueError, match="x contains NaN or Inf"):
+        weighted_kmeans(x, None, 8)
+    if bad != -float("inf"):  # a negative weight counts as zero
+        f = torch.rand(3, 300)
+        f[2, 9] = bad
+        with pytest.raises(ValueError, match="weight contains NaN or Inf"):
+            weighted_kmeans(torch.randn(3, 300), f, 8)
