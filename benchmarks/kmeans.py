@@ -5,7 +5,7 @@ both solve the same problem per output row: 2**wbits centroids minimising
 sum F_j (w_j - c)^2. scikit-learn runs row by row
 (KMeans(n_clusters=2**wbits, n_init="auto", max_iter=50, random_state=0) with
 sample_weight=F), as the original release does; ours runs all rows at once, with
-the quantizer's default (one start) and with kmeans_restarts=2. Prints total
+one start and with the quantizer's default of two. Prints total
 weighted SSE of each, their ratio, and the speed ratio, on the same cores in the
 same run (both warmed up first). scikit-learn's time is one pass over all rows;
 ours, tens of milliseconds and so more exposed to a busy machine, is the median
@@ -65,7 +65,7 @@ def main() -> None:
 
     print(f"threads: {torch.get_num_threads()}  model: SmolLM2-135M-Instruct (dequantized Q4_1 weights), "
           f"Fisher from {args.nsamples} x {args.seqlen} Shakespeare calibration tokens")
-    print("ours-1: the quantizer's default, one (divisive) start; ours-2: plus a start from the uniform grid")
+    print("ours-1: one (divisive) start; ours-2: plus a start from the uniform grid, the quantizer's default")
     header = (f"{'matrix':<24} {'bits':>4} {'rows':>5} {'SSE sklearn':>11} {'ratio-1':>7} {'ratio-2':>7} "
               f"{'sklearn s':>9} {'ours-1 s':>8} {'ours-2 s':>8} {'speed-1':>7} {'speed-2':>7}")
     print(header)
@@ -103,9 +103,9 @@ def main() -> None:
               f"{t_ref:>9.2f} {t1:>8.3f} {t2:>8.3f} {t_ref / t1:>6.1f}x {t_ref / t2:>6.1f}x")
     print("targets: SSE ratio <= 1.00, speed-up >= 30x")
     for wbits in args.wbits:
-        ref, sse1, _, t_ref, t1, _ = totals[wbits]
-        met = sse1 / ref <= 1.0 and t_ref / t1 >= 30
-        print(f"{wbits}-bit, default: SSE ratio {sse1 / ref:.3f}, {t_ref / t1:.1f}x faster: "
+        ref, _, sse2, t_ref, _, t2 = totals[wbits]
+        met = sse2 / ref <= 1.0 and t_ref / t2 >= 30
+        print(f"{wbits}-bit, default (ours-2): SSE ratio {sse2 / ref:.3f}, {t_ref / t2:.1f}x faster: "
               f"{'both targets met' if met else 'target MISSED'}")
 
 

@@ -50,7 +50,7 @@ class QuantConfig:
     seqlen: int = 512
     seed: int = 0
     kmeans_iters: int = 50
-    kmeans_restarts: int = 1
+    kmeans_restarts: int = 2
     groupsize: int | None = None
     act_order: bool = False
     percdamp: float = 0.01

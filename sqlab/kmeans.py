@@ -26,8 +26,9 @@ Lloyd on the full row finishes from the best coarse solution, moving the edges
 to single points.
 
 All rows move together as tensor code; there is no Python loop over rows. A
-second restart starts from the uniform grid that round-to-nearest uses, further
-ones from greedy weighted k-means++ seeds; every row keeps its best.
+second start (the default) is the uniform grid that round-to-nearest uses,
+further ones greedy weighted k-means++ seeds; all starts refine together as
+extra rows of one batch, and every row keeps its best.
 """
 
 from __future__ import annotations
@@ -44,6 +45,8 @@ from torch import Tensor
 CHUNK_ELEMENTS = 1 << 23
 # Groups per row (at least 4k) in the coarse copy where seeding, restarts and moves run.
 BINS = 64
+# Clusters (the costliest) whose best split a merge-split move considers.
+SPLIT_CANDIDATES = 3
 TINY = 1e-300
 
 
@@ -59,14 +62,14 @@ class KMeansResult:
         return assign(self.x, self.centroids)
 
 
-def weighted_kmeans(x: Tensor, weight: Tensor | None, k: int, *, iters: int = 50, restarts: int = 1,
+def weighted_kmeans(x: Tensor, weight: Tensor | None, k: int, *, iters: int = 50, restarts: int = 2,
                     seed: int = 0) -> KMeansResult:
     """Weighted k-means of every row of ``x`` (rows, n) with ``weight`` (rows, n) >= 0.
 
     ``weight=None`` is plain (unweighted) k-means; negative weights count as zero,
     and a row whose weights are all zero uses uniform weights. ``restarts``: 1 is
-    the divisive seed; 2 adds a start from the uniform (round-to-nearest) grid;
-    more add k-means++ seeds. Deterministic for a ``seed``. NaN or Inf in ``x``
+    the divisive seed; 2 (the default) adds a start from the uniform
+    (round-to-nearest) grid; more add k-means++ seeds. Deterministic for a ``seed``. NaN or Inf in ``x``
     or ``weight`` raise ``ValueError``.
     """
     if x.ndim != 2:
@@ -145,24 +148,17 @@ def _kmeans_chunk(x: Tensor, weight: Tensor, k: int, iters: int, restarts: int, 
     rows, n = data.xs.shape
     bins = max(BINS, 4 * k)
     coarse = _coarse(data, bins) if n > 2 * bins else data
+    # every start refines as extra rows of one batch, so more starts cost data, not steps
+    starts = [_divisive(coarse, k)]
+    if restarts > 1:  # the uniform grid that round-to-nearest would use
+        lo, hi = data.xs[:, :1], data.xs[:, -1:]
+        starts.append(lo + (hi - lo) * (torch.arange(k, device=x.device) + 0.5) / k)
     gen = torch.Generator(device=x.device).manual_seed(seed)
-    best_c = best_sse = None
-    for r in range(restarts):
-        if r == 0:
-            c = _divisive(coarse, k)
-        elif r == 1:  # the uniform grid that round-to-nearest would use
-            lo, hi = data.xs[:, :1], data.xs[:, -1:]
-            c = lo + (hi - lo) * (torch.arange(k, device=x.device) + 0.5) / k
-        else:
-            c = _kmeans_plus_plus(coarse, k, gen)
-        c = _refine(coarse, c, iters)
-        sse = coarse.sse(c, *_bounds(coarse.edges(c)))
-        if best_c is None:
-            best_c, best_sse = c, sse
-        else:
-            better = sse < best_sse
-            best_c = torch.where(better[:, None], c, best_c)
-            best_sse = torch.where(better, sse, best_sse)
+    starts += [_kmeans_plus_plus(coarse, k, gen) for _ in range(2, restarts)]
+    batch = coarse if len(starts) == 1 else coarse.select(torch.arange(rows, device=x.device).repeat(len(starts)))
+    c = _refine(batch, torch.cat(starts), iters)
+    sse = batch.sse(c, *_bounds(batch.edges(c))).view(len(starts), rows)
+    best_c = c.view(len(starts), rows, k)[sse.argmin(0), torch.arange(rows, device=x.device)]
     if coarse is not data:
         best_c = _lloyd(data, best_c, iters)
     centroids = (best_c + shift).to(x.dtype)
@@ -352,17 +348,19 @@ def _refine(data: _Row, c: Tensor, iters: int, moves: int = 4) -> Tensor:
     k = c.shape[1]
     rows = torch.arange(c.shape[0], device=c.device)
     part = data
-    for _ in range(moves):
+    for _ in range(moves if k > 2 else 0):  # with two clusters there is nothing else to split
         edges = part.edges(c[rows])
         lo, hi = _bounds(edges)
         cost = part.cost(lo, hi)
         # the cheapest merge of two neighbours ...
         merged = part.cost(lo[:, :-1], hi[:, 1:]) - cost[:, :-1] - cost[:, 1:]
         m = merged.argmin(1, keepdim=True)
-        # ... paid for by the best split of a cluster not involved in it
-        p, gain = _split_gains(part, lo, hi)
+        # ... paid for by the best split of a cluster not involved in it; the best split
+        # is nearly always found among the costliest few clusters
         j = torch.arange(k, device=c.device)[None, :]
-        gain = torch.where((j == m) | (j == m + 1), -1.0, gain)
+        others = torch.where((j == m) | (j == m + 1), -1.0, cost)
+        pool = others.topk(min(SPLIT_CANDIDATES, k - 2), 1).indices
+        p, gain = _split_gains(part, lo.gather(1, pool), hi.gather(1, pool))
         s = gain.argmax(1, keepdim=True)
         better = gain.gather(1, s)[:, 0] > merged.gather(1, m)[:, 0] * (1 + 1e-12) + 1e-18
         keep = better.nonzero().squeeze(1)
