@@ -69,8 +69,8 @@ def weighted_kmeans(x: Tensor, weight: Tensor | None, k: int, *, iters: int = 50
     ``weight=None`` is plain (unweighted) k-means; negative weights count as zero,
     and a row whose weights are all zero uses uniform weights. ``restarts``: 1 is
     the divisive seed; 2 (the default) adds a start from the uniform
-    (round-to-nearest) grid; more add k-means++ seeds. Deterministic for a ``seed``. NaN or Inf in ``x``
-    or ``weight`` raise ``ValueError``.
+    (round-to-nearest) grid; more add k-means++ seeds. Deterministic for a
+    ``seed``. NaN or Inf in ``x`` or ``weight`` raise ``ValueError``.
     """
     if x.ndim != 2:
         raise ValueError(f"x must be (rows, n), got shape {tuple(x.shape)}")
@@ -240,9 +240,8 @@ def _coarse(data: _Row, bins: int) -> _Row:
     lo, hi = _bounds(pos)
     first = xs.gather(1, lo.clamp_max(n - 1))
     last = torch.where(hi > lo, xs.gather(1, (hi - 1).clamp_min(0)), first)
-    d = f01[:, 1:] - f01[:, :-1]
     # a group without weight sits at the middle of its range, so the means stay sorted
-    mean = torch.where(d.real > 0, d.imag / d.real.clamp_min(TINY), (first + last) * 0.5)
+    mean = data.mean(lo, hi, (first + last) * 0.5)
     return _Row(torch.minimum(torch.maximum(mean, first), last).contiguous(), f01, f2)
 
 
