@@ -88,6 +88,43 @@ class CSR:
         return self.cols.numel()
 
 
+def check_csr(csr: CSR, out_features: int, in_features: int, name: str = "the sparse part") -> None:
+    """Raise ``SqlabError`` unless ``csr`` is a well-formed ``(out_features, in_features)`` sparse part.
+
+    Checked: int32 ``rows`` of ``out_features + 1`` non-decreasing pointers from 0 to
+    ``nnz``; int32 ``cols`` in ``[0, in_features)``; one finite value per column; and a
+    position stored twice (an exact two-term correction) in adjacent entries, which
+    ``reconstruct`` and the kernels rely on. Kernels index memory with these values,
+    so this runs wherever a sparse part enters (loading, import, moving to a device).
+    """
+    rows, cols, vals = csr.rows, csr.cols, csr.vals
+    if rows.dtype != torch.int32 or cols.dtype != torch.int32:
+        raise SqlabError(f"{name}: rows and cols must be int32, got {rows.dtype} and {cols.dtype}")
+    if rows.ndim != 1 or rows.numel() != out_features + 1:
+        raise SqlabError(f"{name}: rows has shape {tuple(rows.shape)}; {out_features} output rows need "
+                         f"({out_features + 1},)")
+    nnz = cols.numel()
+    if cols.ndim != 1 or vals.ndim != 1 or vals.numel() != nnz:
+        raise SqlabError(f"{name}: cols and vals must be 1-D of equal length, got shapes {tuple(cols.shape)} "
+                         f"and {tuple(vals.shape)}")
+    r = rows.long()
+    if int(r[0]) != 0 or int(r[-1]) != nnz or bool((r[1:] < r[:-1]).any()):
+        raise SqlabError(f"{name}: rows must rise from 0 to nnz = {nnz} without decreasing, got first "
+                         f"{int(r[0])}, last {int(r[-1])}" + (", and a decrease" if (r[1:] < r[:-1]).any() else ""))
+    if nnz:
+        low, high = int(cols.min()), int(cols.max())
+        if low < 0 or high >= in_features:
+            bad = low if low < 0 else high
+            raise SqlabError(f"{name}: column index {bad} out of range; the layer has {in_features} inputs")
+        if not bool(torch.isfinite(vals).all()):
+            raise SqlabError(f"{name}: the sparse values contain NaN or Inf")
+        key = csr_row_indices(rows) * in_features + cols.long()
+        runs = 1 + int((key[1:] != key[:-1]).sum())
+        if runs != torch.unique(key).numel():
+            raise SqlabError(f"{name}: a position is stored in entries that are not adjacent; a repeated "
+                             "(row, column) must follow itself")
+
+
 def to_csr(rows: Tensor, cols: Tensor, vals: Tensor, out_features: int) -> CSR:
     """CSR from coordinates, ordered by row then column.
 

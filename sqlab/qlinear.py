@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from . import kernels
 from .errors import SqlabError
-from .packing import CSR, packed_rows, reconstruct, unpack
+from .packing import CSR, check_csr, packed_rows, reconstruct, unpack
 
 
 class SqueezeLinear(nn.Module):
@@ -69,6 +69,27 @@ class SqueezeLinear(nn.Module):
     @property
     def nnz(self) -> int:
         return 0 if self.vals is None else self.vals.numel()
+
+    def validate(self, name: str = "SqueezeLinear") -> None:
+        """Raise ``SqlabError`` naming ``name`` unless the packed buffers are consistent and finite.
+
+        Run where a layer's buffers enter from outside (a checkpoint, an imported file)
+        and before kernels index memory with them.
+        """
+        expected = (packed_rows(self.in_features, self.wbits), self.out_features)
+        if self.qweight.dtype != torch.int32 or tuple(self.qweight.shape) != expected:
+            raise SqlabError(f"{name}.qweight is {self.qweight.dtype} of shape {tuple(self.qweight.shape)}; "
+                             f"{self.wbits}-bit packing of {self.in_features} inputs needs int32 {expected}")
+        lut = self.lookup_table
+        if tuple(lut.shape) != (self.out_features, 1 << self.wbits) or not lut.is_floating_point():
+            raise SqlabError(f"{name}.lookup_table is {lut.dtype} of shape {tuple(lut.shape)}; expected floats "
+                             f"of shape ({self.out_features}, {1 << self.wbits})")
+        if not bool(torch.isfinite(lut).all()):
+            raise SqlabError(f"{name}.lookup_table contains NaN or Inf")
+        if self.vals is not None:
+            check_csr(self.csr(), self.out_features, self.in_features, name)
+        if self.bias is not None and not bool(torch.isfinite(self.bias).all()):
+            raise SqlabError(f"{name}.bias contains NaN or Inf")
 
     def indices(self) -> Tensor:
         """The dense part's indices, ``(out_features, in_features)`` uint8."""

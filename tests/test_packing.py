@@ -106,3 +106,36 @@ def test_sparse_correction_is_exact_bit_for_bit(seed, k, dtype, scale):
     assert w_hat.dtype == dtype
     assert torch.equal(w_hat[mask], w[mask])
     assert torch.equal(w_hat[~mask], lut.to(dtype).gather(1, idx)[~mask])
+
+
+def _valid_csr():
+    rows = torch.tensor([0, 2, 2, 5], dtype=torch.int32)
+    cols = torch.tensor([1, 4, 0, 3, 3], dtype=torch.int32)
+    return rows, cols, torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0])
+
+
+def test_check_csr_accepts_a_valid_part_and_empty_rows():
+    from sqlab.packing import CSR, check_csr
+
+    check_csr(CSR(*_valid_csr()), 3, 5, "layer")
+    empty = CSR(torch.zeros(4, dtype=torch.int32), torch.zeros(0, dtype=torch.int32), torch.zeros(0))
+    check_csr(empty, 3, 5, "layer")
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda r, c, v: (r, c.long(), v), "rows and cols must be int32"),
+    (lambda r, c, v: (r[:-1], c, v), r"rows has shape \(3,\); 3 output rows need \(4,\)"),
+    (lambda r, c, v: (torch.tensor([0, 3, 2, 5], dtype=torch.int32), c, v), "without decreasing.*a decrease"),
+    (lambda r, c, v: (torch.tensor([1, 2, 2, 5], dtype=torch.int32), c, v), "first 1"),
+    (lambda r, c, v: (torch.tensor([0, 2, 2, 4], dtype=torch.int32), c, v), r"nnz = 5.*last 4"),
+    (lambda r, c, v: (r, torch.tensor([1, 5, 0, 3, 3], dtype=torch.int32), v), "column index 5 out of range"),
+    (lambda r, c, v: (r, torch.tensor([1, -1, 0, 3, 3], dtype=torch.int32), v), "column index -1"),
+    (lambda r, c, v: (r, c, torch.tensor([1.0, float("nan"), 3.0, 4.0, 5.0])), "NaN or Inf"),
+    (lambda r, c, v: (r, c, v[:-1]), "equal length"),
+    (lambda r, c, v: (r, torch.tensor([1, 4, 3, 0, 3], dtype=torch.int32), v), "not adjacent"),
+])
+def test_check_csr_names_the_layer_and_the_fault(change, message):
+    from sqlab.packing import CSR, check_csr
+
+    with pytest.raises(SqlabError, match=f"^model.layers.0.q_proj: .*{message}"):
+        check_csr(CSR(*change(*_valid_csr())), 3, 5, "model.layers.0.q_proj")
