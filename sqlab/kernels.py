@@ -1,35 +1,42 @@
-"""CUDA kernels for ``SqueezeLinear``, compiled at run time with CuPy.
+"""CUDA kernels for ``SqueezeLinear``, compiled at run time, launched with almost no host work.
 
 ``kernels/lut_gemv.cu`` holds the LUT-GEMV (1 to 8 tokens, the sparse part fused into
 the same launch) and the dequantization for long prompts; ``kernels/spmv.cu`` the
-sparse part on its own (row-parallel and balanced SpMV, and adding ``S`` into a dense
-matrix). Bit width, dtypes and tile sizes are compile-time constants (``-DWBITS=3``
-...); each (source, options) pair is compiled once per process.
+sparse part on its own (row-parallel and balanced SpMV). Bit width, dtypes and tile
+sizes are compile-time constants (``-DWBITS=3`` ...); each (source, options) pair is
+compiled once per process.
 
-CuPy is optional: nothing here imports it until a kernel is launched, and
-``available()`` says whether one can be. Tensors cross zero-copy as raw device
-pointers (``tensor.data_ptr()``, which CuPy passes as a 64-bit kernel argument):
-wrapping every tensor with DLPack would cost more per call than a decoding step's
-GEMV takes on the GPU. Launches go on torch's current stream of the tensors' device
-and no call synchronises with the host, so the kernels order with torch's own work
-and can be captured in a CUDA graph.
+Host cost. Decoding one token of a 7B model calls ~224 linears; Python work per call
+multiplies by that. So a layer's launches are *prepared* once (``GemvKernels``, built
+the first time a ``SqueezeLinear`` meets activations of a dtype on a device): shapes,
+dtypes and the CSR part validated, the plan of every token count, the compiled
+functions and cuLaunchKernel's parameter blocks, in which only the pointers of x and y
+change between calls. A call then allocates y, writes two pointers and launches. It
+runs on torch's current stream and never synchronises, so a decoding step can be
+captured in a CUDA graph (``capture_scope`` gives each graph its own split-K counters).
+
+Backends. Kernels launch through a ``Backend``: ``CupyBackend`` (the default: CuPy's
+NVRTC and the CUDA driver) or a stand-in such as the test suite's CUDA-on-CPU harness,
+which runs the same sources on host threads, so every line here runs in the tests
+without a GPU. CuPy is optional: nothing imports it until a kernel is launched.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import ctypes
 import functools
-import math
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy
 import torch
 from torch import Tensor
 
 from .errors import SqlabError
-from .packing import CSR, GROUP, packed_rows
+from .packing import CSR, GROUP, check_csr, packed_rows
 
 KERNEL_DIR = Path(os.environ.get("SQLAB_KERNEL_DIR", Path(__file__).resolve().parents[1] / "kernels"))
 
@@ -39,23 +46,70 @@ SHARED_LIMIT = 48 * 1024  # per block, static + dynamic, without an opt-in attri
 STATIC_EXTRA = 16  # lut_gemv.cu's `last` flag beside the table, padded to the dynamic part's alignment
 BLOCKS_PER_SM = 4  # split K until the grid gives about this many blocks per SM ...
 MIN_GROUPS_PER_BLOCK = 2 * KY  # ... but leave every dense thread row two groups or more
+DQ_ROWS, DQ_GROUPS = 32, 8  # lut_gemv.cu's dequantization tile: W_hat rows x groups of 32 inputs
+SPMV_THREADS = 256
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _KIND = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # numeric.cuh's kinds
 _NAMES = "float32, float16 or bfloat16"
 
 
-def available() -> bool:
-    """True when CuPy imports and torch sees a CUDA device."""
-    return unavailable_reason() is None
+# --- backends ------------------------------------------------------------------------------------
+
+class Backend:
+    """Where kernels run. Subclasses compile a source and launch cuLaunchKernel-style."""
+
+    def unavailable_reason(self) -> str | None:
+        """Why kernels cannot run here, in words; None when they can."""
+        raise NotImplementedError
+
+    def accepts(self, device: torch.device) -> bool:
+        """Whether tensors on ``device`` can be handed to this backend's kernels."""
+        raise NotImplementedError
+
+    def function(self, file: str, name: str, defines: tuple, device: torch.device):
+        """A handle of kernel ``name`` in ``file`` compiled with ``defines``, for ``device``."""
+        raise NotImplementedError
+
+    def launch(self, function, grid: tuple, block: tuple, shared: int, stream: int, params: int) -> None:
+        """Launch ``function``; ``params`` is the address of an array of argument addresses."""
+        raise NotImplementedError
+
+    def stream(self, device: torch.device) -> int:
+        """The handle of the stream launches on ``device`` go to (torch's current stream)."""
+        raise NotImplementedError
+
+    def sm_count(self, device: torch.device) -> int:
+        """Multiprocessors of ``device``: the plans fill them."""
+        raise NotImplementedError
+
+    def device_error(self, name: str, device: torch.device) -> str:
+        return f"{name} is on {device}; the kernels need CUDA tensors"
 
 
-def unavailable_reason() -> str | None:
-    """Why the GPU kernels cannot run here, in words; None when they can."""
-    if not torch.cuda.is_available():
-        return "it needs a CUDA GPU and torch sees none"
-    if _cupy() is None:
-        return "it needs CuPy for the kernels (pip install -e '.[gpu]')"
-    return None
+class CupyBackend(Backend):
+    """CUDA through CuPy: NVRTC compiles the sources, the driver launches on torch's stream."""
+
+    def unavailable_reason(self) -> str | None:
+        if not torch.cuda.is_available():
+            return "it needs a CUDA GPU and torch sees none"
+        if _cupy() is None:
+            return "it needs CuPy for the kernels (pip install -e '.[gpu]')"
+        return None
+
+    def accepts(self, device: torch.device) -> bool:
+        return device.type == "cuda"
+
+    def function(self, file: str, name: str, defines: tuple, device: torch.device):
+        return _cuda_function(file, name, defines, device.index if device.index is not None else 0)
+
+    def launch(self, function, grid, block, shared, stream, params) -> None:
+        _cupy().cuda.driver.launchKernel(function, *grid, *block, shared, stream, params, 0)
+
+    def stream(self, device: torch.device) -> int:
+        return _raw_stream(device.index if device.index is not None else torch.cuda.current_device())
+
+    def sm_count(self, device: torch.device) -> int:
+        return _sm_count(device)
 
 
 @functools.lru_cache(maxsize=None)
@@ -67,13 +121,62 @@ def _cupy():
     return cupy
 
 
+def _raw_stream(index: int) -> int:
+    getter = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+    if getter is not None:
+        return getter(index)
+    return torch.cuda.current_stream(index).cuda_stream
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_function(file: str, name: str, defines: tuple, index: int) -> int:
+    """The CUfunction of ``name`` on device ``index`` (compiled and loaded once)."""
+    cupy = _cupy()
+    if cupy is None:
+        raise SqlabError("the CUDA kernels need CuPy (pip install 'sqlab[gpu]', i.e. cupy-cuda12x)")
+    with cupy.cuda.Device(index):
+        return _module(_source(file), _options(defines)).get_function(name).kernel.ptr
+
+
+@functools.lru_cache(maxsize=None)
+def _module(source: str, options: tuple[str, ...]):
+    return _cupy().RawModule(code=source, options=options)
+
+
+_BACKEND: list[Backend] = [CupyBackend()]
+
+
+def backend() -> Backend:
+    """The backend kernels launch through now."""
+    return _BACKEND[-1]
+
+
+@contextlib.contextmanager
+def use_backend(chosen: Backend):
+    """Launch through ``chosen`` inside the block (the tests run the kernels on the CPU so)."""
+    _BACKEND.append(chosen)
+    try:
+        yield chosen
+    finally:
+        _BACKEND.remove(chosen)
+
+
+def available() -> bool:
+    """True when kernels can be launched (with CuPy: CuPy imports and torch sees a GPU)."""
+    return unavailable_reason() is None
+
+
+def unavailable_reason() -> str | None:
+    """Why the kernels cannot run here, in words; None when they can."""
+    return backend().unavailable_reason()
+
+
 def use_gemv(tokens: int) -> bool:
     """Whether ``tokens`` rows of activations go to the LUT-GEMV (else dequantize + matmul)."""
     return 1 <= tokens <= MAX_GEMV_TOKENS
 
 
-# --- compiling and launching -------------------------------------------------------------
-
+# --- sources and parameter blocks ----------------------------------------------------------------
 
 @functools.lru_cache(maxsize=None)
 def _source(file: str) -> str:
@@ -88,71 +191,26 @@ def _source(file: str) -> str:
     return re.sub(r'^#include "([\w.]+)"$', lambda m: _source(m.group(1)), path.read_text(), flags=re.M)
 
 
-@functools.lru_cache(maxsize=None)
-def _module(source: str, options: tuple[str, ...]):
-    return _cupy().RawModule(code=source, options=options)
-
-
 def _options(defines: tuple[tuple[str, int], ...]) -> tuple[str, ...]:
     """The compiler options for a kernel module (tests pass the same ones to nvcc)."""
     return ("--std=c++17", *(f"-D{key}={value}" for key, value in defines))
 
 
-@functools.lru_cache(maxsize=None)
-def _function(file: str, name: str, defines: tuple[tuple[str, int], ...]):
-    return _module(_source(file), _options(defines)).get_function(name)
+class Params:
+    """cuLaunchKernel's ``kernelParams``: a slot per argument and the array of their addresses.
 
-
-@functools.lru_cache(maxsize=None)
-def _external_stream(pointer: int, device: int):
-    return _cupy().cuda.ExternalStream(pointer)
-
-
-def _launch(file: str, name: str, defines: tuple, grid: tuple, block: tuple, args: tuple, shared: int,
-            device: torch.device) -> None:
-    """Launch kernel ``name`` of ``file`` on torch's current stream of ``device``.
-
-    ``args`` holds tensors (passed as device pointers), ``None`` (a null pointer) and
-    ints (passed as C ``int``).
+    Tensors (and ``None``) become 64-bit pointers, ints C ``int``s. ``set(i, pointer)``
+    changes one pointer in place, so a prepared launch rewrites only what varies.
     """
-    cupy = _cupy()
-    if cupy is None:
-        raise SqlabError("the CUDA kernels need CuPy (pip install 'sqlab[gpu]', i.e. cupy-cuda12x)")
-    kernel = _function(file, name, defines)
-    c_args = tuple(0 if a is None else a.data_ptr() if isinstance(a, Tensor) else _int32(a) for a in args)
-    with cupy.cuda.Device(device.index):
-        with _external_stream(torch.cuda.current_stream(device).cuda_stream, device.index):
-            kernel(grid, block, c_args, shared_mem=shared)
+
+    def __init__(self, args: tuple):
+        self.slots = [ctypes.c_int(a) if isinstance(a, int) else
+                      ctypes.c_void_p(0 if a is None else a.data_ptr()) for a in args]
+        self.array = (ctypes.c_void_p * len(args))(*(ctypes.addressof(s) for s in self.slots))
+        self.address = ctypes.addressof(self.array)
 
 
-def _int32(value: int) -> numpy.int32:
-    return numpy.int32(value)
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_count(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
-_counters: dict[tuple, Tensor] = {}
-
-
-def _block_counters(device: torch.device, n: int) -> Tensor:
-    """Zeroed int32 counters, one per column block, for the split-K combine.
-
-    Every launch leaves them at zero again, so one buffer per device and stream is kept
-    and only grown.
-    """
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-    key = (device, stream)
-    counters = _counters.get(key)
-    if counters is None or counters.numel() < n:
-        counters = _counters[key] = torch.zeros(max(n, 256), dtype=torch.int32, device=device)
-    return counters
-
-
-# --- checks at the boundary --------------------------------------------------------------
-
+# --- checks at the boundary ----------------------------------------------------------------------
 
 def _check(t: Tensor | None, name: str, *, dtypes: tuple | None = None, shape: tuple | None = None) -> None:
     if not isinstance(t, Tensor):
@@ -166,23 +224,37 @@ def _check(t: Tensor | None, name: str, *, dtypes: tuple | None = None, shape: t
         raise SqlabError(f"{name} must be contiguous (call .contiguous() first)")
 
 
-def _cuda_device(**tensors: Tensor | None) -> torch.device:
-    """The one CUDA device all given tensors are on."""
+def _kernel_device(chosen: Backend, **tensors: Tensor | None) -> torch.device:
+    """The one device all given tensors are on, which ``chosen`` must accept."""
     devices = {name: t.device for name, t in tensors.items() if t is not None}
     first = next(iter(devices.values()))
     for name, device in devices.items():
-        if device.type != "cuda":
-            raise SqlabError(f"{name} is on {device}; the kernels need CUDA tensors")
+        if not chosen.accepts(device):
+            raise SqlabError(chosen.device_error(name, device))
         if device != first:
             raise SqlabError(f"{name} is on {device} but the other inputs are on {first}")
     return first
 
 
-def _check_csr(csr: CSR, out_features: int, in_features: int) -> None:
+def _check_csr(csr: CSR, out_features: int, in_features: int, name: str = "the sparse part") -> None:
     _check(csr.rows, "rows", dtypes=(torch.int32,), shape=(out_features + 1,))
     nnz = csr.cols.numel()
     _check(csr.cols, "cols", dtypes=(torch.int32,), shape=(nnz,))
     _check(csr.vals, "vals", dtypes=DTYPES, shape=(nnz,))
+    check_csr(csr, out_features, in_features, name)
+
+
+def _check_packed(qweight: Tensor, lut: Tensor, wbits: int, in_features: int) -> int:
+    """Check a packed layer's index matrix and LUT against each other; returns ``out_features``."""
+    if wbits not in (3, 4):
+        raise SqlabError(f"wbits must be 3 or 4, got {wbits!r}")
+    _check(qweight, "qweight", dtypes=(torch.int32,))
+    if qweight.ndim != 2 or qweight.shape[0] != packed_rows(in_features, wbits):
+        raise SqlabError(f"qweight has shape {tuple(qweight.shape)}; {wbits}-bit packing of {in_features} inputs "
+                         f"needs ({packed_rows(in_features, wbits)}, out_features)")
+    out_features = qweight.shape[1]
+    _check(lut, "lut", dtypes=DTYPES, shape=(out_features, 1 << wbits))
+    return out_features
 
 
 def _tokens_2d(x: Tensor, in_features: int, name: str = "x") -> Tensor:
@@ -191,12 +263,16 @@ def _tokens_2d(x: Tensor, in_features: int, name: str = "x") -> Tensor:
     return x.reshape(-1, in_features)
 
 
-# --- LUT-GEMV ----------------------------------------------------------------------------
+# --- LUT-GEMV plans ------------------------------------------------------------------------------
+
+def _tuple(wbits: int, x_dtype: torch.dtype) -> int:
+    """Indices per table lookup: 3-bit weights with 16-bit activations look up pairs."""
+    return 2 if wbits == 3 and x_dtype != torch.float32 else 1
 
 
-def _tuple(wbits: int, lut_dtype: torch.dtype) -> int:
-    """Indices per table lookup: 3-bit 16-bit LUTs look up pairs (one 32-bit word per pair)."""
-    return 2 if wbits == 3 and lut_dtype != torch.float32 else 1
+def _x_bytes(wbits: int, x_dtype: torch.dtype) -> int:
+    """Bytes per staged input: fp16 pairs (HFMA2) keep x as fp16, every other path as fp32."""
+    return 2 if _tuple(wbits, x_dtype) == 2 and x_dtype == torch.float16 else 4
 
 
 def _gemv_defines(wbits: int, dtype: torch.dtype, lut: Tensor, csr: CSR | None, bias: Tensor | None) -> tuple:
@@ -204,7 +280,7 @@ def _gemv_defines(wbits: int, dtype: torch.dtype, lut: Tensor, csr: CSR | None, 
     vals = csr.vals.dtype if csr is not None and csr.nnz else dtype
     return (("WBITS", wbits), ("X_KIND", _KIND[dtype]), ("LUT_KIND", _KIND[lut.dtype]), ("VAL_KIND", _KIND[vals]),
             ("BIAS_KIND", _KIND[dtype if bias is None else bias.dtype]), ("BN", BN), ("KY", KY),
-            ("TUPLE", _tuple(wbits, lut.dtype)))
+            ("TUPLE", _tuple(wbits, dtype)))
 
 
 @dataclass(frozen=True)
@@ -222,7 +298,7 @@ class GemvPlan:
         return self.grid[1]
 
 
-def gemv_plan(in_features: int, out_features: int, wbits: int, tokens: int, lut_dtype: torch.dtype,
+def gemv_plan(in_features: int, out_features: int, wbits: int, tokens: int, x_dtype: torch.dtype,
               sparse: bool, sm_count: int, splits: int | None = None) -> GemvPlan:
     """Grid, block and shared memory for ``lut_gemv`` (mirrors lut_gemv.cu's layout).
 
@@ -231,13 +307,15 @@ def gemv_plan(in_features: int, out_features: int, wbits: int, tokens: int, lut_
     """
     if not 1 <= tokens <= MAX_GEMV_TOKENS:
         raise SqlabError(f"the LUT-GEMV takes 1 to {MAX_GEMV_TOKENS} tokens, got {tokens}")
-    tuple_ = _tuple(wbits, lut_dtype)
+    if in_features < 1 or out_features < 1:
+        raise SqlabError(f"the LUT-GEMV needs at least one input and one output, got {in_features} -> "
+                         f"{out_features}")
     # static shared: one 32-bit word per table entry and column, and the flag; both count
     # towards the limit, so a plan that filled it with x alone would fail to launch
-    table = (1 << wbits * tuple_) * BN * 4 + STATIC_EXTRA
+    table = (1 << wbits * _tuple(wbits, x_dtype)) * BN * 4 + STATIC_EXTRA
     rows = KY + int(sparse)
     sums = rows * tokens * BN * 4
-    x_group = tokens * GROUP * 4
+    x_group = tokens * GROUP * _x_bytes(wbits, x_dtype)
     max_groups = (SHARED_LIMIT - table - sums) // x_group
     groups = -(-in_features // GROUP)
     col_blocks = -(-out_features // BN)
@@ -254,17 +332,185 @@ def gemv_plan(in_features: int, out_features: int, wbits: int, tokens: int, lut_
     return GemvPlan((col_blocks, splits), (BN, rows), per_block, per_block * x_group + sums, table)
 
 
-def _check_packed(qweight: Tensor, lut: Tensor, wbits: int, in_features: int) -> int:
-    """Check a packed layer's index matrix and LUT against each other; returns ``out_features``."""
-    if wbits not in (3, 4):
-        raise SqlabError(f"wbits must be 3 or 4, got {wbits!r}")
-    _check(qweight, "qweight", dtypes=(torch.int32,))
-    if qweight.ndim != 2 or qweight.shape[0] != packed_rows(in_features, wbits):
-        raise SqlabError(f"qweight has shape {tuple(qweight.shape)}; {wbits}-bit packing of {in_features} inputs "
-                         f"needs ({packed_rows(in_features, wbits)}, out_features)")
-    out_features = qweight.shape[1]
-    _check(lut, "lut", dtypes=DTYPES, shape=(out_features, 1 << wbits))
-    return out_features
+@functools.lru_cache(maxsize=None)
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+# --- split-K counters for captured graphs --------------------------------------------------------
+
+class CounterArena:
+    """Zeroed split-K counters for the launches captured into one CUDA graph.
+
+    Inside ``capture_scope(arena)`` every split launch takes its own slice, so graphs
+    never share counters with each other or with eager calls (a complete launch leaves
+    its counters at zero again, ready for the next replay).
+    """
+
+    def __init__(self, device: torch.device, size: int = 1 << 16):
+        self.counters = torch.zeros(size, dtype=torch.int32, device=device)
+        self.used = 0
+
+    def take(self, n: int) -> int:
+        if self.used + n > self.counters.numel():
+            raise SqlabError(f"the graph needs more than {self.counters.numel()} split-K counters; "
+                             "make a CounterArena with a larger size")
+        pointer = self.counters[self.used:].data_ptr()
+        self.used += n
+        return pointer
+
+    def reset(self) -> None:
+        """Zero every counter again (after an interrupted replay)."""
+        self.counters.zero_()
+
+
+_ARENA: contextvars.ContextVar[CounterArena | None] = contextvars.ContextVar("sqlab_counter_arena", default=None)
+
+
+@contextlib.contextmanager
+def capture_scope(arena: CounterArena):
+    """Launches inside take their split-K counters and workspaces for one captured graph."""
+    token = _ARENA.set(arena)
+    try:
+        yield arena
+    finally:
+        _ARENA.reset(token)
+
+
+# --- a layer's prepared launches -----------------------------------------------------------------
+
+# positions of the arguments that vary between calls in lut_gemv's parameter list
+_X, _PARTIAL, _COUNTERS, _Y = 2, 7, 8, 9
+
+
+@dataclass(eq=False)
+class _Launch:
+    """One token count's prepared LUT-GEMV launch."""
+
+    tokens: int
+    plan: GemvPlan
+    params: Params
+    function: object = None  # compiled on first use
+    counters: Tensor | None = None  # split-K only: the layer's own counters and partial sums
+    workspace: Tensor | None = None
+
+
+class GemvKernels:
+    """Everything a packed layer's GPU calls need that does not change between calls.
+
+    Built once per layer, device and activation dtype: validates the buffers (shapes,
+    dtypes, devices, the CSR part's structure), plans every token count, and holds the
+    parameter blocks. ``__call__`` runs ``y = x @ W_hat.T (+ S x) (+ bias)`` for 1 to 8
+    tokens with one launch; more tokens dequantize and use a matmul.
+    """
+
+    def __init__(self, qweight: Tensor, lut: Tensor, wbits: int, in_features: int, dtype: torch.dtype,
+                 csr: CSR | None = None, bias: Tensor | None = None, name: str = "SqueezeLinear",
+                 splits: int | None = None, chosen: Backend | None = None):
+        if dtype not in DTYPES:
+            raise SqlabError(f"the kernels take {_NAMES} activations, got {dtype}")
+        self.out_features = _check_packed(qweight, lut, wbits, in_features)
+        self.in_features, self.wbits, self.dtype = in_features, wbits, dtype
+        self.sparse = csr is not None and csr.nnz > 0
+        self.csr = csr if self.sparse else None
+        if self.sparse:
+            _check_csr(csr, self.out_features, in_features, name)
+        if bias is not None:
+            _check(bias, "bias", dtypes=DTYPES, shape=(self.out_features,))
+        self.backend = chosen or backend()
+        parts = {"qweight": qweight, "lut": lut, "bias": bias}
+        if self.sparse:
+            parts.update(rows=csr.rows, cols=csr.cols, vals=csr.vals)
+        self.device = _kernel_device(self.backend, **parts)
+        reason = self.backend.unavailable_reason()
+        if reason:
+            raise SqlabError(f"the kernels cannot run: {reason}")
+        self.device_index = self.device.index if self.device.index is not None else -1
+        self.qweight, self.lut, self.bias = qweight, lut, bias
+        self.defines = _gemv_defines(wbits, dtype, lut, self.csr, bias)
+        self._launches: list[_Launch | None] = [None] * (MAX_GEMV_TOKENS + 1)
+        if self.out_features and in_features:  # else nothing to launch (see __call__)
+            sms = self.backend.sm_count(self.device)
+            for tokens in range(1, MAX_GEMV_TOKENS + 1):
+                self._launches[tokens] = self._prepare(tokens, sms, splits)
+
+    def _prepare(self, tokens: int, sms: int, splits: int | None) -> _Launch:
+        plan = gemv_plan(self.in_features, self.out_features, self.wbits, tokens, self.dtype, self.sparse, sms,
+                         splits)
+        rows, cols, vals = (self.csr.rows, self.csr.cols, self.csr.vals) if self.sparse else (None, None, None)
+        launch = _Launch(tokens, plan, Params((self.qweight, self.lut, None, rows, cols, vals, self.bias, None, None, None,
+                                       self.in_features, self.out_features, plan.groups_per_block)))
+        if plan.splits > 1:
+            launch.counters = torch.zeros(plan.grid[0], dtype=torch.int32, device=self.device)
+            launch.params.slots[_COUNTERS].value = launch.counters.data_ptr()
+        return launch
+
+    def reset_counters(self) -> None:
+        """Zero this layer's split-K counters (a complete launch leaves them at zero)."""
+        for launch in self._launches[1:]:
+            if launch is not None and launch.counters is not None:
+                launch.counters.zero_()
+
+    def __call__(self, x: Tensor, out: Tensor | None = None) -> Tensor:
+        shape = x.shape
+        if shape[-1] != self.in_features:
+            raise SqlabError(f"input has shape {tuple(shape)}; the layer takes (..., {self.in_features})")
+        if not x.is_contiguous():
+            x = x.contiguous()
+        tokens = x.numel() // self.in_features if self.in_features else 0
+        if not 1 <= tokens <= MAX_GEMV_TOKENS or self._launches[tokens] is None:
+            return self._matmul(x)
+        launch = self._launches[tokens]
+        if out is None:
+            out = torch.empty(shape[:-1] + (self.out_features,), dtype=self.dtype, device=self.device)
+        if launch.function is None:
+            launch.function = self.backend.function("lut_gemv.cu", f"lut_gemv_{tokens}", self.defines, self.device)
+        slots = launch.params.slots
+        slots[_X].value = x.data_ptr()
+        slots[_Y].value = out.data_ptr()
+        if launch.counters is not None:
+            arena = _ARENA.get()
+            if arena is not None:
+                self._launch_captured(launch, arena)
+                return out
+            if launch.workspace is None:
+                launch.workspace = self._workspace(launch)
+                slots[_PARTIAL].value = launch.workspace.data_ptr()
+        self._launch(launch)
+        return out
+
+    def _launch(self, launch: _Launch) -> None:
+        plan = launch.plan
+        self.backend.launch(launch.function, (*plan.grid, 1), (*plan.block, 1), plan.shared,
+                            self.backend.stream(self.device), launch.params.address)
+
+    def _launch_captured(self, launch: _Launch, arena: CounterArena) -> None:
+        """A launch for a graph: the graph's own counters and partial sums, not the layer's."""
+        slots = launch.params.slots
+        slots[_COUNTERS].value = arena.take(launch.plan.grid[0])
+        # from the graph's memory pool; alive until the launch is recorded, after which the
+        # pool may hand it to later launches of the same graph, which run after this one
+        workspace = self._workspace(launch)
+        slots[_PARTIAL].value = workspace.data_ptr()
+        try:
+            self._launch(launch)
+        finally:
+            slots[_COUNTERS].value = launch.counters.data_ptr()
+            slots[_PARTIAL].value = 0 if launch.workspace is None else launch.workspace.data_ptr()
+
+    def _workspace(self, launch: _Launch) -> Tensor:
+        """fp32 partial sums, (splits, tokens, out_features)."""
+        return torch.empty((launch.plan.splits, launch.tokens, self.out_features), dtype=torch.float32, device=self.device)
+
+    def _matmul(self, x: Tensor) -> Tensor:
+        """A prompt (more than 8 tokens), or a layer without inputs: ``W_hat`` once, then a matmul."""
+        bias = None if self.bias is None else self.bias.to(self.dtype)
+        return torch.nn.functional.linear(x, self.dequantize(), bias)
+
+    def dequantize(self) -> Tensor:
+        """``W_hat`` ``(out_features, in_features)`` in the activation dtype, by the kernels."""
+        return dequantize_packed(self.qweight, self.lut, self.wbits, self.in_features, self.csr, self.dtype,
+                                 chosen=self.backend, checked=True)
 
 
 def lut_gemv(qweight: Tensor, lut: Tensor, x: Tensor, wbits: int, in_features: int, out: Tensor | None = None, *,
@@ -275,7 +521,11 @@ def lut_gemv(qweight: Tensor, lut: Tensor, x: Tensor, wbits: int, in_features: i
     ``(tokens, in)`` or ``(in,)`` in float16/float32/bfloat16; ``csr`` the optional
     sparse part (added in the same launch), ``bias`` ``(out,)``. Returns ``y``
     ``(tokens, out)`` (or ``(out,)``) in x's dtype, written into ``out`` if given.
-    The weights are read once for all tokens; sums are fp32.
+    The weights are read once for all tokens; sums are fp32 (fp16 within a group of 32
+    for 3-bit weights with fp16 activations).
+
+    Every argument is checked on every call; a layer that is called repeatedly keeps a
+    ``GemvKernels`` instead (``SqueezeLinear`` does), which checks once.
     """
     out_features = _check_packed(qweight, lut, wbits, in_features)
     x2 = _tokens_2d(x, in_features)
@@ -284,33 +534,23 @@ def lut_gemv(qweight: Tensor, lut: Tensor, x: Tensor, wbits: int, in_features: i
     if not 1 <= tokens <= MAX_GEMV_TOKENS:
         raise SqlabError(f"lut_gemv takes 1 to {MAX_GEMV_TOKENS} tokens, got {tokens}; "
                          "for more, dequantize() and use a matmul")
-    sparse = csr is not None and csr.nnz > 0
-    if sparse:
-        _check_csr(csr, out_features, in_features)
-    if bias is not None:
-        _check(bias, "bias", dtypes=DTYPES, shape=(out_features,))
     y_shape = (tokens, out_features) if x.ndim == 2 else (out_features,)
-    if out is None:
-        out = torch.empty(y_shape, dtype=x.dtype, device=x.device)
-    else:
+    if out is not None:
         _check(out, "out", dtypes=(x.dtype,), shape=y_shape)
-    device = _cuda_device(qweight=qweight, lut=lut, x=x, out=out, bias=bias,
-                          **({"rows": csr.rows, "cols": csr.cols, "vals": csr.vals} if sparse else {}))
-
-    plan = gemv_plan(in_features, out_features, wbits, tokens, lut.dtype, sparse, _sm_count(device), splits)
-    partial = counters = None
-    if plan.splits > 1:
-        partial = torch.empty((plan.splits, tokens, out_features), dtype=torch.float32, device=device)
-        counters = _block_counters(device, plan.grid[0])
-    rows, cols, vals = (csr.rows, csr.cols, csr.vals) if sparse else (None, None, None)
-    _launch("lut_gemv.cu", f"lut_gemv_{tokens}", _gemv_defines(wbits, x.dtype, lut, csr, bias), plan.grid, plan.block,
-            (qweight, lut, x2, rows, cols, vals, bias, partial, counters, out, in_features, out_features,
-             plan.groups_per_block), plan.shared, device)
-    return out
+        if _overlaps(out, x):
+            raise SqlabError("out overlaps x; the kernel reads x while it writes out, so give a separate buffer")
+    kernel = GemvKernels(qweight, lut, wbits, in_features, x.dtype, csr, bias, splits=splits)
+    _kernel_device(kernel.backend, qweight=qweight, x=x, out=out)
+    return kernel(x, out)
 
 
-# --- sparse part -------------------------------------------------------------------------
+def _overlaps(a: Tensor, b: Tensor) -> bool:
+    start_a, start_b = a.data_ptr(), b.data_ptr()
+    end_a, end_b = start_a + a.numel() * a.element_size(), start_b + b.numel() * b.element_size()
+    return a.numel() > 0 and b.numel() > 0 and start_a < end_b and start_b < end_a
 
+
+# --- sparse part ---------------------------------------------------------------------------------
 
 def spmv(rows: Tensor, cols: Tensor, vals: Tensor, x: Tensor, out: Tensor, startrows: Tensor | None = None,
          nnz_per_thread: int | None = None) -> Tensor:
@@ -340,43 +580,74 @@ def spmv(rows: Tensor, cols: Tensor, vals: Tensor, x: Tensor, out: Tensor, start
                              f"got {nnz_per_thread!r}")
         threads = -(-nnz // nnz_per_thread)
         _check(startrows, "startrows", dtypes=(torch.int32,), shape=(threads,))
-    device = _cuda_device(rows=rows, cols=cols, vals=vals, x=x, out=out, startrows=startrows)
+    chosen = backend()
+    device = _kernel_device(chosen, rows=rows, cols=cols, vals=vals, x=x, out=out, startrows=startrows)
+    check_csr(CSR(rows, cols, vals), out_features, in_features)
+    if startrows is not None:
+        _check_startrows(rows, startrows, nnz_per_thread)
     if nnz == 0 or tokens == 0:
         return out
     defines = (("X_KIND", _KIND[x.dtype]), ("VAL_KIND", _KIND[vals.dtype]))
     if startrows is None:
-        _launch("spmv.cu", "spmv_rows", defines, (-(-out_features // 256),), (256,),
-                (rows, cols, vals, x, out, out_features, in_features, tokens), 0, device)
+        _launch_once(chosen, device, "spmv.cu", "spmv_rows", defines, (-(-out_features // SPMV_THREADS),),
+                     (rows, cols, vals, x, out, out_features, in_features, tokens))
     else:
-        _launch("spmv.cu", "spmv_balanced", defines, (-(-threads // 256),), (256,),
-                (rows, cols, vals, x, out, startrows, nnz, nnz_per_thread, threads, out_features, in_features,
-                 tokens), 0, device)
+        _launch_once(chosen, device, "spmv.cu", "spmv_balanced", defines, (-(-threads // SPMV_THREADS),),
+                     (rows, cols, vals, x, out, startrows, nnz, nnz_per_thread, threads, out_features, in_features,
+                      tokens))
     return out
 
 
-# --- dequantization and the layer's forward ----------------------------------------------
+def _check_startrows(rows: Tensor, startrows: Tensor, nnz_per_thread: int) -> None:
+    """Each thread's first row must hold its first stored value (the kernel walks from there)."""
+    first = torch.arange(startrows.numel(), device=rows.device, dtype=torch.int64) * nnz_per_thread
+    start = startrows.long()
+    if startrows.numel() and (bool((start < 0).any()) or bool((start >= rows.numel() - 1).any())
+                              or bool((rows.long()[start] > first).any())
+                              or bool((rows.long()[start + 1] <= first).any())):
+        raise SqlabError(f"startrows do not match rows for {nnz_per_thread} values per thread; make them with "
+                         "sqlab.packing.balanced_startrows(rows, nnz_per_thread)")
 
+
+def _launch_once(chosen: Backend, device: torch.device, file: str, name: str, defines: tuple, grid: tuple,
+                 args: tuple, block: tuple = (SPMV_THREADS,)) -> None:
+    """An unprepared launch (checked by the caller); ``grid``/``block`` of up to three dimensions."""
+    params = Params(args)
+    pad = lambda dims: (*dims, *(1,) * (3 - len(dims)))  # noqa: E731
+    chosen.launch(chosen.function(file, name, defines, device), pad(grid), pad(block), 0, chosen.stream(device),
+                  params.address)
+
+
+# --- dequantization ------------------------------------------------------------------------------
 
 def dequantize_packed(qweight: Tensor, lut: Tensor, wbits: int, in_features: int, csr: CSR | None = None,
-                      dtype: torch.dtype = torch.float16) -> Tensor:
-    """``W_hat = lut[row, index] + S`` as an ``(out_features, in_features)`` matrix on the GPU."""
+                      dtype: torch.dtype = torch.float16, *, chosen: Backend | None = None,
+                      checked: bool = False) -> Tensor:
+    """``W_hat = lut[row, index] + S`` as an ``(out_features, in_features)`` matrix on the GPU.
+
+    ``checked``: the caller (a ``GemvKernels``) has validated the buffers already.
+    """
     if dtype not in DTYPES:
         raise SqlabError(f"dtype must be {_NAMES}, got {dtype}")
-    out_features = _check_packed(qweight, lut, wbits, in_features)
+    chosen = chosen or backend()
     sparse = csr is not None and csr.nnz > 0
-    if sparse:
-        _check_csr(csr, out_features, in_features)
-    device = _cuda_device(qweight=qweight, lut=lut, **({"rows": csr.rows} if sparse else {}))
+    if not checked:
+        out_features = _check_packed(qweight, lut, wbits, in_features)
+        if sparse:
+            _check_csr(csr, out_features, in_features)
+    out_features = lut.shape[0]
+    device = _kernel_device(chosen, qweight=qweight, lut=lut, **({"rows": csr.rows} if sparse else {}))
     weight = torch.empty((out_features, in_features), dtype=dtype, device=device)
     if not weight.numel():
         return weight
     defines = _gemv_defines(wbits, dtype, lut, csr, None)
-    blocks = -(-out_features // 256)
-    _launch("lut_gemv.cu", "dequantize_dense", defines, (blocks, -(-in_features // GROUP)), (256,),
-            (qweight, lut, weight, in_features, out_features), 0, device)
+    _launch_once(chosen, device, "lut_gemv.cu", "dequantize_dense", defines,
+                 (-(-out_features // DQ_ROWS), -(-in_features // (GROUP * DQ_GROUPS))),
+                 (qweight, lut, weight, in_features, out_features), block=(DQ_ROWS * DQ_GROUPS,))
     if sparse:  # stream-ordered after the dense part, which it overwrites at its positions
-        _launch("lut_gemv.cu", "dequantize_sparse", defines, (blocks,), (256,),
-                (qweight, lut, csr.rows, csr.cols, csr.vals, weight, in_features, out_features), 0, device)
+        _launch_once(chosen, device, "lut_gemv.cu", "dequantize_sparse", defines,
+                     (-(-out_features // SPMV_THREADS),),
+                     (qweight, lut, csr.rows, csr.cols, csr.vals, weight, in_features, out_features))
     return weight
 
 
@@ -385,25 +656,6 @@ def dequantize(layer, dtype: torch.dtype = torch.float16) -> Tensor:
     return dequantize_packed(layer.qweight, layer.lookup_table, layer.wbits, layer.in_features, layer.csr(), dtype)
 
 
-def squeeze_linear_forward(layer, x: Tensor) -> Tensor:
-    """``SqueezeLinear`` on the GPU: ``x (..., in_features)`` -> ``(..., out_features)`` in x's dtype.
-
-    Up to ``MAX_GEMV_TOKENS`` tokens (decoding) run the LUT-GEMV with the sparse part
-    fused; more (a prompt) dequantize to x's dtype once and use cuBLAS.
-    """
-    if x.shape[-1:] != (layer.in_features,):
-        raise SqlabError(f"input has shape {tuple(x.shape)}; the layer takes (..., {layer.in_features})")
-    if x.dtype not in DTYPES:
-        raise SqlabError(f"the GPU kernels take {_NAMES} activations, got {x.dtype}")
-    x2 = x.reshape(-1, layer.in_features).contiguous()
-    if use_gemv(x2.shape[0]):
-        y = lut_gemv(layer.qweight, layer.lookup_table, x2, layer.wbits, layer.in_features, csr=layer.csr(),
-                     bias=layer.bias)
-    else:
-        bias = None if layer.bias is None else layer.bias.to(x.dtype)
-        y = torch.nn.functional.linear(x2, dequantize(layer, x.dtype), bias)
-    return y.reshape(*x.shape[:-1], layer.out_features)
-
-
-__all__ = ["available", "use_gemv", "gemv_plan", "GemvPlan", "lut_gemv", "spmv", "dequantize", "dequantize_packed",
-           "squeeze_linear_forward", "MAX_GEMV_TOKENS"]
+__all__ = ["available", "use_gemv", "gemv_plan", "GemvPlan", "GemvKernels", "lut_gemv", "spmv", "dequantize",
+           "dequantize_packed", "Backend", "CupyBackend", "use_backend", "backend", "CounterArena",
+           "capture_scope", "MAX_GEMV_TOKENS"]

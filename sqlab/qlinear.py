@@ -31,6 +31,7 @@ class SqueezeLinear(nn.Module):
         if wbits not in (3, 4):
             raise SqlabError(f"wbits must be 3 or 4, got {wbits!r}")
         self.in_features, self.out_features, self.wbits = in_features, out_features, wbits
+        self.name = ""  # the module's name in its model, for messages (set by the quantizer and loaders)
         self.register_buffer("qweight", torch.zeros(packed_rows(in_features, wbits), out_features,
                                                     dtype=torch.int32, device=device))
         self.register_buffer("lookup_table", torch.zeros(out_features, 2**wbits, dtype=lut_dtype, device=device))
@@ -111,15 +112,41 @@ class SqueezeLinear(nn.Module):
             self._dense_cache = cached
         return cached[1]
 
+    def _forget(self) -> None:
+        """Drop what was derived from the buffers (prepared launches, decoded weights)."""
+        self.__dict__["_kernel"] = None
+        self.__dict__["_dense_cache"] = None
+
     def _apply(self, fn, *args, **kwargs):
-        self._dense_cache = None  # moved or cast: decode again
+        self._forget()  # moved or cast: prepare again
         return super()._apply(fn, *args, **kwargs)
 
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._forget()  # new values: validate and prepare again
+        return super()._load_from_state_dict(*args, **kwargs)
+
+    def __getstate__(self):  # copies and pickles carry the buffers, not what was derived from them
+        return {**self.__dict__, "_kernel": None, "_dense_cache": None}
+
+    def __setattr__(self, name, value):
+        if name in ("qweight", "lookup_table", "rows", "cols", "vals", "bias"):
+            self._forget()
+        super().__setattr__(name, value)
+
     def forward(self, x: Tensor) -> Tensor:
-        if x.is_cuda and x.dtype in kernels.DTYPES and kernels.available():
-            # decoding (1-8 tokens): LUT-GEMV with the sparse part fused; a prompt:
-            # dequantize once and cuBLAS
-            return kernels.squeeze_linear_forward(self, x)
+        kernel = self.__dict__.get("_kernel")
+        if kernel is not None and x.dtype == kernel.dtype and x.get_device() == kernel.device_index:
+            return kernel(x)  # the prepared launch: no checks, no planning, two pointers and a launch
+        return self._first_call(x)
+
+    def _first_call(self, x: Tensor) -> Tensor:
+        """A call on a new device or dtype: prepare the kernels there, or use the CPU reference."""
+        chosen = kernels.backend()
+        if chosen.accepts(x.device) and x.dtype in kernels.DTYPES and chosen.unavailable_reason() is None:
+            self.__dict__["_kernel"] = kernels.GemvKernels(
+                self.qweight, self.lookup_table, self.wbits, self.in_features, x.dtype, self.csr(), self.bias,
+                name=self.name or f"SqueezeLinear({self.in_features} -> {self.out_features})", chosen=chosen)
+            return self.__dict__["_kernel"](x)
         # the CPU reference keeps the decoded weight (speed over memory: the CPU is for
         # experiments); on a GPU without CuPy nothing is cached
         weight = self._dense(x.dtype) if not x.is_cuda else self.dequantize(x.dtype)

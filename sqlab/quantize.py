@@ -299,6 +299,7 @@ def quantize_model(model: nn.Module, config: QuantConfig, fisher: dict[str, Tens
         for name, linear in members.items():
             q = done[name]
             layer = to_layer(q, linear.bias.detach() if linear.bias is not None else None)
+            layer.name = name
             stats.append(layer_stats(name, linear.weight, fisher[name] if fisher is not None else None, q, layer))
             if simulate:
                 linear.weight.copy_(q.dequantize(linear.weight.dtype))
