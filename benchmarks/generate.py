@@ -6,12 +6,15 @@ replace every decoder linear with a ``SqueezeLinear`` of random packed indices, 
 fp16 LUTs and, for the sparse variant, a random 0.45% CSR part with fp16 values; speed
 does not depend on the values. Variants are measured one at a time in the same run.
 
-Decoding is ``model.generate(do_sample=False, use_cache=True)`` at batch 1 after a short
-random prompt. Per-token latency excludes the prompt: ``(t(N) - t(1)) / (N - 1)`` where
-``t(n)`` is the wall time of generating ``n`` tokens (median of ``--repeat`` runs). This is
-eager PyTorch: every token runs ~7 x layers linears launched from Python, so host overhead
-is part of the numbers; "linears ms" is the GPU time of one token's decoder linears
-alone (a CUDA graph of them), which is what the kernels change.
+Decoding runs two ways at batch 1 after a short random prompt. Eager: ``model.generate(
+do_sample=False, use_cache=True)``; per-token latency excludes the prompt, ``(t(N) - t(1)) /
+(N - 1)`` where ``t(n)`` is the wall time of generating ``n`` tokens (median of ``--repeat``
+runs after a warm-up); every token runs ~7 x layers linears launched from Python, so host
+overhead is part of the numbers. Graph: one decoding step over a static KV cache captured
+as a CUDA graph (``sqlab.evaluate.StaticDecoder``) and replayed per token, which removes
+the host work; median of ``--repeat`` runs of ``--tokens`` replays. "linears ms" is the
+GPU time of one token's decoder linears alone (a CUDA graph of them), which is what the
+kernels change.
 
     .venv/bin/python benchmarks/generate.py [--layers 32] [--tokens 128] [--json out/generate.json]
 """
@@ -29,7 +32,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from sqlab.evaluate import cuda_graph_ms
+from sqlab.evaluate import graph_decoding, cuda_graph_ms
 
 DENSITY = 0.0045
 LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
@@ -137,6 +140,9 @@ def measure(model, label: str, args, fp16_linear_bytes: int) -> dict:
     t1 = statistics.median(timed(lambda: greedy(model, ids, 1)) for _ in range(args.repeat))
     tn = statistics.median(timed(lambda: greedy(model, ids, args.tokens)) for _ in range(args.repeat))
     per_token = (tn - t1) / (args.tokens - 1)
+    graph_ms, graph_spread, graph_note = graph_decoding(model, ids, args.tokens, args.repeat)
+    if graph_ms is None:
+        print(f"  ({label}: {graph_note})", file=sys.stderr)
     try:
         lin = linears_ms(model)
     except RuntimeError as error:  # a refused capture should not cost the whole run
@@ -145,7 +151,9 @@ def measure(model, label: str, args, fp16_linear_bytes: int) -> dict:
     weights = linear_bytes(model)
     return dict(label=label, device=torch.cuda.get_device_name(), layers=model.config.num_hidden_layers,
                 prompt_tokens=args.prompt, new_tokens=args.tokens, prefill_ms=t1 * 1e3,
-                decode_ms_per_token=per_token * 1e3, tokens_per_s=1 / per_token, linears_ms_per_token=lin,
+                decode_ms_per_token=per_token * 1e3, tokens_per_s=1 / per_token,
+                graph_decode_ms_per_token=graph_ms, graph_decode_ms_spread=graph_spread,
+                graph_tokens_per_s=1e3 / graph_ms if graph_ms else None, linears_ms_per_token=lin,
                 weights_mb=all_bytes(model) / 2**20, linear_weights_mb=weights / 2**20,
                 linear_weights_vs_fp16=weights / fp16_linear_bytes,
                 peak_memory_mb=torch.cuda.max_memory_allocated() / 2**20)
@@ -178,19 +186,26 @@ def main() -> int:
         gc.collect()
         rows.append(measure(model, label, args, fp16_bytes))
     base = rows[0]["decode_ms_per_token"]
-    header = (f"{'variant':<22} {'tokens/s':>9} {'ms/token':>9} {'linears ms':>10} {'speed-up':>9} "
-              f"{'linear MB':>10} {'vs fp16':>8} {'weights MB':>10} {'peak MB':>9}")
+    graph_base = rows[0]["graph_decode_ms_per_token"]
+    header = (f"{'variant':<22} {'tokens/s':>9} {'ms/token':>9} {'speed-up':>9} {'graph tok/s':>11} "
+              f"{'graph ms':>9} {'speed-up':>9} {'linears ms':>10} {'linear MB':>10} {'vs fp16':>8} "
+              f"{'weights MB':>10} {'peak MB':>9}")
     print(header)
     print("-" * len(header))
     for row in rows:
         row["speedup_vs_fp16"] = base / row["decode_ms_per_token"]
+        graph = row["graph_decode_ms_per_token"]
+        row["graph_speedup_vs_fp16"] = graph_base / graph if graph and graph_base else None
+        graph_cells = (f"{row['graph_tokens_per_s']:>11.1f} {graph:>9.2f} {row['graph_speedup_vs_fp16']:>8.2f}x"
+                       if row["graph_speedup_vs_fp16"] else f"{'-':>11} {'-':>9} {'-':>9}")
         print(f"{row['label']:<22} {row['tokens_per_s']:>9.1f} {row['decode_ms_per_token']:>9.2f} "
-              f"{row['linears_ms_per_token']:>10.2f} {row['speedup_vs_fp16']:>8.2f}x {row['linear_weights_mb']:>10.0f} "
-              f"{row['linear_weights_vs_fp16']:>8.3f} {row['weights_mb']:>10.0f} {row['peak_memory_mb']:>9.0f}")
-    print("ms/token: wall time per decoded token (eager generate, host overhead included); linears ms: GPU time "
-          "of one token's decoder linears in a CUDA graph; linear MB: decoder linear weights as stored "
-          "(vs fp16 ~ bits/16 + LUT + CSR); weights MB: the whole model incl. embeddings and lm_head; "
-          "peak MB: torch's peak allocated memory while generating")
+              f"{row['speedup_vs_fp16']:>8.2f}x {graph_cells} {row['linears_ms_per_token']:>10.2f} "
+              f"{row['linear_weights_mb']:>10.0f} {row['linear_weights_vs_fp16']:>8.3f} {row['weights_mb']:>10.0f} "
+              f"{row['peak_memory_mb']:>9.0f}")
+    print("ms/token: wall time per decoded token, eager generate() (host overhead included); graph: one captured "
+          "decoding step replayed per token (static KV cache); linears ms: GPU time of one token's decoder "
+          "linears in a CUDA graph; linear MB: decoder linear weights as stored (vs fp16 ~ bits/16 + LUT + CSR); "
+          "weights MB: the whole model incl. embeddings and lm_head; peak MB: torch's peak allocated memory")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"device": torch.cuda.get_device_name(), "rows": rows}, indent=1))

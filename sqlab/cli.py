@@ -79,10 +79,20 @@ def cmd_bench(args) -> int:
 
     model = checkpoint.load(args.model)
     tokenizer = models.load_tokenizer(args.model)
-    bench = evaluate.generation_benchmark(model, tokenizer, args.tokens)
-    print(f"{args.model} on {bench.device}: {bench.tokens_per_s:.1f} tokens/s "
-          f"({bench.decode_ms_per_token:.1f} ms/token, prefill {bench.prefill_ms:.0f} ms), "
-          f"weights {bench.weights_mb:.1f} MB, {bench.peak_memory_kind} {bench.peak_memory_mb:.0f} MB")
+    bench = evaluate.generation_benchmark(model, tokenizer, args.tokens, repeats=args.repeats)
+    low, high = bench.decode_ms_spread
+    print(f"{args.model} on {bench.device}: {bench.new_tokens} tokens after a {bench.prompt_tokens}-token prompt, "
+          f"median of {bench.repeats} runs after a warm-up (min-max)")
+    print(f"  eager generate(): {bench.tokens_per_s:.1f} tokens/s, {bench.decode_ms_per_token:.2f} ms/token "
+          f"({low:.2f}-{high:.2f}), prefill {bench.prefill_ms:.0f} ms")
+    if bench.graph_decode_ms_per_token is not None:
+        low, high = bench.graph_decode_ms_spread
+        speedup = bench.decode_ms_per_token / bench.graph_decode_ms_per_token
+        print(f"  CUDA graph:       {bench.graph_tokens_per_s:.1f} tokens/s, {bench.graph_decode_ms_per_token:.2f} "
+              f"ms/token ({low:.2f}-{high:.2f}), {speedup:.2f}x eager")
+    else:
+        print(f"  CUDA graph:       not measured ({bench.graph_note})")
+    print(f"  weights {bench.weights_mb:.1f} MB, {bench.peak_memory_kind} {bench.peak_memory_mb:.0f} MB")
     if args.json:
         _write_json(args.json, {"model": args.model, **bench.as_dict()})
     return 0
@@ -233,6 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="greedy generation speed and memory at batch 1")
     p.add_argument("--model", default="default")
     p.add_argument("--tokens", type=_positive, default=64, help="new tokens to generate (default 64)")
+    p.add_argument("--repeats", type=_positive, default=5, help="timed runs after a warm-up; the median is "
+                   "reported with the min-max spread (default 5)")
     p.add_argument("--json", metavar="FILE")
     p.set_defaults(run=cmd_bench)
 

@@ -7,6 +7,7 @@ and ``ppl = exp(mean token NLL)`` over every predicted token of every window.
 
 from __future__ import annotations
 
+import inspect
 import math
 import resource
 import statistics
@@ -91,9 +92,15 @@ class GenerationBench:
     device: str
     new_tokens: int
     prompt_tokens: int
+    repeats: int  # timed runs after a warm-up; times are their median
     prefill_ms: float
-    decode_ms_per_token: float
+    decode_ms_per_token: float  # eager: the Hugging Face generate() loop
+    decode_ms_spread: tuple[float, float]  # min and max over the runs
     tokens_per_s: float
+    graph_decode_ms_per_token: float | None  # one CUDA graph replayed per token (static KV cache)
+    graph_decode_ms_spread: tuple[float, float] | None
+    graph_tokens_per_s: float | None
+    graph_note: str  # why the graph column is empty, or what it measured
     weights_mb: float
     peak_memory_mb: float
     peak_memory_kind: str  # what peak_memory_mb measures on this device
@@ -119,44 +126,174 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _greedy(model: nn.Module, ids: torch.Tensor, n: int) -> None:
-    model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
-                   do_sample=False, pad_token_id=model.config.eos_token_id or 0)
+def _greedy(model: nn.Module, ids: torch.Tensor, n: int) -> torch.Tensor:
+    return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                          do_sample=False, pad_token_id=model.config.eos_token_id or 0)
+
+
+def _forward_names(model: nn.Module) -> tuple[str, bool]:
+    """The model's keyword for its KV cache, and whether it takes ``cache_position``."""
+    params = inspect.signature(model.forward).parameters
+    return ("cache" if "cache" in params else "past_key_values"), "cache_position" in params
+
+
+def _static_cache(model: nn.Module, max_len: int, device: torch.device, dtype: torch.dtype):
+    from transformers import StaticCache
+
+    params = inspect.signature(StaticCache.__init__).parameters
+    kwargs = {"config": model.config, "max_cache_len": max_len}
+    for name, value in (("max_batch_size", 1), ("batch_size", 1), ("device", device), ("dtype", dtype)):
+        if name in params:  # older transformers size and place the cache up front
+            kwargs[name] = value
+    return StaticCache(**kwargs)
+
+
+class StaticDecoder:
+    """Greedy decoding at batch 1 over a static KV cache, one token per ``step()``.
+
+    A step reads and writes only buffers that keep their addresses (the last token, its
+    position, the cache, the output row), so on a GPU it can be captured once as a CUDA
+    graph and replayed for every token (``capture()``); SqueezeLinear launches inside the
+    capture get split-K counters of the graph's own. Without a capture each step runs
+    eagerly, the same code.
+    """
+
+    def __init__(self, model: nn.Module, prompt: torch.Tensor, new_tokens: int):
+        self.model, self.device = model, prompt.device
+        self.cache_kw, self.takes_position = _forward_names(model)
+        dtype = next(iter(model.parameters())).dtype
+        self.cache = _static_cache(model, prompt.shape[1] + new_tokens, self.device, dtype)
+        self.out = torch.zeros(new_tokens, dtype=torch.long, device=self.device)
+        self.step_index = torch.zeros(1, dtype=torch.long, device=self.device)
+        self.graph = None
+        self.arena = None
+        with torch.inference_mode():
+            position = torch.arange(prompt.shape[1], device=self.device)
+            logits = self._forward(prompt, position[None])
+            self.token = logits[:, -1].argmax(-1, keepdim=True)  # (1, 1)
+            self.position = torch.full((1, 1), prompt.shape[1], dtype=torch.long, device=self.device)
+            self.out[0] = self.token[0, 0]
+            self.step_index.fill_(1)
+
+    def _forward(self, ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        kwargs = {self.cache_kw: self.cache, "position_ids": position_ids, "use_cache": True}
+        if self.takes_position:
+            kwargs["cache_position"] = position_ids[0]
+        return self.model(ids, **kwargs).logits
+
+    def _eager_step(self) -> None:
+        logits = self._forward(self.token, self.position)
+        self.token.copy_(logits[:, -1].argmax(-1, keepdim=True))
+        self.out.index_copy_(0, self.step_index, self.token[0])
+        self.position.add_(1)
+        self.step_index.add_(1)
+
+    def step(self) -> None:
+        """Decode one more token (asynchronous on a GPU: synchronise before reading ``tokens``)."""
+        if self.graph is not None:
+            self.graph.replay()
+        else:
+            with torch.inference_mode():
+                self._eager_step()
+
+    def capture(self, warmup: int = 2) -> None:
+        """Run ``warmup`` steps on a side stream (kernels prepared, caches filled), then capture one step."""
+        from . import kernels
+
+        if self.device.type != "cuda":
+            raise SqlabError("CUDA graphs need the model on a CUDA GPU")
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream), torch.inference_mode():
+            for _ in range(warmup):
+                self._eager_step()
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        self.arena = kernels.CounterArena(self.device)
+        graph = torch.cuda.CUDAGraph()
+        with torch.inference_mode(), kernels.capture_scope(self.arena), torch.cuda.graph(graph, stream=stream):
+            self._eager_step()
+        self.graph = graph
+
+    @property
+    def tokens(self) -> torch.Tensor:
+        """The tokens decoded so far (the prefill's first one included), on the CPU."""
+        return self.out[: int(self.step_index)].cpu()
+
+
+def _median_spread(values: list[float]) -> tuple[float, tuple[float, float]]:
+    return statistics.median(values), (min(values), max(values))
+
+
+def graph_decoding(model: nn.Module, ids: torch.Tensor, new_tokens: int, repeats: int):
+    """Per-token ms of CUDA-graph decoding (median, spread), or None and why not."""
+    if ids.device.type != "cuda":
+        return None, None, "CUDA graphs need a GPU; this run is on the CPU"
+    warmup = 2
+    times = []
+    try:
+        for _ in range(repeats):
+            decoder = StaticDecoder(model, ids, new_tokens + warmup + 1)
+            decoder.capture(warmup)
+            _sync(ids.device)
+            start = time.perf_counter()
+            for _ in range(new_tokens):
+                decoder.step()
+            _sync(ids.device)
+            times.append((time.perf_counter() - start) / new_tokens * 1e3)
+    except Exception as exc:  # a model whose forward cannot be captured: say so, keep the eager numbers
+        return None, None, f"graph capture failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+    median, spread = _median_spread(times)
+    return median, spread, "one captured decoding step replayed per token (static KV cache)"
 
 
 @torch.inference_mode()
 def generation_benchmark(model: nn.Module, tokenizer, new_tokens: int = 64,
-                         prompt: str = "To be, or not to be, that is the question:") -> GenerationBench:
-    """Greedy decoding of ``new_tokens`` tokens at batch 1.
+                         prompt: str = "To be, or not to be, that is the question:", repeats: int = 5,
+                         graph: bool = True) -> GenerationBench:
+    """Greedy decoding of ``new_tokens`` tokens at batch 1: eager, and on a GPU from a CUDA graph.
 
-    Decode speed excludes the prompt: it is ``(t(N) - t(1)) / (N - 1)``, where
-    ``t(n)`` is the wall time of generating ``n`` tokens from the same prompt.
+    After a warm-up, ``repeats`` runs each time ``t(1)`` and ``t(N)``, the wall time of
+    generating 1 and ``N`` tokens from the same prompt; decode speed excludes the prompt,
+    ``(t(N) - t(1)) / (N - 1)``. Reported: the median over the runs and the min-max
+    spread. With ``graph`` on a GPU the same decoding also runs as one captured CUDA
+    graph replayed per token.
     """
     if not isinstance(new_tokens, int) or new_tokens < 2:
         raise SqlabError(f"--tokens must be an integer >= 2, got {new_tokens!r}")
+    if not isinstance(repeats, int) or repeats < 1:
+        raise SqlabError(f"--repeats must be a positive integer, got {repeats!r}")
     device = _device(model)
     ids = tokenizer(prompt, return_tensors="pt").input_ids.to(device)
-    check_seqlen(model, ids.shape[1] + new_tokens)
+    check_seqlen(model, ids.shape[1] + new_tokens + 3)
     _greedy(model, ids, 2)  # warm-up: allocator, kernels, caches
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    timings = {}
-    for n in (1, new_tokens):
-        _sync(device)
-        start = time.perf_counter()
-        _greedy(model, ids, n)
-        _sync(device)
-        timings[n] = time.perf_counter() - start
-    per_token = (timings[new_tokens] - timings[1]) / (new_tokens - 1)
+    prefill, per_token = [], []
+    for _ in range(repeats):
+        timings = {}
+        for n in (1, new_tokens):
+            _sync(device)
+            start = time.perf_counter()
+            _greedy(model, ids, n)
+            _sync(device)
+            timings[n] = time.perf_counter() - start
+        prefill.append(timings[1] * 1e3)
+        per_token.append((timings[new_tokens] - timings[1]) / (new_tokens - 1) * 1e3)
+    decode, spread = _median_spread(per_token)
+    graph_ms = graph_spread = None
+    note = "not asked for"
+    if graph:
+        graph_ms, graph_spread, note = graph_decoding(model, ids, new_tokens, repeats)
     if device.type == "cuda":
         peak, kind = torch.cuda.max_memory_allocated(device) / 2**20, "GPU memory allocated"
     else:
         peak, kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "process peak RSS"
     return GenerationBench(
-        device=str(device), new_tokens=new_tokens, prompt_tokens=ids.shape[1],
-        prefill_ms=timings[1] * 1e3, decode_ms_per_token=per_token * 1e3,
-        tokens_per_s=1.0 / per_token if per_token > 0 else float("inf"),
-        weights_mb=weights_bytes(model) / 2**20, peak_memory_mb=peak, peak_memory_kind=kind,
+        device=str(device), new_tokens=new_tokens, prompt_tokens=ids.shape[1], repeats=repeats,
+        prefill_ms=statistics.median(prefill), decode_ms_per_token=decode, decode_ms_spread=spread,
+        tokens_per_s=1e3 / decode if decode > 0 else float("inf"), graph_decode_ms_per_token=graph_ms,
+        graph_decode_ms_spread=graph_spread, graph_tokens_per_s=1e3 / graph_ms if graph_ms else None,
+        graph_note=note, weights_mb=weights_bytes(model) / 2**20, peak_memory_mb=peak, peak_memory_kind=kind,
     )
 
 

@@ -383,16 +383,19 @@ def capture_scope(arena: CounterArena):
 _X, _PARTIAL, _COUNTERS, _Y = 2, 7, 8, 9
 
 
-@dataclass(eq=False)
 class _Launch:
-    """One token count's prepared LUT-GEMV launch."""
+    """One token count's prepared LUT-GEMV launch: geometry, parameter block, the varying slots."""
 
-    tokens: int
-    plan: GemvPlan
-    params: Params
-    function: object = None  # compiled on first use
-    counters: Tensor | None = None  # split-K only: the layer's own counters and partial sums
-    workspace: Tensor | None = None
+    __slots__ = ("tokens", "plan", "params", "grid", "block", "shared", "x", "y", "function", "counters",
+                 "workspace")
+
+    def __init__(self, tokens: int, plan: GemvPlan, params: Params):
+        self.tokens, self.plan, self.params = tokens, plan, params
+        self.grid, self.block, self.shared = (*plan.grid, 1), (*plan.block, 1), plan.shared
+        self.x, self.y = params.slots[_X], params.slots[_Y]
+        self.function = None  # compiled on first use
+        self.counters: Tensor | None = None  # split-K only: the layer's own counters and partial sums
+        self.workspace: Tensor | None = None
 
 
 class GemvKernels:
@@ -429,6 +432,7 @@ class GemvKernels:
         self.qweight, self.lut, self.bias = qweight, lut, bias
         self.defines = _gemv_defines(wbits, dtype, lut, self.csr, bias)
         self._launches: list[_Launch | None] = [None] * (MAX_GEMV_TOKENS + 1)
+        self._out_shapes: dict = {}  # x's shape -> y's, built once per shape
         if self.out_features and in_features:  # else nothing to launch (see __call__)
             sms = self.backend.sm_count(self.device)
             for tokens in range(1, MAX_GEMV_TOKENS + 1):
@@ -458,16 +462,18 @@ class GemvKernels:
         if not x.is_contiguous():
             x = x.contiguous()
         tokens = x.numel() // self.in_features if self.in_features else 0
-        if not 1 <= tokens <= MAX_GEMV_TOKENS or self._launches[tokens] is None:
+        launch = self._launches[tokens] if tokens <= MAX_GEMV_TOKENS else None
+        if launch is None:
             return self._matmul(x)
-        launch = self._launches[tokens]
         if out is None:
-            out = torch.empty(shape[:-1] + (self.out_features,), dtype=self.dtype, device=self.device)
+            out_shape = self._out_shapes.get(shape)
+            if out_shape is None:
+                out_shape = self._out_shapes[shape] = (*shape[:-1], self.out_features)
+            out = x.new_empty(out_shape)
         if launch.function is None:
             launch.function = self.backend.function("lut_gemv.cu", f"lut_gemv_{tokens}", self.defines, self.device)
-        slots = launch.params.slots
-        slots[_X].value = x.data_ptr()
-        slots[_Y].value = out.data_ptr()
+        launch.x.value = x.data_ptr()
+        launch.y.value = out.data_ptr()
         if launch.counters is not None:
             arena = _ARENA.get()
             if arena is not None:
@@ -475,14 +481,14 @@ class GemvKernels:
                 return out
             if launch.workspace is None:
                 launch.workspace = self._workspace(launch)
-                slots[_PARTIAL].value = launch.workspace.data_ptr()
-        self._launch(launch)
+                launch.params.slots[_PARTIAL].value = launch.workspace.data_ptr()
+        self.backend.launch(launch.function, launch.grid, launch.block, launch.shared, self.backend.stream(self.device),
+                            launch.params.address)
         return out
 
     def _launch(self, launch: _Launch) -> None:
-        plan = launch.plan
-        self.backend.launch(launch.function, (*plan.grid, 1), (*plan.block, 1), plan.shared,
-                            self.backend.stream(self.device), launch.params.address)
+        self.backend.launch(launch.function, launch.grid, launch.block, launch.shared, self.backend.stream(self.device),
+                            launch.params.address)
 
     def _launch_captured(self, launch: _Launch, arena: CounterArena) -> None:
         """A launch for a graph: the graph's own counters and partial sums, not the layer's."""

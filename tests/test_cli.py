@@ -15,10 +15,16 @@ def test_eval_on_a_local_model_and_text_writes_json(tiny_model_dir, text_file, t
     assert f"perplexity {result['ppl']:.3f}" in stdout
 
 
-def test_bench_prints_speed_and_memory(tiny_model_dir):
-    status, stdout, stderr = run_cli("bench", "--model", str(tiny_model_dir), "--tokens", "4")
+def test_bench_prints_speed_and_memory(tiny_model_dir, tmp_path):
+    out = tmp_path / "bench.json"
+    status, stdout, stderr = run_cli("bench", "--model", str(tiny_model_dir), "--tokens", "4", "--repeats", "2",
+                                     "--json", str(out))
     assert status == 0, stderr
     assert "tokens/s" in stdout and "weights" in stdout and "MB" in stdout
+    assert "median of 2 runs" in stdout and "eager generate()" in stdout
+    assert "CUDA graph:       not measured (CUDA graphs need a GPU" in stdout or "x eager" in stdout
+    result = json.loads(out.read_text())
+    assert result["repeats"] == 2 and result["decode_ms_spread"][0] <= result["decode_ms_per_token"]
 
 
 def test_bad_input_is_one_line_not_a_traceback(tiny_model_dir, text_file, tmp_path):

@@ -46,9 +46,12 @@ def test_seqlen_errors(tiny_llama):
 
 
 def test_generation_benchmark_on_cpu(tiny_llama, tiny_tokenizer):
-    bench = evaluate.generation_benchmark(tiny_llama, tiny_tokenizer, new_tokens=8)
-    assert bench.device == "cpu" and bench.new_tokens == 8
+    bench = evaluate.generation_benchmark(tiny_llama, tiny_tokenizer, new_tokens=8, repeats=3)
+    assert bench.device == "cpu" and bench.new_tokens == 8 and bench.repeats == 3
     assert bench.tokens_per_s > 0 and bench.decode_ms_per_token > 0
+    low, high = bench.decode_ms_spread
+    assert low <= bench.decode_ms_per_token <= high
+    assert bench.graph_decode_ms_per_token is None and "need a GPU" in bench.graph_note
     stored = [*tiny_llama.parameters(), *tiny_llama.buffers()]
     assert bench.weights_mb == pytest.approx(sum(t.numel() * t.element_size() for t in stored) / 2**20)
     assert bench.peak_memory_mb > bench.weights_mb
@@ -69,3 +72,31 @@ def test_gemv_timings_count_the_bytes_read():
 def test_memory_bandwidth_is_a_plausible_rate():
     gbs = evaluate.memory_bandwidth("cpu", megabytes=16, repeats=3)
     assert 0.1 < gbs < 10_000  # GB/s: a copy cannot be slower than a disk or faster than any RAM
+
+
+def _generate(model, ids, n):
+    return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                          do_sample=False, pad_token_id=2)[0, ids.shape[1]:]
+
+
+def test_static_decoder_gives_the_tokens_of_generate(tiny_llama):
+    """The step a CUDA graph captures (static cache, in-place position and output) decodes like generate()."""
+    ids = torch.randint(3, 320, (1, 7), generator=torch.Generator().manual_seed(0))
+    decoder = evaluate.StaticDecoder(tiny_llama, ids, 12)
+    for _ in range(11):
+        decoder.step()
+    assert torch.equal(decoder.tokens, _generate(tiny_llama, ids, 12))
+    with pytest.raises(SqlabError, match="CUDA graphs need the model on a CUDA GPU"):
+        decoder.capture()
+
+
+@pytest.mark.gpu
+def test_cuda_graph_decoding_gives_the_tokens_of_generate(tiny_llama):
+    model = tiny_llama.cuda()
+    ids = torch.randint(3, 320, (1, 7), generator=torch.Generator().manual_seed(0)).cuda()
+    decoder = evaluate.StaticDecoder(model, ids, 14)
+    decoder.capture(warmup=2)
+    for _ in range(11):
+        decoder.step()
+    torch.cuda.synchronize()
+    assert torch.equal(decoder.tokens, _generate(model, ids, 14).cpu())

@@ -16,6 +16,7 @@ from __future__ import annotations
 import concurrent.futures
 import ctypes
 import ctypes.util
+import json
 import os
 import re
 import shutil
@@ -404,3 +405,14 @@ def test_cpu_forward_uses_the_reference_even_if_kernels_claim_to_be_available(mo
     torch.testing.assert_close(layer(x).double(), expected, rtol=1e-5, atol=1e-5)
 
 
+
+
+def test_host_overhead_benchmark_writes_its_json(tmp_path):
+    out = tmp_path / "host_overhead.json"
+    done = subprocess.run([sys.executable, str(kernels.KERNEL_DIR.parent / "benchmarks" / "host_overhead.py"),
+                           "--calls", "300", "--repeat", "2", "--json", str(out)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(out.read_text())
+    for key in ("dense_us_per_call", "sparse_us_per_call", "baseline_us_per_call"):
+        assert result[key] > 0
+    assert "previous path" in done.stdout and "prepared (dense-only)" in done.stdout

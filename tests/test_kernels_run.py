@@ -287,19 +287,19 @@ def test_dequantize_equals_the_cpu_reference_bit_for_bit(target, in_features, ou
 # --- SqueezeLinear: prepared once, dispatched by token count ------------------------------------------
 
 def _count_launches(monkeypatch) -> dict[str, int]:
-    """Counts of LUT-GEMV launches and dequantizations, as ``SqueezeLinear`` makes them."""
+    """Counts of prepared LUT-GEMV calls (1-8 tokens) and of dequantizations, as ``SqueezeLinear`` makes them."""
     calls = {"gemv": 0, "dequantize": 0}
-    launch, dequantize = kernels.GemvKernels._launch, kernels.dequantize_packed
+    call, dequantize = kernels.GemvKernels.__call__, kernels.dequantize_packed
 
-    def spy_launch(self, prepared):
-        calls["gemv"] += 1
-        return launch(self, prepared)
+    def spy_call(self, x, out=None):
+        calls["gemv"] += 1 <= x.numel() // self.in_features <= kernels.MAX_GEMV_TOKENS
+        return call(self, x, out)
 
     def spy_dequantize(*args, **kwargs):
         calls["dequantize"] += 1
         return dequantize(*args, **kwargs)
 
-    monkeypatch.setattr(kernels.GemvKernels, "_launch", spy_launch)
+    monkeypatch.setattr(kernels.GemvKernels, "__call__", spy_call)
     monkeypatch.setattr(kernels, "dequantize_packed", spy_dequantize)
     return calls
 
@@ -341,8 +341,8 @@ def test_squeeze_linear_rejects_a_wrong_width(target):
 
 # --- a quantized tiny model ------------------------------------------------------------------------
 
-def _quantized_llama(wbits: int, hidden: int = 48):
-    model = make_llama(hidden=hidden)
+def _quantized_llama(wbits: int, hidden: int = 48, layers: int = 2):
+    model = make_llama(hidden=hidden, layers=layers)
     ids = torch.randint(0, 320, (2, 24), generator=torch.Generator().manual_seed(0))
     fisher = fisher_information(model, ids, progress=False)
     quantize_model(model, QuantConfig(wbits=wbits, outlier_pct=0.45, sensitive_pct=0.05), fisher, progress=False)
@@ -413,3 +413,26 @@ def test_the_harness_runs_bf16_and_fp32_models(target):
         layer = exact_layer(100, 37, 3, 0.05, (dtype, F16, F32, F32), target.device)
         x = exact_x(2, 100, dtype, target.device)
         _assert_exact(layer(x), layer, x, str(dtype))
+
+
+def test_static_decoding_of_a_quantized_model_with_graph_counters(target):
+    """The decoding step a CUDA graph captures, with every split launch on the graph's own counters."""
+    from sqlab.evaluate import StaticDecoder
+
+    model = _quantized_llama(3, hidden=320, layers=1).to(target.device)  # wide enough to split K
+    ids = torch.randint(3, 320, (1, 9), generator=torch.Generator().manual_seed(4)).to(target.device)
+    expected = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, min_new_tokens=8,
+                              do_sample=False, pad_token_id=2)[0, 9:].cpu()
+    decoder = StaticDecoder(model, ids, 8)
+    if target.device.type == "cuda":
+        decoder.capture(warmup=2)
+        for _ in range(5):
+            decoder.step()
+        torch.cuda.synchronize()
+    else:  # no capture on the CPU: every step runs as it would be captured
+        arena = kernels.CounterArena(target.device)
+        with kernels.capture_scope(arena):
+            for _ in range(7):
+                decoder.step()
+        assert arena.used > 0 and int(arena.counters.abs().sum()) == 0
+    assert torch.equal(decoder.tokens, expected)
