@@ -15,7 +15,8 @@ Bytes per call: packed weights + LUT + CSR + x + y (fp16: W + x + y). GB/s is th
 bytes over the time; % peak against the device's memory bandwidth (from its memory
 clock and bus width, else a table of known GPUs, or ``--peak-gbps``).
 
-    .venv/bin/python benchmarks/kernels.py [--shapes 7b|13b|all] [--repeat 200] [--json out/kernels.json]
+    .venv/bin/python benchmarks/kernels.py [--shapes 7b|13b|all] [--tokens 1,2,4,8] [--repeat 200]
+        [--json out/kernels.json]
 """
 
 from __future__ import annotations
@@ -108,24 +109,26 @@ def copies_for(bytes_per_call: int, l2_bytes: int) -> int:
     return max(2, min(64, -(-3 * l2_bytes // max(bytes_per_call, 1))))
 
 
-def bench_shape(out_features: int, in_features: int, args, l2_bytes: int, peak: float | None) -> list[dict]:
+def bench_shape(out_features: int, in_features: int, tokens: int, args, l2_bytes: int,
+                peak: float | None) -> list[dict]:
     from sqlab import kernels
 
     device = torch.device("cuda")
-    x = torch.randn(1, in_features, device=device).half()
+    x = torch.randn(tokens, in_features, device=device).half()
+    shape = f"{out_features}x{in_features}"
     rows = []
 
     # torch fp16: the baseline every speed-up refers to
     w = (torch.randn(out_features, in_features, device=device) * 0.02).half()
-    fp16_bytes = nbytes(w, x) + out_features * 2
+    fp16_bytes = nbytes(w, x) + tokens * out_features * 2
     n = copies_for(nbytes(w), l2_bytes)
     weights = [w] + [w.clone() for _ in range(n - 1)]
-    outs = [torch.empty(1, out_features, device=device, dtype=torch.float16) for _ in weights]
+    outs = [torch.empty(tokens, out_features, device=device, dtype=torch.float16) for _ in weights]
     calls = [lambda w=w, o=o: torch.matmul(x, w.T, out=o) for w, o in zip(weights, outs)]
     fp16_us = time_graph(calls, args.repeat)
     fp16_eager = time_eager(calls[0], args.repeat)
-    rows.append(dict(shape=f"{out_features}x{in_features}", kernel="torch fp16 matmul", wbits=16, sparse_pct=0.0,
-                     us=fp16_us, eager_us=fp16_eager, bytes=fp16_bytes))
+    rows.append(dict(shape=shape, tokens=tokens, kernel="torch fp16 matmul", wbits=16, sparse_pct=0.0, us=fp16_us,
+                     eager_us=fp16_eager, bytes=fp16_bytes))
     del weights, outs, calls, w
 
     for wbits in (4, 3):
@@ -137,28 +140,29 @@ def bench_shape(out_features: int, in_features: int, args, l2_bytes: int, peak: 
             err = (y.float() - ref).abs().max().item()
             tol = 1e-2 * ref.abs().max().item() + 1e-3
             if not err <= tol:
-                raise SystemExit(f"{wbits}-bit GEMV {out_features}x{in_features} disagrees with the reference: "
+                raise SystemExit(f"{wbits}-bit GEMV {shape}, {tokens} tokens, disagrees with the reference: "
                                  f"max error {err:.3g} > {tol:.3g}")
             sparse_bytes = nbytes(csr.rows, csr.cols, csr.vals) if csr is not None else 0
-            moved = nbytes(qweight, lut, x) + sparse_bytes + out_features * 2
+            moved = nbytes(qweight, lut, x) + sparse_bytes + tokens * out_features * 2
             n = copies_for(nbytes(qweight, lut) + sparse_bytes, l2_bytes)
             parts = [(qweight, lut, csr)] + [
                 (qweight.clone(), lut.clone(), None if csr is None else type(csr)(csr.rows.clone(), csr.cols.clone(),
                                                                                   csr.vals.clone()))
                 for _ in range(n - 1)]
-            outs = [torch.empty(1, out_features, device=device, dtype=torch.float16) for _ in parts]
-            calls = [lambda p=p, o=o: kernels.lut_gemv(p[0], p[1], x, wbits, in_features, o, csr=p[2])
-                     for p, o in zip(parts, outs)]
+            # prepared once per weight copy, as a SqueezeLinear does: the graph holds launches only
+            prepared = [kernels.GemvKernels(q, t, wbits, in_features, torch.float16, c) for q, t, c in parts]
+            outs = [torch.empty(tokens, out_features, device=device, dtype=torch.float16) for _ in parts]
+            calls = [lambda k=k, o=o: k(x, o) for k, o in zip(prepared, outs)]
             try:
                 us, timing = time_graph(calls, args.repeat), "graph"
             except RuntimeError as error:  # capture refused: fall back to events around eager calls
                 print(f"  (CUDA graph capture failed, timing eager launches: {error})", file=sys.stderr)
                 torch.cuda.synchronize()
                 us, timing = time_eager(calls[0], args.repeat), "eager"
-            rows.append(dict(shape=f"{out_features}x{in_features}", kernel=f"LUT-GEMV {wbits}-bit"
+            rows.append(dict(shape=shape, tokens=tokens, kernel=f"LUT-GEMV {wbits}-bit"
                              + (" + 0.45% sparse" if density else ""), wbits=wbits, sparse_pct=density * 100,
                              us=us, eager_us=time_eager(calls[0], args.repeat), bytes=moved, timing=timing))
-            del parts, outs, calls
+            del parts, prepared, outs, calls
     for row in rows:
         row.setdefault("timing", "graph")
         row["gbs"] = row["bytes"] / row["us"] / 1e3
@@ -168,9 +172,20 @@ def bench_shape(out_features: int, in_features: int, args, l2_bytes: int, peak: 
     return rows
 
 
+def _token_counts(text: str) -> list[int]:
+    try:
+        counts = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated token counts, got {text!r}") from None
+    if not counts or any(not 1 <= c <= 8 for c in counts):
+        raise argparse.ArgumentTypeError(f"token counts must lie in 1..8, got {text!r}")
+    return counts
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shapes", choices=["7b", "13b", "all"], default="7b")
+    parser.add_argument("--tokens", type=_token_counts, default=[1], help="activation rows per call, e.g. 1,2,4,8")
     parser.add_argument("--repeat", type=int, default=200, help="timed graph replays per kernel (median)")
     parser.add_argument("--json", type=Path, help="write the rows here (e.g. out/kernels.json)")
     parser.add_argument("--peak-gbps", type=float, help="the device's peak memory bandwidth, GB/s")
@@ -190,20 +205,22 @@ def main() -> int:
     shapes = SHAPES["7b"] + SHAPES["13b"] if args.shapes == "all" else SHAPES[args.shapes]
     print(f"device: {props.name}, {props.multi_processor_count} SMs, L2 {l2_bytes / 2**20:.0f} MiB; peak bandwidth "
           + (f"{peak:.0f} GB/s ({source})" if peak else source))
-    print(f"batch 1, fp16 activations; median of {args.repeat} CUDA-graph replays (weights cycled past L2)")
-    header = (f"{'shape (out x in)':<16} {'kernel':<28} {'µs':>8} {'eager µs':>9} {'MB read':>8} {'GB/s':>7} "
-              f"{'% peak':>7} {'vs fp16':>8}")
+    print(f"fp16 activations, {','.join(map(str, args.tokens))} token(s); median of {args.repeat} CUDA-graph replays "
+          "(weights cycled past L2)")
+    header = (f"{'shape (out x in)':<16} {'tokens':>6} {'kernel':<28} {'µs':>8} {'eager µs':>9} {'MB read':>8} "
+              f"{'GB/s':>7} {'% peak':>7} {'vs fp16':>8}")
     print(header)
     print("-" * len(header))
     rows = []
     with torch.inference_mode():
         for out_features, in_features in shapes:
-            for row in bench_shape(out_features, in_features, args, l2_bytes, peak):
-                rows.append(row)
-                print(f"{row['shape']:<16} {row['kernel']:<28} {row['us']:>8.2f} {row['eager_us']:>9.1f} "
-                      f"{row['bytes'] / 1e6:>8.2f} {row['gbs']:>7.0f} {row['pct_peak']:>6.1f}% "
-                      f"{row['speedup_vs_fp16']:>7.2f}x")
-            torch.cuda.empty_cache()
+            for tokens in args.tokens:
+                for row in bench_shape(out_features, in_features, tokens, args, l2_bytes, peak):
+                    rows.append(row)
+                    print(f"{row['shape']:<16} {tokens:>6} {row['kernel']:<28} {row['us']:>8.2f} "
+                          f"{row['eager_us']:>9.1f} {row['bytes'] / 1e6:>8.2f} {row['gbs']:>7.0f} "
+                          f"{row['pct_peak']:>6.1f}% {row['speedup_vs_fp16']:>7.2f}x")
+                torch.cuda.empty_cache()
     print("µs: GPU time per call; eager µs: one call from Python including launch overhead; "
           "vs fp16: torch fp16 µs / this µs")
     if args.json:
