@@ -95,10 +95,10 @@ class GenerationBench:
     repeats: int  # timed runs after a warm-up; times are their median
     prefill_ms: float
     decode_ms_per_token: float  # eager: the Hugging Face generate() loop
-    decode_ms_spread: tuple[float, float]  # min and max over the runs
+    decode_ms_spread: list[float]  # [min, max] over the runs
     tokens_per_s: float
     graph_decode_ms_per_token: float | None  # one CUDA graph replayed per token (static KV cache)
-    graph_decode_ms_spread: tuple[float, float] | None
+    graph_decode_ms_spread: list[float] | None
     graph_tokens_per_s: float | None
     graph_note: str  # why the graph column is empty, or what it measured
     weights_mb: float
@@ -220,8 +220,9 @@ class StaticDecoder:
         return self.out[: int(self.step_index)].cpu()
 
 
-def _median_spread(values: list[float]) -> tuple[float, tuple[float, float]]:
-    return statistics.median(values), (min(values), max(values))
+def _median_spread(values: list[float]) -> tuple[float, list[float]]:
+    """The median and the [min, max] of repeated measurements."""
+    return statistics.median(values), [min(values), max(values)]
 
 
 def graph_decoding(model: nn.Module, ids: torch.Tensor, new_tokens: int, repeats: int):

@@ -257,6 +257,21 @@ def _check_packed(qweight: Tensor, lut: Tensor, wbits: int, in_features: int) ->
     return out_features
 
 
+def check_parts(qweight: Tensor, lut: Tensor, wbits: int, in_features: int, csr: CSR | None, bias: Tensor | None,
+                name: str = "the layer") -> int:
+    """Check a packed layer's buffers once, before kernels index memory with them; returns ``out_features``.
+
+    Shapes and dtypes of ``qweight``/``lut``/``bias``, and the sparse part's structure
+    (``sqlab.packing.check_csr``). Shared by the GPU launches and the CPU kernel.
+    """
+    out_features = _check_packed(qweight, lut, wbits, in_features)
+    if csr is not None and csr.nnz > 0:
+        _check_csr(csr, out_features, in_features, name)
+    if bias is not None:
+        _check(bias, "bias", dtypes=DTYPES, shape=(out_features,))
+    return out_features
+
+
 def _tokens_2d(x: Tensor, in_features: int, name: str = "x") -> Tensor:
     if x.ndim not in (1, 2) or x.shape[-1] != in_features:
         raise SqlabError(f"{name} has shape {tuple(x.shape)}; expected ({in_features},) or (tokens, {in_features})")
@@ -412,14 +427,10 @@ class GemvKernels:
                  splits: int | None = None, chosen: Backend | None = None):
         if dtype not in DTYPES:
             raise SqlabError(f"the kernels take {_NAMES} activations, got {dtype}")
-        self.out_features = _check_packed(qweight, lut, wbits, in_features)
+        self.out_features = check_parts(qweight, lut, wbits, in_features, csr, bias, name)
         self.in_features, self.wbits, self.dtype = in_features, wbits, dtype
         self.sparse = csr is not None and csr.nnz > 0
         self.csr = csr if self.sparse else None
-        if self.sparse:
-            _check_csr(csr, self.out_features, in_features, name)
-        if bias is not None:
-            _check(bias, "bias", dtypes=DTYPES, shape=(self.out_features,))
         self.backend = chosen or backend()
         parts = {"qweight": qweight, "lut": lut, "bias": bias}
         if self.sparse:

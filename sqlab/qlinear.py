@@ -2,9 +2,11 @@
 
 The reconstructed weight is ``W_hat = lut[row, index] + S``: each output row
 decodes its indices through its own look-up table (the row's k-means centroids),
-then the sparse part adds back the outliers and sensitive values. On the CPU the
-forward pass is a reference that computes ``x @ W_hat.T + b`` exactly; the GPU
-kernels compute the same product without materialising ``W_hat``.
+then the sparse part adds back the outliers and sensitive values. The forward pass
+computes ``x @ W_hat.T + b`` without keeping ``W_hat``: on a GPU through the CUDA
+kernels (``kernels.GemvKernels``), on the CPU through the compiled CPU LUT-GEMV
+(``cpu_kernels.CpuGemv``), each prepared once per device and dtype. Without either
+(no CuPy, no C++ compiler) it computes with the dequantized weight.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from . import kernels
+from . import cpu_kernels, kernels
 from .errors import SqlabError
 from .packing import CSR, check_csr, packed_rows, reconstruct, unpack
 
@@ -140,15 +142,24 @@ class SqueezeLinear(nn.Module):
         return self._first_call(x)
 
     def _first_call(self, x: Tensor) -> Tensor:
-        """A call on a new device or dtype: prepare the kernels there, or use the CPU reference."""
+        """A call on a new device or dtype: prepare the kernels there (GPU, or the CPU LUT-GEMV)."""
+        name = self.name or f"SqueezeLinear({self.in_features} -> {self.out_features})"
         chosen = kernels.backend()
         if chosen.accepts(x.device) and x.dtype in kernels.DTYPES and chosen.unavailable_reason() is None:
             self.__dict__["_kernel"] = kernels.GemvKernels(
                 self.qweight, self.lookup_table, self.wbits, self.in_features, x.dtype, self.csr(), self.bias,
-                name=self.name or f"SqueezeLinear({self.in_features} -> {self.out_features})", chosen=chosen)
+                name=name, chosen=chosen)
             return self.__dict__["_kernel"](x)
-        # the CPU reference keeps the decoded weight (speed over memory: the CPU is for
-        # experiments); on a GPU without CuPy nothing is cached
+        if x.device.type == "cpu" and x.dtype in kernels.DTYPES and self.qweight.device.type == "cpu":
+            reason = cpu_kernels.unavailable_reason()
+            if reason is None:
+                self.__dict__["_kernel"] = cpu_kernels.CpuGemv(
+                    self.qweight, self.lookup_table, self.wbits, self.in_features, x.dtype, self.csr(), self.bias,
+                    name=name)
+                return self.__dict__["_kernel"](x)
+            cpu_kernels.warn_unavailable(reason)
+        # no kernel for this device: compute with the dequantized weight (kept on the CPU,
+        # where this is the fallback for a missing compiler; decoded per call on a GPU)
         weight = self._dense(x.dtype) if not x.is_cuda else self.dequantize(x.dtype)
         return nn.functional.linear(x, weight, None if self.bias is None else self.bias.to(x.dtype))
 

@@ -390,7 +390,7 @@ def test_importing_sqlab_does_not_import_cupy():
     assert result.returncode == 0, result.stderr
 
 
-def test_cpu_forward_uses_the_reference_even_if_kernels_claim_to_be_available(monkeypatch):
+def test_cpu_forward_never_prepares_gpu_launches_even_if_cupy_claims_to_work(monkeypatch):
     qweight, lut, csr, x = _cpu_parts()
     bias = torch.randn(37)
     layer = SqueezeLinear.from_parts(qweight, lut, 100, csr, bias)
