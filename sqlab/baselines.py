@@ -21,17 +21,15 @@ from __future__ import annotations
 
 import logging
 import math
-import os
-import tempfile
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .config import QuantConfig
 from .errors import SqlabError
+from .files import load_safetensors, save_safetensors
 from .models import block_linears, decoder_blocks, quantizable_linears
 from .quantize import LayerStats, QuantReport
 
@@ -213,7 +211,7 @@ def gptq_quantize_model(model: nn.Module, windows: Tensor, config: QuantConfig, 
                 inputs = _run_block(block, inputs, kwargs)
             continue
         if path is not None and path.exists():
-            hessians = load_file(str(path))
+            hessians = load_safetensors(path)[0]
         else:
             hessians = {name: torch.zeros(m.in_features, m.in_features, device=m.weight.device)
                         for name, m in linears.items()}
@@ -233,11 +231,7 @@ def gptq_quantize_model(model: nn.Module, windows: Tensor, config: QuantConfig, 
             count = inputs.shape[0] * inputs.shape[1]
             hessians = {n: h / count for n, h in hessians.items()}
             if path is not None:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as tmp:
-                    pass
-                save_file({n: h.contiguous().cpu() for n, h in hessians.items()}, tmp.name)
-                os.replace(tmp.name, path)
+                save_safetensors(hessians, path)
         for name, linear in linears.items():
             before = linear.weight.detach().clone()
             q = gptq_quantize(before, hessians[name].to(before.device), config.wbits, config.groupsize,

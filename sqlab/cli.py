@@ -7,12 +7,12 @@ Every subcommand is a thin wrapper over the public API; bad input ends in one
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
 from pathlib import Path
 
+from . import files
 from .errors import SqlabError
 
 log = logging.getLogger("sqlab")
@@ -31,14 +31,6 @@ def _positive(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
     return value
-
-
-def _write_json(path: str, payload: dict) -> None:
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(target.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2) + "\n")
-    os.replace(tmp, target)
 
 
 def _default_seqlen(model) -> int:
@@ -69,8 +61,8 @@ def cmd_eval(args) -> int:
     print(f"{args.model} on {args.dataset}: perplexity {result.ppl:.3f} "
           f"({result.windows} windows of {seqlen} tokens)")
     if args.json:
-        _write_json(args.json, {"model": args.model, "dataset": args.dataset, "seqlen": seqlen,
-                                "windows": result.windows, "ppl": result.ppl})
+        files.write_json(args.json, {"model": args.model, "dataset": args.dataset, "seqlen": seqlen,
+                                     "windows": result.windows, "ppl": result.ppl})
     return 0
 
 
@@ -84,7 +76,7 @@ def cmd_bench(args) -> int:
           f"({bench.decode_ms_per_token:.1f} ms/token, prefill {bench.prefill_ms:.0f} ms), "
           f"weights {bench.weights_mb:.1f} MB, {bench.peak_memory_kind} {bench.peak_memory_mb:.0f} MB")
     if args.json:
-        _write_json(args.json, {"model": args.model, **bench.as_dict()})
+        files.write_json(args.json, {"model": args.model, **bench.as_dict()})
     return 0
 
 
@@ -119,7 +111,7 @@ def cmd_quantize(args) -> int:
         checkpoint.save_quantized(model, out, meta, tokenizer)
     else:
         checkpoint.save_simulated(model, out, meta, tokenizer)
-    _write_json(str(out / "quant_report.json"), report.as_dict())
+    files.write_json(out / "quant_report.json", report.as_dict())
     shutil.rmtree(work, ignore_errors=True)
     sparse = (f", {report.outlier_pct:.3f}% outliers (r = {report.outlier_range}), {report.sparse_pct:.3f}% sparse"
               if config.method == "squeezellm" else " (reconstructed weights, stored unpacked)")
@@ -164,9 +156,8 @@ def cmd_sweep(args) -> int:
     frame = sweeper.run(configs)
     table = experiments.tidy(frame)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    table.to_csv(out / "results.csv", index=False)
-    frame.to_json(out / "results.json", orient="records", indent=1)
+    files.write_text(out / "results.csv", table.to_csv(index=False))
+    files.write_text(out / "results.json", frame.to_json(orient="records", indent=1))
     print(experiments.render(frame))
     print(f"written to {out / 'results.csv'} and {out / 'results.json'}")
     return 0
@@ -190,7 +181,7 @@ def cmd_demo(args) -> int:
           f"{settings['calibration']['calib']}; quantized blocks: {settings['quantized_blocks']}")
     print(render(frame))
     print(f"({settings['note']})")
-    _write_json(args.json, {**settings, "rows": tidy(frame).to_dict(orient="records")})
+    files.write_json(args.json, {**settings, "rows": tidy(frame).to_dict(orient="records")})
     print(f"written to {args.json}")
     return 0
 

@@ -16,14 +16,12 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from . import assets
+from . import assets, files
 from .errors import SqlabError
 
 log = logging.getLogger(__name__)
@@ -196,10 +194,7 @@ def tokenize(tokenizer, text: str, *, cache: bool = True) -> torch.Tensor:
             path.unlink(missing_ok=True)
     ids = torch.tensor(tokenizer(text, verbose=False)["input_ids"], dtype=torch.long)
     if cache:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path.parent, delete=False) as tmp:
-            torch.save(ids, tmp)
-        os.replace(tmp.name, path)
+        files.torch_save(ids, path)
     return ids
 
 
