@@ -4,25 +4,27 @@ A checkpoint is a directory: the Hugging Face ``config.json`` and tokenizer file
 ``quant_config.json`` (``{"wbits", "outlier_pct", "sensitive_pct", "format", ...}``),
 and ``model.safetensors`` holding, per quantized linear, ``qweight``,
 ``lookup_table`` and, with sparsity, ``rows``/``cols``/``vals``; every other
-parameter as it is. Loading never unpickles code: safetensors here, and
-``torch.load(..., weights_only=True)`` for the original model-zoo files.
+parameter as it is. ``quant_config.json`` also lists the files sqlab wrote, so
+replacing a checkpoint (``overwrite``) keeps every other file in the directory.
+Loading never unpickles code (safetensors here, ``torch.load(..., weights_only=True)``
+for the original model-zoo files).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import shutil
-import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
-from . import models
+from . import files, models
 from .errors import SqlabError
 from .packing import packed_rows
 from .qlinear import SqueezeLinear
@@ -33,6 +35,7 @@ FORMAT = "sqlab-squeezellm-v1"
 SIMULATED = "sqlab-simulated-v1"  # a baseline's reconstructed weights in an ordinary model directory
 QUANT_CONFIG = "quant_config.json"
 WEIGHTS = "model.safetensors"
+REPORT = "quant_report.json"
 PARTS = ("qweight", "lookup_table", "rows", "cols", "vals", "bias")
 
 
@@ -64,59 +67,97 @@ def _unique_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, 
     return state, tied
 
 
-def _replace_atomically(tmp: Path, out: Path) -> None:
-    if out.exists():
-        if not is_checkpoint(out) and any(out.iterdir()):
-            raise SqlabError(f"{str(out)!r} exists and is not a sqlab checkpoint; refusing to overwrite it")
-        old = out.with_name(out.name + ".old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
+def check_target(out: Path, overwrite: bool, what: str | None = None) -> None:
+    """Refuse to write a checkpoint into ``out`` (named ``what`` in messages) unless it is a new
+    or empty directory, or, with ``overwrite``, a sqlab checkpoint."""
+    what = what or repr(str(out))
+    if out.exists() and not out.is_dir():
+        raise SqlabError(f"{what} is a file; expected a directory (a new one, or a sqlab "
+                         "checkpoint to replace)")
+    if out.is_dir() and any(out.iterdir()):
+        if not is_checkpoint(out):
+            raise SqlabError(f"{what} exists and is not a sqlab checkpoint; refusing to write into "
+                             "it, choose another directory")
+        if not overwrite:
+            raise SqlabError(f"{what} already holds a sqlab checkpoint; pass --overwrite "
+                             "(overwrite=True in Python) to replace it; files sqlab did not write "
+                             "there are kept")
 
 
-def save_simulated(model: nn.Module, out: str | Path, quant_config: dict, tokenizer=None) -> Path:
-    """Write a baseline's fake-quantized model as an ordinary model directory, marked as such."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+def _written_files(out: Path) -> list[str]:
+    """The files a checkpoint's writer recorded as its own (none if it recorded none)."""
     try:
+        names = json.loads((out / QUANT_CONFIG).read_text()).get("files", [])
+    except (OSError, ValueError, AttributeError):
+        return []
+    return [n for n in names if isinstance(n, str)] if isinstance(names, list) else []
+
+
+@contextlib.contextmanager
+def _writing(out: str | Path, overwrite: bool) -> Iterator[Path]:
+    """A temporary directory to fill, published as checkpoint ``out`` when the block succeeds.
+
+    Holds the lock on ``out`` meanwhile. Replacing a checkpoint rewrites the files
+    sqlab writes, deletes those the old one recorded and the new one lacks, and keeps
+    every other file in the directory; ``quant_config.json`` moves last.
+    """
+    out = Path(os.path.abspath(out))
+    with files.exclusive(out, repr(str(out))):
+        check_target(out, overwrite)
+        stale = _written_files(out) if out.is_dir() else []
+        tmp = files.partial_dir(out)
+        try:
+            yield tmp
+            written = sorted(p.name for p in tmp.iterdir() if p.name != files.PARTIAL_MARKER)
+            quant = json.loads((tmp / QUANT_CONFIG).read_text())
+            files.write_json(tmp / QUANT_CONFIG, {**quant, "files": written})
+            files.publish(tmp, out, stale=stale, last=QUANT_CONFIG)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def save_simulated(model: nn.Module, out: str | Path, quant_config: dict, tokenizer=None, *,
+                   overwrite: bool = False, report: dict | None = None) -> Path:
+    """Write a baseline's fake-quantized model as an ordinary model directory, marked as such.
+
+    ``overwrite`` and ``report`` as in ``save_quantized``.
+    """
+    with _writing(out, overwrite) as tmp:
         model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        (tmp / QUANT_CONFIG).write_text(json.dumps({**quant_config, "format": SIMULATED}, indent=2) + "\n")
-        os.chmod(tmp, 0o755)
-        _replace_atomically(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
+        files.write_json(tmp / QUANT_CONFIG, {**quant_config, "format": SIMULATED})
+        if report is not None:
+            files.write_json(tmp / REPORT, report)
+    return Path(out)
 
 
-def save_quantized(model: nn.Module, out: str | Path, quant_config: dict, tokenizer=None) -> Path:
-    """Write a checkpoint directory; it appears complete or not at all."""
-    out = Path(out)
+def save_quantized(model: nn.Module, out: str | Path, quant_config: dict, tokenizer=None, *,
+                   overwrite: bool = False, report: dict | None = None) -> Path:
+    """Write a checkpoint directory.
+
+    ``out`` must be new (it then appears complete or not at all), empty, or, with
+    ``overwrite``, a sqlab checkpoint: each of its files is replaced atomically,
+    ``quant_config.json`` last, and files sqlab did not write are kept. ``report``
+    (a ``QuantReport.as_dict()``) is stored as ``quant_report.json``. Two saves
+    give byte-identical files.
+    """
     layers = quantized_layers(model)
     if not layers:
         raise SqlabError("the model has no SqueezeLinear layers; quantize it first (simulate=False)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    try:
+    with _writing(out, overwrite) as tmp:
         model.config.to_json_file(tmp / "config.json")
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         state, tied = _unique_state(model)
-        meta = {"format": FORMAT, "tied": json.dumps(tied)}
-        save_file(state, str(tmp / WEIGHTS), metadata=meta)
+        meta = {"format": FORMAT, "tied": json.dumps(tied, sort_keys=True)}
+        files.save_safetensors(state, tmp / WEIGHTS, metadata=meta)
         wbits = {m.wbits for m in layers.values()}
         payload = {"wbits": wbits.pop() if len(wbits) == 1 else sorted(wbits), "format": FORMAT, **quant_config}
-        (tmp / QUANT_CONFIG).write_text(json.dumps(payload, indent=2) + "\n")
-        os.chmod(tmp, 0o755)
-        _replace_atomically(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
+        files.write_json(tmp / QUANT_CONFIG, payload)
+        if report is not None:
+            files.write_json(tmp / REPORT, report)
+    return Path(out)
 
 
 def _install_shells(model: nn.Module, shapes: dict[str, dict[str, tuple[tuple[int, ...], torch.dtype]]],
@@ -238,12 +279,7 @@ def export_squeezellm(model: nn.Module, path: str | Path) -> Path:
         if layer.nnz:
             state[f"{name}.vals"] = layer.vals.detach().float().cpu()
             state[f"sparse_threshold.{name}"] = layer.nnz
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as tmp:
-        torch.save(state, tmp)
-    os.replace(tmp.name, path)
-    return path
+    return files.torch_save(state, path)
 
 
 def import_squeezellm(path: str | Path, base: str, device: torch.device | str | None = "cpu") -> nn.Module:
