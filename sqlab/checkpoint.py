@@ -7,7 +7,7 @@ and ``model.safetensors`` holding, per quantized linear, ``qweight``,
 parameter as it is. ``quant_config.json`` also lists the files sqlab wrote, so
 replacing a checkpoint (``overwrite``) keeps every other file in the directory.
 Loading never unpickles code (safetensors here, ``torch.load(..., weights_only=True)``
-for the original model-zoo files).
+for the original model-zoo files) and checks every packed layer before use.
 """
 
 from __future__ import annotations
@@ -16,12 +16,13 @@ import contextlib
 import json
 import logging
 import os
+import pickle
+import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from torch import nn
 
 from . import files, models
@@ -206,17 +207,42 @@ def _group_shapes(shapes: dict[str, tuple[tuple[int, ...], torch.dtype]]) -> dic
     return {m: parts for m, parts in grouped.items() if "qweight" in parts}
 
 
+def _check_cast(key: str, tensor: torch.Tensor, target: torch.Tensor, source: str) -> None:
+    """Refuse a stored tensor whose values would change when cast to the model's dtype."""
+    if tensor.dtype == target.dtype:
+        return
+    if target.is_floating_point():
+        if not tensor.is_floating_point():
+            raise SqlabError(f"tensor {key} in {source} is {tensor.dtype}; this model needs "
+                             f"floating point ({target.dtype})")
+        return
+    if tensor.is_floating_point() or tensor.is_complex() or tensor.dtype == torch.bool:
+        raise SqlabError(f"tensor {key} in {source} is {tensor.dtype}; it must hold integers "
+                         f"({target.dtype}), and casting it would change its values")
+    info = torch.iinfo(target.dtype)
+    if tensor.numel() and (int(tensor.min()) < info.min or int(tensor.max()) > info.max):
+        raise SqlabError(f"tensor {key} in {source} holds values outside the range of "
+                         f"{target.dtype} ({int(tensor.min())} to {int(tensor.max())})")
+
+
 def _load_into(model: nn.Module, state: dict[str, torch.Tensor], source: str, *, strict: bool) -> None:
     expected = model.state_dict()
     for key, tensor in state.items():
         if key in expected and tuple(expected[key].shape) != tuple(tensor.shape):
             raise SqlabError(f"tensor {key} in {source} has shape {tuple(tensor.shape)}; the model needs "
                              f"{tuple(expected[key].shape)}")
+        if key in expected:
+            _check_cast(key, tensor, expected[key], source)
     result = model.load_state_dict(state, strict=False)
     if result.unexpected_keys:
         raise SqlabError(f"{source} holds tensors this model does not have: {', '.join(result.unexpected_keys[:5])}")
     if strict and result.missing_keys:
         raise SqlabError(f"{source} lacks tensors of this model: {', '.join(result.missing_keys[:5])}")
+    for name, layer in quantized_layers(model).items():
+        try:
+            layer.validate(name)
+        except SqlabError as exc:
+            raise SqlabError(f"{exc} (in {source})") from None
 
 
 def _model_from_config(path: Path, dtype: torch.dtype) -> nn.Module:
@@ -229,6 +255,17 @@ def _model_from_config(path: Path, dtype: torch.dtype) -> nn.Module:
     return AutoModelForCausalLM.from_config(config, dtype=dtype)
 
 
+def _check_wbits(quant: dict, model: nn.Module, path: Path) -> None:
+    """``quant_config.json`` must state the bit width the stored look-up tables have."""
+    found = sorted({m.wbits for m in quantized_layers(model).values()})
+    stated = quant.get("wbits")
+    if stated != (found[0] if len(found) == 1 else found) or isinstance(stated, bool):
+        raise SqlabError(f"{str(path / QUANT_CONFIG)!r} says wbits {stated!r}, but {WEIGHTS} holds "
+                         f"{' and '.join(map(str, found))}-bit look-up tables; the wbits it states "
+                         "must be the tensors' (3 or 4): the file was edited or belongs to another "
+                         "checkpoint")
+
+
 def load_quantized(path: str | Path, device: torch.device | str | None = None) -> nn.Module:
     """Load a checkpoint directory into ``SqueezeLinear`` layers."""
     path = Path(path)
@@ -236,24 +273,26 @@ def load_quantized(path: str | Path, device: torch.device | str | None = None) -
         quant = json.loads((path / QUANT_CONFIG).read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise SqlabError(f"{str(path)!r} is not a sqlab checkpoint: cannot read {QUANT_CONFIG} ({exc})") from exc
+    if not isinstance(quant, dict):
+        raise SqlabError(f"{str(path / QUANT_CONFIG)!r} holds a {type(quant).__name__}; expected a "
+                         "JSON object")
     if quant.get("format") != FORMAT:
         raise SqlabError(f"{str(path / QUANT_CONFIG)!r} has format {quant.get('format')!r}; expected {FORMAT!r}")
     weights = path / WEIGHTS
-    try:
-        with safe_open(str(weights), framework="pt") as f:
-            meta = f.metadata() or {}
-            state = {key: f.get_tensor(key) for key in f.keys()}
-    except Exception as exc:
-        raise SqlabError(f"cannot read {str(weights)!r}: it is missing, truncated or not a safetensors file "
-                         f"({exc})") from exc
+    state, meta = files.load_safetensors(weights)
     if meta.get("format") != FORMAT:
         raise SqlabError(f"{str(weights)!r} was not written by sqlab (format {meta.get('format')!r})")
     floats = [t.dtype for k, t in state.items() if t.is_floating_point() and not k.endswith("lookup_table")]
     model = _model_from_config(path, floats[0] if floats else torch.float32)
     _install_shells(model, _group_shapes({k: (tuple(t.shape), t.dtype) for k, t in state.items()}), str(weights))
-    tied = json.loads(meta.get("tied", "{}"))
-    for key, source in tied.items():
-        state[key] = state[source]
+    _check_wbits(quant, model, path)
+    try:
+        tied = json.loads(meta.get("tied", "{}"))
+        for key, source in tied.items():
+            state[key] = state[source]
+    except (ValueError, AttributeError, KeyError, TypeError) as exc:
+        raise SqlabError(f"{str(weights)!r} has damaged metadata: 'tied' must map tensor names to "
+                         f"stored tensors, got {meta.get('tied')!r:.80}") from exc
     _load_into(model, state, str(weights), strict=True)
     device = torch.device(device) if device is not None else models.default_device()
     model.to(device).eval()
@@ -295,8 +334,17 @@ def import_squeezellm(path: str | Path, base: str, device: torch.device | str | 
     except FileNotFoundError:
         raise SqlabError(f"SqueezeLLM checkpoint {str(path)!r} does not exist") from None
     except Exception as exc:
+        refused = str(exc).startswith("Weights only load failed")
+        if isinstance(exc, pickle.UnpicklingError) and refused:
+            # torch's message suggests weights_only=False, which would run the file's code: never
+            found = re.search(r"GLOBAL (\S+)", str(exc))
+            what = f"a reference to {found.group(1)}" if found else "Python objects"
+            raise SqlabError(f"{str(path)!r} holds {what}, not only tensors; sqlab reads tensors "
+                             "alone and never runs code from a file, so it refuses this "
+                             "file") from None
+        said = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise SqlabError(f"cannot read {str(path)!r} as a SqueezeLLM state dict (truncated, or not a "
-                         f"torch.save file of tensors): {str(exc).splitlines()[0]}") from exc
+                         f"torch.save file of tensors): {said}") from None
     if not isinstance(state, dict) or not any(k.endswith(".qweight") for k in state):
         raise SqlabError(f"{str(path)!r} is not a SqueezeLLM checkpoint: it holds no '*.qweight' tensors")
     state = {k: v for k, v in state.items() if not k.startswith("sparse_threshold.")}
