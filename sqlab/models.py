@@ -75,7 +75,28 @@ def _get(module: nn.Module, path: str):
 
 
 def decoder_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """The decoder blocks in order, as ``(qualified name, module)``."""
+    """The decoder blocks in order, as ``(qualified name, module)``.
+
+    Refuses models whose blocks keep weights in tensors of more than two
+    dimensions (mixture-of-experts layers that store every expert's matrix in one
+    parameter, as Mixtral and Qwen2-MoE do): sqlab quantizes ``nn.Linear`` layers,
+    and leaving those weights in full precision would misstate every result.
+    """
+    blocks = _find_blocks(model)
+    stacked = [(f"{prefix}.{name}", tuple(p.shape)) for prefix, block in blocks
+               for name, p in block.named_parameters() if p.ndim > 2]
+    if stacked:
+        shown = ", ".join(f"{name} {shape}" for name, shape in stacked[:4])
+        raise SqlabError(
+            f"unsupported model {type(model).__name__!r}: {len(stacked)} weights are stacked per "
+            f"expert in tensors of 3 or more dimensions ({shown}"
+            f"{', ...' if len(stacked) > 4 else ''}); sqlab quantizes nn.Linear layers only, so "
+            "mixture-of-experts models such as Mixtral and Qwen2-MoE are not supported"
+        )
+    return blocks
+
+
+def _find_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
     family = family_of(model)
     if family.blocks is not None:
         return [(f"{family.blocks}.{i}", block) for i, block in enumerate(_get(model, family.blocks))]
