@@ -221,8 +221,15 @@ def _add_quant_args(p: argparse.ArgumentParser) -> None:
     _add_calib_args(p)
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors end like every other error: one ``sqlab: error:`` line and exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"sqlab: error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sqlab", description="SqueezeLLM experiment workbench")
+    parser = _Parser(prog="sqlab", description="SqueezeLLM experiment workbench")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 

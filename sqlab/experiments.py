@@ -24,7 +24,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import assets, baselines, data, evaluate, files, models
-from .config import METHOD_VERSIONS, QuantConfig
+from .config import METHOD_FIELDS, METHOD_VERSIONS, QuantConfig
 from .quantize import QuantReport, quantize_model
 from .sensitivity import compute_fisher
 
@@ -48,6 +48,8 @@ def quantize(model: nn.Module, tokenizer, config: QuantConfig, *, fisher: dict |
     packed format here). ``fisher``, when given, is also used to report the
     baselines' Fisher-weighted error per layer.
     """
+    if "seqlen" in METHOD_FIELDS[config.method]:
+        models.check_seqlen(model, config.seqlen)  # before any calibration text is read
     if config.method == "squeezellm":
         if fisher is None and (config.weighted or config.sensitive_pct > 0):
             fisher = compute_fisher(model, tokenizer, config.calib, config.nsamples, config.seqlen, config.seed,

@@ -105,7 +105,7 @@ class QuantReport:
                 "layers": [asdict(s) for s in self.layers]}
 
 
-def _check_finite(name: str, tensor: Tensor, what: str) -> None:
+def check_finite(name: str, tensor: Tensor, what: str) -> None:
     if not torch.isfinite(tensor).all():
         raise SqlabError(f"{what} of {name} contain NaN or Inf; cannot quantize it")
 
@@ -277,7 +277,7 @@ def quantize_model(model: nn.Module, config: QuantConfig, fisher: dict[str, Tens
     for _, (prefix, block) in chosen:
         for short, linear in block_linears(model, block).items():
             name = f"{prefix}.{short}"
-            _check_finite(name, linear.weight, "weights")
+            check_finite(name, linear.weight, "weights")
             if fisher is None:
                 continue
             if name not in fisher:
@@ -285,7 +285,7 @@ def quantize_model(model: nn.Module, config: QuantConfig, fisher: dict[str, Tens
             if tuple(fisher[name].shape) != tuple(linear.weight.shape):
                 raise SqlabError(f"the Fisher information of {name} has shape {tuple(fisher[name].shape)}, "
                                  f"the weight has {tuple(linear.weight.shape)}")
-            _check_finite(name, fisher[name], "Fisher values")
+            check_finite(name, fisher[name], "Fisher values")
     outlier_range, thresholds = outlier_thresholds(model, config, profile)
     store = None
     if work_dir is not None:

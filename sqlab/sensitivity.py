@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from . import assets
 from .errors import SqlabError
 from .files import load_safetensors, save_safetensors
-from .models import fingerprint, quantizable_linears
+from .models import check_seqlen, fingerprint, quantizable_linears
 
 log = logging.getLogger(__name__)
 
@@ -87,10 +87,15 @@ def compute_fisher(model: nn.Module, tokenizer, corpus: str = "shakespeare", nsa
     """Fisher information on ``nsamples`` calibration windows of ``corpus``, cached on disk."""
     from .data import calibration_windows
 
+    check_seqlen(model, seqlen)
     path = fisher_cache_path(model, corpus, nsamples, seqlen, seed)
     if cache and path.exists():
-        log.info("Fisher information from cache %s", path.name)
-        return load_fisher(path, model)
+        try:
+            fisher = load_fisher(path, model)
+            log.info("Fisher information from cache %s", path.name)
+            return fisher
+        except SqlabError as exc:  # a damaged cache entry is computed again, not trusted
+            log.warning("%s; computing the Fisher information again", exc)
     windows = calibration_windows(tokenizer, corpus, nsamples, seqlen, seed)
     fisher = fisher_information(model, windows, progress=progress)
     if cache:
