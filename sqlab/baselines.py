@@ -21,19 +21,17 @@ from __future__ import annotations
 
 import logging
 import math
-import os
-import tempfile
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .config import QuantConfig
 from .errors import SqlabError
+from .files import load_safetensors, save_safetensors
 from .models import block_linears, decoder_blocks, quantizable_linears
-from .quantize import LayerStats, QuantReport
+from .quantize import LayerStats, QuantReport, check_finite
 
 log = logging.getLogger(__name__)
 
@@ -89,10 +87,11 @@ def _stats(name: str, before: Tensor, after: Tensor, fisher: Tensor | None, bits
 def rtn_quantize_model(model: nn.Module, config: QuantConfig, fisher: dict[str, Tensor] | None = None,
                        only: set[str] | None = None) -> QuantReport:
     """RTN of every quantizable linear (or those named in ``only``), in place (simulated)."""
+    linears = {n: m for n, m in quantizable_linears(model).items() if only is None or n in only}
+    for name, linear in linears.items():
+        check_finite(name, linear.weight, "weights")
     stats = []
-    for name, linear in quantizable_linears(model).items():
-        if only is not None and name not in only:
-            continue
+    for name, linear in linears.items():
         before = linear.weight.detach().clone()
         linear.weight.copy_(rtn_quantize(before, config.wbits, config.groupsize))
         bits = bits_per_weight(config.wbits, linear.in_features, linear.out_features, config.groupsize)
@@ -196,6 +195,9 @@ def gptq_quantize_model(model: nn.Module, windows: Tensor, config: QuantConfig, 
     """
     blocks = decoder_blocks(model)
     chosen = set(range(len(blocks)) if only_blocks is None else only_blocks)
+    for index in sorted(chosen):
+        for name, linear in block_linears(model, blocks[index][1]).items():
+            check_finite(f"{blocks[index][0]}.{name}", linear.weight, "weights")
     blocks = blocks[: max(chosen) + 1]  # nothing after the last chosen block matters
     paths = [_hessian_path(cache_dir, cache_key, i) if cache_key and i in chosen else None
              for i in range(len(blocks))]
@@ -213,7 +215,7 @@ def gptq_quantize_model(model: nn.Module, windows: Tensor, config: QuantConfig, 
                 inputs = _run_block(block, inputs, kwargs)
             continue
         if path is not None and path.exists():
-            hessians = load_file(str(path))
+            hessians = load_safetensors(path)[0]
         else:
             hessians = {name: torch.zeros(m.in_features, m.in_features, device=m.weight.device)
                         for name, m in linears.items()}
@@ -232,12 +234,10 @@ def gptq_quantize_model(model: nn.Module, windows: Tensor, config: QuantConfig, 
                     h.remove()
             count = inputs.shape[0] * inputs.shape[1]
             hessians = {n: h / count for n, h in hessians.items()}
+            for name, h in hessians.items():
+                check_finite(f"{prefix}.{name}", h, "calibration inputs (Hessian)")
             if path is not None:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as tmp:
-                    pass
-                save_file({n: h.contiguous().cpu() for n, h in hessians.items()}, tmp.name)
-                os.replace(tmp.name, path)
+                save_safetensors(hessians, path)
         for name, linear in linears.items():
             before = linear.weight.detach().clone()
             q = gptq_quantize(before, hessians[name].to(before.device), config.wbits, config.groupsize,

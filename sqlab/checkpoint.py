@@ -4,25 +4,28 @@ A checkpoint is a directory: the Hugging Face ``config.json`` and tokenizer file
 ``quant_config.json`` (``{"wbits", "outlier_pct", "sensitive_pct", "format", ...}``),
 and ``model.safetensors`` holding, per quantized linear, ``qweight``,
 ``lookup_table`` and, with sparsity, ``rows``/``cols``/``vals``; every other
-parameter as it is. Loading never unpickles code: safetensors here, and
-``torch.load(..., weights_only=True)`` for the original model-zoo files.
+parameter as it is. ``quant_config.json`` also lists the files sqlab wrote, so
+replacing a checkpoint (``overwrite``) keeps every other file in the directory.
+Loading never unpickles code (safetensors here, ``torch.load(..., weights_only=True)``
+for the original model-zoo files) and checks every packed layer before use.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import pickle
+import re
 import shutil
-import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
-from . import models
+from . import files, models
 from .errors import SqlabError
 from .packing import packed_rows
 from .qlinear import SqueezeLinear
@@ -33,6 +36,7 @@ FORMAT = "sqlab-squeezellm-v1"
 SIMULATED = "sqlab-simulated-v1"  # a baseline's reconstructed weights in an ordinary model directory
 QUANT_CONFIG = "quant_config.json"
 WEIGHTS = "model.safetensors"
+REPORT = "quant_report.json"
 PARTS = ("qweight", "lookup_table", "rows", "cols", "vals", "bias")
 
 
@@ -64,59 +68,97 @@ def _unique_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, 
     return state, tied
 
 
-def _replace_atomically(tmp: Path, out: Path) -> None:
-    if out.exists():
-        if not is_checkpoint(out) and any(out.iterdir()):
-            raise SqlabError(f"{str(out)!r} exists and is not a sqlab checkpoint; refusing to overwrite it")
-        old = out.with_name(out.name + ".old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
+def check_target(out: Path, overwrite: bool, what: str | None = None) -> None:
+    """Refuse to write a checkpoint into ``out`` (named ``what`` in messages) unless it is a new
+    or empty directory, or, with ``overwrite``, a sqlab checkpoint."""
+    what = what or repr(str(out))
+    if out.exists() and not out.is_dir():
+        raise SqlabError(f"{what} is a file; expected a directory (a new one, or a sqlab "
+                         "checkpoint to replace)")
+    if out.is_dir() and any(out.iterdir()):
+        if not is_checkpoint(out):
+            raise SqlabError(f"{what} exists and is not a sqlab checkpoint; refusing to write into "
+                             "it, choose another directory")
+        if not overwrite:
+            raise SqlabError(f"{what} already holds a sqlab checkpoint; pass --overwrite "
+                             "(overwrite=True in Python) to replace it; files sqlab did not write "
+                             "there are kept")
 
 
-def save_simulated(model: nn.Module, out: str | Path, quant_config: dict, tokenizer=None) -> Path:
-    """Write a baseline's fake-quantized model as an ordinary model directory, marked as such."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+def _written_files(out: Path) -> list[str]:
+    """The files a checkpoint's writer recorded as its own (none if it recorded none)."""
     try:
+        names = json.loads((out / QUANT_CONFIG).read_text()).get("files", [])
+    except (OSError, ValueError, AttributeError):
+        return []
+    return [n for n in names if isinstance(n, str)] if isinstance(names, list) else []
+
+
+@contextlib.contextmanager
+def _writing(out: str | Path, overwrite: bool) -> Iterator[Path]:
+    """A temporary directory to fill, published as checkpoint ``out`` when the block succeeds.
+
+    Holds the lock on ``out`` meanwhile. Replacing a checkpoint rewrites the files
+    sqlab writes, deletes those the old one recorded and the new one lacks, and keeps
+    every other file in the directory; ``quant_config.json`` moves last.
+    """
+    out = Path(os.path.abspath(out))
+    with files.exclusive(out, repr(str(out))):
+        check_target(out, overwrite)
+        stale = _written_files(out) if out.is_dir() else []
+        tmp = files.partial_dir(out)
+        try:
+            yield tmp
+            written = sorted(p.name for p in tmp.iterdir() if p.name != files.PARTIAL_MARKER)
+            quant = json.loads((tmp / QUANT_CONFIG).read_text())
+            files.write_json(tmp / QUANT_CONFIG, {**quant, "files": written})
+            files.publish(tmp, out, stale=stale, last=QUANT_CONFIG)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def save_simulated(model: nn.Module, out: str | Path, quant_config: dict, tokenizer=None, *,
+                   overwrite: bool = False, report: dict | None = None) -> Path:
+    """Write a baseline's fake-quantized model as an ordinary model directory, marked as such.
+
+    ``overwrite`` and ``report`` as in ``save_quantized``.
+    """
+    with _writing(out, overwrite) as tmp:
         model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        (tmp / QUANT_CONFIG).write_text(json.dumps({**quant_config, "format": SIMULATED}, indent=2) + "\n")
-        os.chmod(tmp, 0o755)
-        _replace_atomically(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
+        files.write_json(tmp / QUANT_CONFIG, {**quant_config, "format": SIMULATED})
+        if report is not None:
+            files.write_json(tmp / REPORT, report)
+    return Path(out)
 
 
-def save_quantized(model: nn.Module, out: str | Path, quant_config: dict, tokenizer=None) -> Path:
-    """Write a checkpoint directory; it appears complete or not at all."""
-    out = Path(out)
+def save_quantized(model: nn.Module, out: str | Path, quant_config: dict, tokenizer=None, *,
+                   overwrite: bool = False, report: dict | None = None) -> Path:
+    """Write a checkpoint directory.
+
+    ``out`` must be new (it then appears complete or not at all), empty, or, with
+    ``overwrite``, a sqlab checkpoint: each of its files is replaced atomically,
+    ``quant_config.json`` last, and files sqlab did not write are kept. ``report``
+    (a ``QuantReport.as_dict()``) is stored as ``quant_report.json``. Two saves
+    give byte-identical files.
+    """
     layers = quantized_layers(model)
     if not layers:
         raise SqlabError("the model has no SqueezeLinear layers; quantize it first (simulate=False)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    try:
+    with _writing(out, overwrite) as tmp:
         model.config.to_json_file(tmp / "config.json")
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         state, tied = _unique_state(model)
-        meta = {"format": FORMAT, "tied": json.dumps(tied)}
-        save_file(state, str(tmp / WEIGHTS), metadata=meta)
+        meta = {"format": FORMAT, "tied": json.dumps(tied, sort_keys=True)}
+        files.save_safetensors(state, tmp / WEIGHTS, metadata=meta)
         wbits = {m.wbits for m in layers.values()}
         payload = {"wbits": wbits.pop() if len(wbits) == 1 else sorted(wbits), "format": FORMAT, **quant_config}
-        (tmp / QUANT_CONFIG).write_text(json.dumps(payload, indent=2) + "\n")
-        os.chmod(tmp, 0o755)
-        _replace_atomically(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
+        files.write_json(tmp / QUANT_CONFIG, payload)
+        if report is not None:
+            files.write_json(tmp / REPORT, report)
+    return Path(out)
 
 
 def _install_shells(model: nn.Module, shapes: dict[str, dict[str, tuple[tuple[int, ...], torch.dtype]]],
@@ -165,17 +207,42 @@ def _group_shapes(shapes: dict[str, tuple[tuple[int, ...], torch.dtype]]) -> dic
     return {m: parts for m, parts in grouped.items() if "qweight" in parts}
 
 
+def _check_cast(key: str, tensor: torch.Tensor, target: torch.Tensor, source: str) -> None:
+    """Refuse a stored tensor whose values would change when cast to the model's dtype."""
+    if tensor.dtype == target.dtype:
+        return
+    if target.is_floating_point():
+        if not tensor.is_floating_point():
+            raise SqlabError(f"tensor {key} in {source} is {tensor.dtype}; this model needs "
+                             f"floating point ({target.dtype})")
+        return
+    if tensor.is_floating_point() or tensor.is_complex() or tensor.dtype == torch.bool:
+        raise SqlabError(f"tensor {key} in {source} is {tensor.dtype}; it must hold integers "
+                         f"({target.dtype}), and casting it would change its values")
+    info = torch.iinfo(target.dtype)
+    if tensor.numel() and (int(tensor.min()) < info.min or int(tensor.max()) > info.max):
+        raise SqlabError(f"tensor {key} in {source} holds values outside the range of "
+                         f"{target.dtype} ({int(tensor.min())} to {int(tensor.max())})")
+
+
 def _load_into(model: nn.Module, state: dict[str, torch.Tensor], source: str, *, strict: bool) -> None:
     expected = model.state_dict()
     for key, tensor in state.items():
         if key in expected and tuple(expected[key].shape) != tuple(tensor.shape):
             raise SqlabError(f"tensor {key} in {source} has shape {tuple(tensor.shape)}; the model needs "
                              f"{tuple(expected[key].shape)}")
+        if key in expected:
+            _check_cast(key, tensor, expected[key], source)
     result = model.load_state_dict(state, strict=False)
     if result.unexpected_keys:
         raise SqlabError(f"{source} holds tensors this model does not have: {', '.join(result.unexpected_keys[:5])}")
     if strict and result.missing_keys:
         raise SqlabError(f"{source} lacks tensors of this model: {', '.join(result.missing_keys[:5])}")
+    for name, layer in quantized_layers(model).items():
+        try:
+            layer.validate(name)
+        except SqlabError as exc:
+            raise SqlabError(f"{exc} (in {source})") from None
 
 
 def _model_from_config(path: Path, dtype: torch.dtype) -> nn.Module:
@@ -188,6 +255,17 @@ def _model_from_config(path: Path, dtype: torch.dtype) -> nn.Module:
     return AutoModelForCausalLM.from_config(config, dtype=dtype)
 
 
+def _check_wbits(quant: dict, model: nn.Module, path: Path) -> None:
+    """``quant_config.json`` must state the bit width the stored look-up tables have."""
+    found = sorted({m.wbits for m in quantized_layers(model).values()})
+    stated = quant.get("wbits")
+    if stated != (found[0] if len(found) == 1 else found) or isinstance(stated, bool):
+        raise SqlabError(f"{str(path / QUANT_CONFIG)!r} says wbits {stated!r}, but {WEIGHTS} holds "
+                         f"{' and '.join(map(str, found))}-bit look-up tables; the wbits it states "
+                         "must be the tensors' (3 or 4): the file was edited or belongs to another "
+                         "checkpoint")
+
+
 def load_quantized(path: str | Path, device: torch.device | str | None = None) -> nn.Module:
     """Load a checkpoint directory into ``SqueezeLinear`` layers."""
     path = Path(path)
@@ -195,24 +273,26 @@ def load_quantized(path: str | Path, device: torch.device | str | None = None) -
         quant = json.loads((path / QUANT_CONFIG).read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise SqlabError(f"{str(path)!r} is not a sqlab checkpoint: cannot read {QUANT_CONFIG} ({exc})") from exc
+    if not isinstance(quant, dict):
+        raise SqlabError(f"{str(path / QUANT_CONFIG)!r} holds a {type(quant).__name__}; expected a "
+                         "JSON object")
     if quant.get("format") != FORMAT:
         raise SqlabError(f"{str(path / QUANT_CONFIG)!r} has format {quant.get('format')!r}; expected {FORMAT!r}")
     weights = path / WEIGHTS
-    try:
-        with safe_open(str(weights), framework="pt") as f:
-            meta = f.metadata() or {}
-            state = {key: f.get_tensor(key) for key in f.keys()}
-    except Exception as exc:
-        raise SqlabError(f"cannot read {str(weights)!r}: it is missing, truncated or not a safetensors file "
-                         f"({exc})") from exc
+    state, meta = files.load_safetensors(weights)
     if meta.get("format") != FORMAT:
         raise SqlabError(f"{str(weights)!r} was not written by sqlab (format {meta.get('format')!r})")
     floats = [t.dtype for k, t in state.items() if t.is_floating_point() and not k.endswith("lookup_table")]
     model = _model_from_config(path, floats[0] if floats else torch.float32)
     _install_shells(model, _group_shapes({k: (tuple(t.shape), t.dtype) for k, t in state.items()}), str(weights))
-    tied = json.loads(meta.get("tied", "{}"))
-    for key, source in tied.items():
-        state[key] = state[source]
+    _check_wbits(quant, model, path)
+    try:
+        tied = json.loads(meta.get("tied", "{}"))
+        for key, source in tied.items():
+            state[key] = state[source]
+    except (ValueError, AttributeError, KeyError, TypeError) as exc:
+        raise SqlabError(f"{str(weights)!r} has damaged metadata: 'tied' must map tensor names to "
+                         f"stored tensors, got {meta.get('tied')!r:.80}") from exc
     _load_into(model, state, str(weights), strict=True)
     device = torch.device(device) if device is not None else models.default_device()
     model.to(device).eval()
@@ -238,12 +318,7 @@ def export_squeezellm(model: nn.Module, path: str | Path) -> Path:
         if layer.nnz:
             state[f"{name}.vals"] = layer.vals.detach().float().cpu()
             state[f"sparse_threshold.{name}"] = layer.nnz
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as tmp:
-        torch.save(state, tmp)
-    os.replace(tmp.name, path)
-    return path
+    return files.torch_save(state, path)
 
 
 def import_squeezellm(path: str | Path, base: str, device: torch.device | str | None = "cpu") -> nn.Module:
@@ -259,8 +334,17 @@ def import_squeezellm(path: str | Path, base: str, device: torch.device | str | 
     except FileNotFoundError:
         raise SqlabError(f"SqueezeLLM checkpoint {str(path)!r} does not exist") from None
     except Exception as exc:
+        refused = str(exc).startswith("Weights only load failed")
+        if isinstance(exc, pickle.UnpicklingError) and refused:
+            # torch's message suggests weights_only=False, which would run the file's code: never
+            found = re.search(r"GLOBAL (\S+)", str(exc))
+            what = f"a reference to {found.group(1)}" if found else "Python objects"
+            raise SqlabError(f"{str(path)!r} holds {what}, not only tensors; sqlab reads tensors "
+                             "alone and never runs code from a file, so it refuses this "
+                             "file") from None
+        said = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise SqlabError(f"cannot read {str(path)!r} as a SqueezeLLM state dict (truncated, or not a "
-                         f"torch.save file of tensors): {str(exc).splitlines()[0]}") from exc
+                         f"torch.save file of tensors): {said}") from None
     if not isinstance(state, dict) or not any(k.endswith(".qweight") for k in state):
         raise SqlabError(f"{str(path)!r} is not a SqueezeLLM checkpoint: it holds no '*.qweight' tensors")
     state = {k: v for k, v in state.items() if not k.startswith("sparse_threshold.")}

@@ -7,12 +7,13 @@ Every subcommand is a thin wrapper over the public API; bad input ends in one
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
+import shutil
 import sys
 from pathlib import Path
 
+from . import files
 from .errors import SqlabError
 
 log = logging.getLogger("sqlab")
@@ -33,14 +34,6 @@ def _positive(text: str) -> int:
     return value
 
 
-def _write_json(path: str, payload: dict) -> None:
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(target.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2) + "\n")
-    os.replace(tmp, target)
-
-
 def _default_seqlen(model) -> int:
     from .evaluate import _device
 
@@ -59,6 +52,8 @@ def cmd_fetch(args) -> int:
 def cmd_eval(args) -> int:
     from . import checkpoint, data, evaluate, models
 
+    if args.json:
+        files.writable_file(args.json, "--json")  # before the work, not after printing its result
     # the text first: a bad dataset fails before the slow model load
     tokenizer = models.load_tokenizer(args.model)
     text = data.eval_text(args.dataset)
@@ -69,14 +64,16 @@ def cmd_eval(args) -> int:
     print(f"{args.model} on {args.dataset}: perplexity {result.ppl:.3f} "
           f"({result.windows} windows of {seqlen} tokens)")
     if args.json:
-        _write_json(args.json, {"model": args.model, "dataset": args.dataset, "seqlen": seqlen,
-                                "windows": result.windows, "ppl": result.ppl})
+        files.write_json(args.json, {"model": args.model, "dataset": args.dataset, "seqlen": seqlen,
+                                     "windows": result.windows, "ppl": result.ppl})
     return 0
 
 
 def cmd_bench(args) -> int:
     from . import checkpoint, evaluate, models
 
+    if args.json:
+        files.writable_file(args.json, "--json")
     model = checkpoint.load(args.model)
     tokenizer = models.load_tokenizer(args.model)
     bench = evaluate.generation_benchmark(model, tokenizer, args.tokens, repeats=args.repeats)
@@ -94,7 +91,7 @@ def cmd_bench(args) -> int:
         print(f"  CUDA graph:       not measured ({bench.graph_note})")
     print(f"  weights {bench.weights_mb:.1f} MB, {bench.peak_memory_kind} {bench.peak_memory_mb:.0f} MB")
     if args.json:
-        _write_json(args.json, {"model": args.model, **bench.as_dict()})
+        files.write_json(args.json, {"model": args.model, **bench.as_dict()})
     return 0
 
 
@@ -109,33 +106,41 @@ def _quant_config(args):
 
 
 def cmd_quantize(args) -> int:
-    import shutil
-
-    from . import checkpoint, data, models
-    from .experiments import quantize
+    from . import checkpoint, data
 
     config = _quant_config(args)  # bad settings fail before anything slow
     data.parse_corpus(config.calib)
-    out = Path(args.out)
-    if out.exists() and not checkpoint.is_checkpoint(out) and any(out.iterdir()):
-        raise SqlabError(f"--out {args.out!r} exists and is not a sqlab checkpoint; choose another directory")
-    tokenizer = models.load_tokenizer(args.model)
-    model = models.load_model(args.model)
-    work = out.with_name(out.name + ".work")
-    report = quantize(model, tokenizer, config, work_dir=work if config.method == "squeezellm" else None)
-    meta = {**config.relevant(), "label": config.label(), "outlier_range": report.outlier_range,
-            "bits_per_weight": report.bits_per_weight, "base_model": args.model}
-    if config.method == "squeezellm":
-        checkpoint.save_quantized(model, out, meta, tokenizer)
-    else:
-        checkpoint.save_simulated(model, out, meta, tokenizer)
-    _write_json(str(out / "quant_report.json"), report.as_dict())
-    shutil.rmtree(work, ignore_errors=True)
+    out = files.writable_dir(args.out, "--out")
+    with files.exclusive(out, f"--out {args.out!r}"):
+        checkpoint.check_target(out, args.overwrite, f"--out {args.out!r}")
+        work = out.with_name(out.name + ".work")
+        try:
+            report = _quantize_into(args, config, out,
+                                    work if config.method == "squeezellm" else None)
+        except BaseException:
+            if work.is_dir() and not any(work.glob("block_*.safetensors")):
+                shutil.rmtree(work, ignore_errors=True)  # nothing to resume from
+            raise
+        shutil.rmtree(work, ignore_errors=True)
     sparse = (f", {report.outlier_pct:.3f}% outliers (r = {report.outlier_range}), {report.sparse_pct:.3f}% sparse"
               if config.method == "squeezellm" else " (reconstructed weights, stored unpacked)")
     print(f"{config.label()} of {args.model}: {report.bits_per_weight:.3f} bits/weight, "
-          f"{report.size_mb:.1f} MB of quantized linears{sparse} -> {out}")
+          f"{report.size_mb:.1f} MB of quantized linears{sparse} -> {args.out}")
     return 0
+
+
+def _quantize_into(args, config, out: Path, work: Path | None):
+    from . import checkpoint, models
+    from .experiments import quantize
+
+    tokenizer = models.load_tokenizer(args.model)
+    model = models.load_model(args.model)
+    report = quantize(model, tokenizer, config, work_dir=work)
+    meta = {**config.relevant(), "label": config.label(), "outlier_range": report.outlier_range,
+            "bits_per_weight": report.bits_per_weight, "base_model": args.model}
+    save = checkpoint.save_quantized if config.method == "squeezellm" else checkpoint.save_simulated
+    save(model, out, meta, tokenizer, overwrite=args.overwrite, report=report.as_dict())
+    return report
 
 
 def _floats(text: str) -> list[float]:
@@ -169,14 +174,14 @@ def cmd_sweep(args) -> int:
             raise SqlabError(f"unknown method {bad[0]!r}; --methods takes squeezellm, rtn, gptq")
         configs = experiments.sweep_configs(args.methods, args.wbits, args.outlier_pct, args.sensitive_pct,
                                             args.groupsize, **common)
+    files.writable_dir(args.out, "--out")
     evaluation = experiments.EvalSettings(tuple(args.datasets), args.eval_seqlen, args.max_windows)
     sweeper = experiments.Sweeper(args.model, evaluation)
     frame = sweeper.run(configs)
     table = experiments.tidy(frame)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    table.to_csv(out / "results.csv", index=False)
-    frame.to_json(out / "results.json", orient="records", indent=1)
+    files.write_text(out / "results.csv", table.to_csv(index=False))
+    files.write_text(out / "results.json", frame.to_json(orient="records", indent=1))
     print(experiments.render(frame))
     print(f"written to {out / 'results.csv'} and {out / 'results.json'}")
     return 0
@@ -185,6 +190,7 @@ def cmd_sweep(args) -> int:
 def cmd_report(args) -> int:
     from .report import write_report
 
+    files.writable_dir(args.out, "--out")
     path = write_report(args.out, fast=args.fast or fast_mode())
     print(f"report written to {path}")
     return 0
@@ -193,6 +199,7 @@ def cmd_report(args) -> int:
 def cmd_demo(args) -> int:
     from .experiments import render, run_demo, tidy
 
+    files.writable_file(args.json, "--json")
     frame, settings = run_demo(max_windows=args.max_windows, seqlen=args.seqlen, fast=fast_mode())
     print(f"SqueezeLLM demo on {settings['model']}: perplexity on the Shakespeare evaluation plays "
           f"({', '.join(settings['eval_texts'])}), {settings['windows']} windows of {settings['seqlen']} tokens")
@@ -200,7 +207,7 @@ def cmd_demo(args) -> int:
           f"{settings['calibration']['calib']}; quantized blocks: {settings['quantized_blocks']}")
     print(render(frame))
     print(f"({settings['note']})")
-    _write_json(args.json, {**settings, "rows": tidy(frame).to_dict(orient="records")})
+    files.write_json(args.json, {**settings, "rows": tidy(frame).to_dict(orient="records")})
     print(f"written to {args.json}")
     return 0
 
@@ -224,8 +231,15 @@ def _add_quant_args(p: argparse.ArgumentParser) -> None:
     _add_calib_args(p)
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors end like every other error: one ``sqlab: error:`` line and exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"sqlab: error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sqlab", description="SqueezeLLM experiment workbench")
+    parser = _Parser(prog="sqlab", description="SqueezeLLM experiment workbench")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -251,7 +265,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("quantize", help="SqueezeLLM-quantize a model into a packed checkpoint")
     p.add_argument("--model", default="default")
     _add_quant_args(p)
-    p.add_argument("--out", required=True, help="checkpoint directory to write")
+    p.add_argument("--out", required=True, help="checkpoint directory to write (new, or empty)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the checkpoint in --out (files sqlab did not write are kept)")
     p.set_defaults(run=cmd_quantize)
 
     p = sub.add_parser("sweep", help="evaluate a grid of methods and settings (cached, resumable)")

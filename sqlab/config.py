@@ -58,8 +58,9 @@ class QuantConfig:
     def __post_init__(self):
         if self.method not in METHODS:
             raise SqlabError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
-        if isinstance(self.wbits, bool) or self.wbits not in WBITS:
-            raise SqlabError(f"wbits must be 3 or 4, got {self.wbits!r}")
+        if isinstance(self.wbits, bool) or not isinstance(self.wbits, int) \
+                or self.wbits not in WBITS:
+            raise SqlabError(f"wbits must be 3 or 4 (an integer), got {self.wbits!r}")
         for name in ("outlier_pct", "sensitive_pct"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 100 \

@@ -16,14 +16,12 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from . import assets
+from . import assets, files
 from .errors import SqlabError
 
 log = logging.getLogger(__name__)
@@ -147,13 +145,31 @@ def _column(dataset, corpus: Corpus) -> list[str]:
     return dataset[column]
 
 
+def read_text(path: Path) -> str:
+    """A UTF-8 text file's content; a binary or undecodable file is a ``SqlabError`` naming it."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        byte = exc.object[exc.start]
+        raise SqlabError(f"text corpus file {str(path)!r} is not UTF-8 text (byte 0x{byte:02x} at "
+                         f"offset {exc.start}); 'text:PATH' takes a UTF-8 text file") from None
+    except OSError as exc:
+        raise SqlabError(f"cannot read text corpus file {str(path)!r}: "
+                         f"{exc.strerror or exc}") from None
+    if "\0" in text:
+        raise SqlabError(f"text corpus file {str(path)!r} holds NUL bytes (offset "
+                         f"{text.index(chr(0))}), so it is a binary file; 'text:PATH' takes a "
+                         "UTF-8 text file")
+    return text
+
+
 def eval_text(name: str) -> str:
     """The evaluation text of a corpus, joined by the GPTQ conventions."""
     corpus = parse_corpus(name)
     if corpus.kind == "shakespeare":
         return "\n\n".join(shakespeare_texts("eval"))
     if corpus.kind == "text":
-        return corpus.path.read_text(encoding="utf-8")
+        return read_text(corpus.path)
     _, _, _, split, joiner, _ = HUB_CORPORA[corpus.kind]
     rows = _column(_hub_split(corpus, split), corpus)
     if corpus.kind == "c4":
@@ -171,7 +187,7 @@ def calib_documents(name: str) -> list[str]:
     if corpus.kind == "shakespeare":
         return ["\n\n".join(shakespeare_texts("calib"))]
     if corpus.kind == "text":
-        return [corpus.path.read_text(encoding="utf-8")]
+        return [read_text(corpus.path)]
     split = HUB_CORPORA[corpus.kind][5]
     rows = _column(_hub_split(corpus, split), corpus)
     if corpus.kind == "c4":
@@ -196,10 +212,7 @@ def tokenize(tokenizer, text: str, *, cache: bool = True) -> torch.Tensor:
             path.unlink(missing_ok=True)
     ids = torch.tensor(tokenizer(text, verbose=False)["input_ids"], dtype=torch.long)
     if cache:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path.parent, delete=False) as tmp:
-            torch.save(ids, tmp)
-        os.replace(tmp.name, path)
+        files.torch_save(ids, path)
     return ids
 
 

@@ -19,7 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .errors import SqlabError
-from .models import context_length
+from .models import check_seqlen
 
 
 @dataclass(frozen=True)
@@ -32,16 +32,6 @@ class Perplexity:
 
     def as_dict(self) -> dict:
         return asdict(self)
-
-
-def check_seqlen(model: nn.Module, seqlen: int, available: int | None = None, what: str = "the text") -> None:
-    if not isinstance(seqlen, int) or seqlen < 2:
-        raise SqlabError(f"seqlen must be an integer >= 2, got {seqlen!r}")
-    limit = context_length(model)
-    if limit is not None and seqlen > limit:
-        raise SqlabError(f"seqlen {seqlen} is longer than the model's context ({limit} tokens)")
-    if available is not None and seqlen > available:
-        raise SqlabError(f"seqlen {seqlen} is longer than {what} ({available} tokens)")
 
 
 def window_starts(n_tokens: int, seqlen: int, max_windows: int | None = None) -> torch.Tensor:
@@ -58,6 +48,18 @@ def window_starts(n_tokens: int, seqlen: int, max_windows: int | None = None) ->
     return index * seqlen
 
 
+def check_token_ids(model: nn.Module, tokens: torch.Tensor) -> None:
+    """Token ids must be integers the model's embedding has rows for."""
+    if tokens.is_floating_point() or tokens.is_complex() or tokens.dtype == torch.bool:
+        raise SqlabError(f"tokens must be integer token ids, got a {tokens.dtype} tensor")
+    vocab = model.get_input_embeddings().num_embeddings
+    if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= vocab):
+        bad = int(tokens.min()) if int(tokens.min()) < 0 else int(tokens.max())
+        raise SqlabError(f"token id {bad} is out of range: the model's vocabulary has {vocab} "
+                         f"tokens (ids 0 to {vocab - 1}); were the tokens made by another model's "
+                         "tokenizer?")
+
+
 def _device(model: nn.Module) -> torch.device:
     return next(iter(model.parameters())).device
 
@@ -68,6 +70,7 @@ def perplexity(model: nn.Module, tokens: torch.Tensor, seqlen: int = 512, *, max
     """Perplexity of ``model`` on 1-D ``tokens`` over non-overlapping ``seqlen`` windows."""
     tokens = tokens.reshape(-1)
     check_seqlen(model, seqlen, tokens.numel(), "the evaluation text")
+    check_token_ids(model, tokens)
     device = _device(model)
     batch_size = batch_size or (8 if device.type == "cuda" else 1)
     starts = window_starts(tokens.numel(), seqlen, max_windows)
@@ -84,6 +87,9 @@ def perplexity(model: nn.Module, tokens: torch.Tensor, seqlen: int = 512, *, max
         bar.update(len(batch))
     bar.close()
     mean = total_nll / count
+    if not math.isfinite(mean):
+        raise SqlabError(f"the model's loss is {mean} on this text: its outputs contain NaN or "
+                         "Inf, so its weights are damaged; a perplexity cannot be given")
     return Perplexity(ppl=math.exp(mean), nll=mean, windows=len(windows), seqlen=seqlen, tokens=count)
 
 

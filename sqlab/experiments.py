@@ -15,8 +15,6 @@ import hashlib
 import itertools
 import json
 import logging
-import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,8 +23,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import assets, baselines, data, evaluate, models
-from .config import METHOD_VERSIONS, QuantConfig
+from . import assets, baselines, data, evaluate, files, models
+from .config import METHOD_FIELDS, METHOD_VERSIONS, QuantConfig
 from .quantize import QuantReport, quantize_model
 from .sensitivity import compute_fisher
 
@@ -50,6 +48,8 @@ def quantize(model: nn.Module, tokenizer, config: QuantConfig, *, fisher: dict |
     packed format here). ``fisher``, when given, is also used to report the
     baselines' Fisher-weighted error per layer.
     """
+    if "seqlen" in METHOD_FIELDS[config.method]:
+        models.check_seqlen(model, config.seqlen)  # before any calibration text is read
     if config.method == "squeezellm":
         if fisher is None and (config.weighted or config.sensitive_pct > 0):
             fisher = compute_fisher(model, tokenizer, config.calib, config.nsamples, config.seqlen, config.seed,
@@ -124,13 +124,6 @@ def result_key(fingerprint: str, point: dict, evaluation: dict) -> str:
     version = METHOD_VERSIONS.get(point.get("method"))
     payload = json.dumps([RESULT_SCHEMA, version, fingerprint, point, evaluation], sort_keys=True, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()[:20]
-
-
-def _write_json(path: Path, payload: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as tmp:
-        json.dump(payload, tmp, indent=1)
-    os.replace(tmp.name, path)
 
 
 class Sweeper:
@@ -214,7 +207,7 @@ class Sweeper:
         bench = evaluate.generation_benchmark(model, self.tokenizer, new_tokens=new_tokens)
         row = {"label": point["label"], **bench.as_dict()}
         if self.cache:
-            _write_json(path, row)
+            files.write_json(path, row)
         return row
 
     def _evaluate(self) -> dict[str, float]:
@@ -256,7 +249,7 @@ class Sweeper:
             row.update(self._evaluate())
         row["seconds"] = time.perf_counter() - start
         if self.cache:
-            _write_json(_cache("results", f"{self.key(point)}.json"), row)
+            files.write_json(_cache("results", f"{self.key(point)}.json"), row)
         return {**row, "cached": False}
 
     def run(self, configs: list[QuantConfig], include_reference: bool = True, on_row=None):

@@ -75,7 +75,28 @@ def _get(module: nn.Module, path: str):
 
 
 def decoder_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """The decoder blocks in order, as ``(qualified name, module)``."""
+    """The decoder blocks in order, as ``(qualified name, module)``.
+
+    Refuses models whose blocks keep weights in tensors of more than two
+    dimensions (mixture-of-experts layers that store every expert's matrix in one
+    parameter, as Mixtral and Qwen2-MoE do): sqlab quantizes ``nn.Linear`` layers,
+    and leaving those weights in full precision would misstate every result.
+    """
+    blocks = _find_blocks(model)
+    stacked = [(f"{prefix}.{name}", tuple(p.shape)) for prefix, block in blocks
+               for name, p in block.named_parameters() if p.ndim > 2]
+    if stacked:
+        shown = ", ".join(f"{name} {shape}" for name, shape in stacked[:4])
+        raise SqlabError(
+            f"unsupported model {type(model).__name__!r}: {len(stacked)} weights are stacked per "
+            f"expert in tensors of 3 or more dimensions ({shown}"
+            f"{', ...' if len(stacked) > 4 else ''}); sqlab quantizes nn.Linear layers only, so "
+            "mixture-of-experts models such as Mixtral and Qwen2-MoE are not supported"
+        )
+    return blocks
+
+
+def _find_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
     family = family_of(model)
     if family.blocks is not None:
         return [(f"{family.blocks}.{i}", block) for i, block in enumerate(_get(model, family.blocks))]
@@ -176,12 +197,14 @@ def _from_hub(loader, source: ModelSource, **kwargs):
         kwargs["local_files_only"] = True  # a copy in the Hugging Face cache still works offline
     try:
         return loader(source.path, gguf_file=source.gguf_file, **kwargs)
-    except OSError as exc:
-        if not source.hub:
-            raise SqlabError(f"could not load model {source.spec!r}: {exc}") from exc
+    except Exception as exc:  # a damaged file surfaces as OSError, ValueError, SafetensorError, ...
+        said = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if not source.hub or not isinstance(exc, OSError):
+            raise SqlabError(f"could not load model {source.spec!r}: a file of it is missing, "
+                             f"truncated or not what its name says ({said})") from exc
         raise SqlabError(
             f"could not load {source.spec!r} from the Hugging Face hub "
-            f"({'the hub is unreachable' if kwargs.get('local_files_only') else str(exc).splitlines()[0]}). "
+            f"({'the hub is unreachable' if kwargs.get('local_files_only') else said}). "
             "If you meant a local directory, it does not exist; offline, download the model "
             "elsewhere and pass its local directory, a .gguf file, or 'default'."
         ) from exc
@@ -216,6 +239,18 @@ def context_length(model: nn.Module) -> int | None:
         if isinstance(value, int) and value > 0:
             return value
     return None
+
+
+def check_seqlen(model: nn.Module, seqlen: int, available: int | None = None,
+                 what: str = "the text") -> None:
+    """``seqlen`` must fit the model's context (and, given ``available``, the text)."""
+    if isinstance(seqlen, bool) or not isinstance(seqlen, int) or seqlen < 2:
+        raise SqlabError(f"seqlen must be an integer >= 2, got {seqlen!r}")
+    limit = context_length(model)
+    if limit is not None and seqlen > limit:
+        raise SqlabError(f"seqlen {seqlen} is longer than the model's context ({limit} tokens)")
+    if available is not None and seqlen > available:
+        raise SqlabError(f"seqlen {seqlen} is longer than {what} ({available} tokens)")
 
 
 def fingerprint(model: nn.Module) -> str:

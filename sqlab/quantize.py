@@ -9,20 +9,18 @@ skips finished blocks and ends with the same result.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from . import outliers
+from . import files, outliers
 from .config import QuantConfig
 from .errors import SqlabError
 from .kmeans import assign, weighted_kmeans
@@ -30,6 +28,7 @@ from .models import block_linears, decoder_blocks, quantizable_linears
 from .packing import CSR, correct_sparse, pack, reconstruct, unpack
 from .qlinear import SqueezeLinear
 
+log = logging.getLogger(__name__)
 
 @dataclass
 class QuantizedWeight:
@@ -106,7 +105,7 @@ class QuantReport:
                 "layers": [asdict(s) for s in self.layers]}
 
 
-def _check_finite(name: str, tensor: Tensor, what: str) -> None:
+def check_finite(name: str, tensor: Tensor, what: str) -> None:
     if not torch.isfinite(tensor).all():
         raise SqlabError(f"{what} of {name} contain NaN or Inf; cannot quantize it")
 
@@ -188,19 +187,29 @@ def outlier_thresholds(model: nn.Module, config: QuantConfig,
 
 
 class _WorkDir:
-    """Finished blocks of an interrupted run, one safetensors file each, written atomically."""
+    """Finished blocks of an interrupted run, one safetensors file each.
+
+    Every file is written atomically and records a checksum of its content and the
+    run it belongs to; a block whose file is damaged, truncated or of another run is
+    logged and quantized again, never used.
+    """
 
     def __init__(self, path: Path, identity: dict):
         self.path = Path(path)
-        self.path.mkdir(parents=True, exist_ok=True)
+        self.run = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
         marker = self.path / "run.json"
+        found = None
         if marker.exists():
-            found = json.loads(marker.read_text())
-            if found != identity:
-                raise SqlabError(f"work directory {str(self.path)!r} holds blocks of a different run "
-                                 f"({marker}); delete it or choose another directory")
-        else:
-            marker.write_text(json.dumps(identity, indent=1, sort_keys=True))
+            try:
+                found = json.loads(marker.read_text())
+            except (OSError, ValueError) as exc:
+                log.warning("%s is damaged (%s); writing it again (each block is checked on its "
+                            "own)", marker, exc)
+        if found is not None and found != json.loads(json.dumps(identity)):
+            raise SqlabError(f"work directory {str(self.path)!r} holds blocks of a different run "
+                             f"({marker}); delete it or choose another directory")
+        if found is None:
+            files.write_json(marker, identity)
 
     def file(self, index: int) -> Path:
         return self.path / f"block_{index:04d}.safetensors"
@@ -209,33 +218,37 @@ class _WorkDir:
         path = self.file(index)
         if not path.exists():
             return None
-        tensors = load_file(str(path))
-        meta = json.loads(tensors.pop("__meta__").numpy().tobytes().decode()) if "__meta__" in tensors else {}
-        result = {}
-        for name, info in meta.items():
-            csr = None
-            if f"{name}.vals" in tensors:
-                csr = CSR(tensors[f"{name}.rows"], tensors[f"{name}.cols"], tensors[f"{name}.vals"])
-            indices = unpack(tensors[f"{name}.qweight"], info["wbits"], info["in_features"])
-            result[name] = QuantizedWeight(indices, tensors[f"{name}.lookup_table"], csr, info["outliers"],
-                                           info["sensitive"])
+        try:
+            tensors, meta = files.load_safetensors(path, verify=True)
+            if meta.get("run") != self.run:
+                raise SqlabError(f"it belongs to another run ({meta.get('run')!r}, this run is "
+                                 f"{self.run!r})")
+            result = {}
+            for name, info in json.loads(meta["layers"]).items():
+                part = {k[len(name) + 1:]: t for k, t in tensors.items()
+                        if k.startswith(f"{name}.")}
+                csr = CSR(part["rows"], part["cols"], part["vals"]) if "vals" in part else None
+                indices = unpack(part["qweight"], info["wbits"], info["in_features"])
+                result[name] = QuantizedWeight(indices, part["lookup_table"], csr, info["outliers"],
+                                               info["sensitive"])
+        except (SqlabError, KeyError, TypeError, ValueError) as exc:
+            log.warning("block %d: %s is unusable (%s); quantizing the block again", index, path,
+                        exc)
+            return None
         return result
 
     def save(self, index: int, block: dict[str, QuantizedWeight]) -> None:
-        tensors, meta = {}, {}
+        tensors, layers = {}, {}
         for name, q in block.items():
             tensors[f"{name}.qweight"] = pack(q.indices, q.wbits)
-            tensors[f"{name}.lookup_table"] = q.lut.contiguous()
+            tensors[f"{name}.lookup_table"] = q.lut
             if q.csr is not None:
                 tensors[f"{name}.rows"], tensors[f"{name}.cols"], tensors[f"{name}.vals"] = \
-                    q.csr.rows, q.csr.cols, q.csr.vals.contiguous()
-            meta[name] = {"wbits": q.wbits, "in_features": q.indices.shape[1], "outliers": q.outliers,
-                          "sensitive": q.sensitive}
-        tensors["__meta__"] = torch.frombuffer(bytearray(json.dumps(meta).encode()), dtype=torch.uint8)
-        with tempfile.NamedTemporaryFile(dir=self.path, suffix=".tmp", delete=False) as tmp:
-            pass
-        save_file({k: v.cpu() for k, v in tensors.items()}, tmp.name)
-        os.replace(tmp.name, self.file(index))
+                    q.csr.rows, q.csr.cols, q.csr.vals
+            layers[name] = {"wbits": q.wbits, "in_features": q.indices.shape[1],
+                            "outliers": q.outliers, "sensitive": q.sensitive}
+        meta = {"layers": json.dumps(layers, sort_keys=True), "run": self.run}
+        files.save_safetensors(tensors, self.file(index), meta, checksum=True)
 
 
 @torch.no_grad()
@@ -264,7 +277,7 @@ def quantize_model(model: nn.Module, config: QuantConfig, fisher: dict[str, Tens
     for _, (prefix, block) in chosen:
         for short, linear in block_linears(model, block).items():
             name = f"{prefix}.{short}"
-            _check_finite(name, linear.weight, "weights")
+            check_finite(name, linear.weight, "weights")
             if fisher is None:
                 continue
             if name not in fisher:
@@ -272,7 +285,7 @@ def quantize_model(model: nn.Module, config: QuantConfig, fisher: dict[str, Tens
             if tuple(fisher[name].shape) != tuple(linear.weight.shape):
                 raise SqlabError(f"the Fisher information of {name} has shape {tuple(fisher[name].shape)}, "
                                  f"the weight has {tuple(linear.weight.shape)}")
-            _check_finite(name, fisher[name], "Fisher values")
+            check_finite(name, fisher[name], "Fisher values")
     outlier_range, thresholds = outlier_thresholds(model, config, profile)
     store = None
     if work_dir is not None:

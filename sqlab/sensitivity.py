@@ -10,18 +10,16 @@ seed, so a second call is a load.
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
 from . import assets
 from .errors import SqlabError
-from .models import fingerprint, quantizable_linears
+from .files import load_safetensors, save_safetensors
+from .models import check_seqlen, fingerprint, quantizable_linears
 
 log = logging.getLogger(__name__)
 
@@ -68,10 +66,7 @@ def fisher_cache_path(model: nn.Module, corpus: str, nsamples: int, seqlen: int,
 
 def load_fisher(path: Path, model: nn.Module | None = None) -> dict[str, torch.Tensor]:
     """Read a Fisher file; with ``model``, check it names every quantizable weight with its shape."""
-    try:
-        fisher = load_file(str(path))
-    except Exception as exc:
-        raise SqlabError(f"cannot read Fisher information from {str(path)!r}: {exc}") from exc
+    fisher = load_safetensors(path)[0]
     if model is not None:
         for name, linear in quantizable_linears(model).items():
             if name not in fisher:
@@ -83,11 +78,7 @@ def load_fisher(path: Path, model: nn.Module | None = None) -> dict[str, torch.T
 
 
 def save_fisher(fisher: dict[str, torch.Tensor], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as tmp:
-        pass
-    save_file({k: v.contiguous().cpu() for k, v in fisher.items()}, tmp.name)
-    os.replace(tmp.name, path)
+    save_safetensors(fisher, path)
 
 
 def compute_fisher(model: nn.Module, tokenizer, corpus: str = "shakespeare", nsamples: int = 16,
@@ -96,10 +87,15 @@ def compute_fisher(model: nn.Module, tokenizer, corpus: str = "shakespeare", nsa
     """Fisher information on ``nsamples`` calibration windows of ``corpus``, cached on disk."""
     from .data import calibration_windows
 
+    check_seqlen(model, seqlen)
     path = fisher_cache_path(model, corpus, nsamples, seqlen, seed)
     if cache and path.exists():
-        log.info("Fisher information from cache %s", path.name)
-        return load_fisher(path, model)
+        try:
+            fisher = load_fisher(path, model)
+            log.info("Fisher information from cache %s", path.name)
+            return fisher
+        except SqlabError as exc:  # a damaged cache entry is computed again, not trusted
+            log.warning("%s; computing the Fisher information again", exc)
     windows = calibration_windows(tokenizer, corpus, nsamples, seqlen, seed)
     fisher = fisher_information(model, windows, progress=progress)
     if cache:

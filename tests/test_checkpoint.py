@@ -106,13 +106,13 @@ def test_saving_never_overwrites_foreign_data_or_leaves_half_a_checkpoint(tmp_pa
         save_quantized(model, precious, config.as_dict())
     assert (precious / "notes.txt").read_text() == "keep me"
 
-    import sqlab.checkpoint as ck
+    import sqlab.files
 
     def broken(*args, **kwargs):
-        raise OSError("disk full")
+        raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(ck, "save_file", broken)
-    with pytest.raises(OSError):
+    monkeypatch.setattr(sqlab.files, "save_file", broken)
+    with pytest.raises(SqlabError, match="cannot write .*model.safetensors'?: No space left"):
         save_quantized(model, tmp_path / "ckpt", config.as_dict())
     assert not (tmp_path / "ckpt").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["precious"]

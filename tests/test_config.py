@@ -4,7 +4,7 @@ from sqlab import QuantConfig, SqlabError
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    ({"wbits": 2}, "wbits must be 3 or 4, got 2"),
+    ({"wbits": 2}, "wbits must be 3 or 4 \\(an integer\\), got 2"),
     ({"wbits": True}, "wbits must be 3 or 4"),
     ({"outlier_pct": 100}, r"outlier_pct is a percentage in \[0, 100\), got 100"),
     ({"sensitive_pct": -0.1}, "sensitive_pct is a percentage"),
