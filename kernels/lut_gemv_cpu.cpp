@@ -58,11 +58,30 @@ constexpr int GROUP = 32;
 constexpr int BLOCK = 16;  // rows whose words share one cache line of a qweight row
 // Below this many multiply-adds a call stays on one thread: waking a second one costs more
 // than it saves, and on a busy machine it may wait a whole scheduler tick for a core.
-constexpr long long PARALLEL_WORK = 1 << 22;
+constexpr long long PARALLEL_WORK = 1 << 18;
 
+// Row o of the sparse part against x: S[o, :] · x.
 inline float sparse_dot(const SqGemv& p, int o, const float* x) {
+  int k = p.rows[o];
+  const int end = p.rows[o + 1];
   float s = 0.f;
-  for (int k = p.rows[o]; k < p.rows[o + 1]; ++k) s += p.vals[k] * x[p.cols[k]];
+#if SQ_AVX512
+  // 16 stored values at a time: their columns gather x
+  __m512 acc = _mm512_setzero_ps();
+  for (; k + 16 <= end; k += 16) {
+    const __m512i cols = _mm512_loadu_si512(p.cols + k);
+    acc = _mm512_fmadd_ps(_mm512_loadu_ps(p.vals + k), _mm512_i32gather_ps(cols, x, 4), acc);
+  }
+  if (k < end) {
+    const __mmask16 rest = (__mmask16)((1u << (end - k)) - 1u);
+    const __m512i cols = _mm512_maskz_loadu_epi32(rest, p.cols + k);
+    const __m512 xs = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), rest, cols, x, 4);
+    acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(rest, p.vals + k), xs, acc);
+  }
+  s = _mm512_reduce_add_ps(acc);
+#else
+  for (; k < end; ++k) s += p.vals[k] * x[p.cols[k]];
+#endif
   return s;
 }
 

@@ -156,6 +156,10 @@ class CpuGemv:
         self._address = ctypes.addressof(self.args)
         self._out_shapes: dict = {}
 
+    def resident(self) -> tuple[Tensor, ...]:
+        """The tensors this kernel keeps beside the layer's buffers (for memory accounting)."""
+        return tuple(t for t in (self.table, self.vals, self.bias) if t is not None)
+
     def __call__(self, x: Tensor) -> Tensor:
         shape = x.shape
         if shape[-1] != self.in_features:

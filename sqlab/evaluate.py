@@ -13,13 +13,14 @@ import resource
 import statistics
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from .errors import SqlabError
-from .models import check_seqlen
+from .models import check_seqlen, decoder_blocks
 
 
 @dataclass(frozen=True)
@@ -108,6 +109,7 @@ class GenerationBench:
     graph_tokens_per_s: float | None
     graph_note: str  # why the graph column is empty, or what it measured
     weights_mb: float
+    linear_weights_mb: float  # the decoder linears as decoding holds them (packed + kernel tables)
     peak_memory_mb: float
     peak_memory_kind: str  # what peak_memory_mb measures on this device
 
@@ -132,9 +134,49 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _greedy(model: nn.Module, ids: torch.Tensor, n: int) -> torch.Tensor:
+def _greedy(model: nn.Module, ids: torch.Tensor, n: int, streamer=None) -> torch.Tensor:
     return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
-                          do_sample=False, pad_token_id=model.config.eos_token_id or 0)
+                          do_sample=False, pad_token_id=model.config.eos_token_id or 0, streamer=streamer)
+
+
+class _TokenClock:
+    """A ``generate()`` streamer that notes when each new token is ready (the prompt comes first)."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.times = device, []
+
+    def put(self, value) -> None:
+        _sync(self.device)
+        self.times.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+
+def _timed_generation(model: nn.Module, ids: torch.Tensor, n: int) -> tuple[float, float]:
+    """One greedy generation of ``n`` tokens: (prefill ms, mean ms per token after the first).
+
+    The streamer stamps every token as ``generate()`` emits it, so the decoding rate is
+    measured within one run, without subtracting two noisy runs.
+    """
+    clock = _TokenClock(ids.device)
+    _sync(ids.device)
+    start = time.perf_counter()
+    _greedy(model, ids, n, clock)
+    stamps = clock.times[1:]  # the first put() is the prompt
+    return (stamps[0] - start) * 1e3, (stamps[-1] - stamps[0]) / (len(stamps) - 1) * 1e3
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory (MB): VmHWM, which unlike ru_maxrss restarts at exec."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _forward_names(model: nn.Module) -> tuple[str, bool]:
@@ -259,11 +301,11 @@ def generation_benchmark(model: nn.Module, tokenizer, new_tokens: int = 64,
                          graph: bool = True) -> GenerationBench:
     """Greedy decoding of ``new_tokens`` tokens at batch 1: eager, and on a GPU from a CUDA graph.
 
-    After a warm-up, ``repeats`` runs each time ``t(1)`` and ``t(N)``, the wall time of
-    generating 1 and ``N`` tokens from the same prompt; decode speed excludes the prompt,
-    ``(t(N) - t(1)) / (N - 1)``. Reported: the median over the runs and the min-max
-    spread. With ``graph`` on a GPU the same decoding also runs as one captured CUDA
-    graph replayed per token.
+    After a warm-up, ``repeats`` runs of ``generate()``, each stamping its tokens as they
+    come out: a run's decoding time is the mean interval between its new tokens (the
+    prompt excluded), its prefill the time to the first. Reported: the median over the
+    runs and the min-max spread. With ``graph`` on a GPU the same decoding also runs as
+    one captured CUDA graph replayed per token.
     """
     if not isinstance(new_tokens, int) or new_tokens < 2:
         raise SqlabError(f"--tokens must be an integer >= 2, got {new_tokens!r}")
@@ -277,15 +319,9 @@ def generation_benchmark(model: nn.Module, tokenizer, new_tokens: int = 64,
         torch.cuda.reset_peak_memory_stats(device)
     prefill, per_token = [], []
     for _ in range(repeats):
-        timings = {}
-        for n in (1, new_tokens):
-            _sync(device)
-            start = time.perf_counter()
-            _greedy(model, ids, n)
-            _sync(device)
-            timings[n] = time.perf_counter() - start
-        prefill.append(timings[1] * 1e3)
-        per_token.append((timings[new_tokens] - timings[1]) / (new_tokens - 1) * 1e3)
+        first, rate = _timed_generation(model, ids, new_tokens)
+        prefill.append(first)
+        per_token.append(rate)
     decode, spread = _median_spread(per_token)
     graph_ms = graph_spread = None
     note = "not asked for"
@@ -294,13 +330,14 @@ def generation_benchmark(model: nn.Module, tokenizer, new_tokens: int = 64,
     if device.type == "cuda":
         peak, kind = torch.cuda.max_memory_allocated(device) / 2**20, "GPU memory allocated"
     else:
-        peak, kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "process peak RSS"
+        peak, kind = peak_rss_mb(), "process peak RSS"
     return GenerationBench(
         device=str(device), new_tokens=new_tokens, prompt_tokens=ids.shape[1], repeats=repeats,
         prefill_ms=statistics.median(prefill), decode_ms_per_token=decode, decode_ms_spread=spread,
         tokens_per_s=1e3 / decode if decode > 0 else float("inf"), graph_decode_ms_per_token=graph_ms,
         graph_decode_ms_spread=graph_spread, graph_tokens_per_s=1e3 / graph_ms if graph_ms else None,
-        graph_note=note, weights_mb=weights_bytes(model) / 2**20, peak_memory_mb=peak, peak_memory_kind=kind,
+        graph_note=note, weights_mb=weights_bytes(model) / 2**20,
+        linear_weights_mb=linear_weights_bytes(model) / 2**20, peak_memory_mb=peak, peak_memory_kind=kind,
     )
 
 
@@ -326,21 +363,108 @@ def memory_bandwidth(device: torch.device | str = "cpu", megabytes: int = 256, r
     return 2 * src.numel() * 4 / seconds / 1e9
 
 
-def gemv_timings(shapes: list[tuple[int, int]], dtypes=(torch.float32, torch.bfloat16),
-                 device: torch.device | str = "cpu", repeats: int = 15) -> list[dict]:
-    """Batch-1 matrix-vector products ``(out, in) @ (in,)``: bytes read, median time, GB/s."""
-    device = torch.device(device)
+def last_level_cache_bytes(default: int = 32 * 2**20) -> int:
+    """The CPU's last-level cache (Linux sysfs), else ``default``."""
+    sizes = []
+    for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
+        try:
+            text = (index / "size").read_text().strip()
+        except OSError:
+            continue
+        value, unit = int(text.rstrip("KMG")), text[-1]
+        sizes.append(value * {"K": 2**10, "M": 2**20, "G": 2**30}.get(unit, 1))
+    return max(sizes, default=default)
+
+
+GEMV_FORMATS = ("fp32", "bf16", "w4", "w3", "w3s")  # torch fp32/bf16; sqlab's packed 4/3-bit, 3-bit + 0.45% sparse
+SPARSE_DENSITY = 0.0045
+
+
+def _gemv_operator(fmt: str, out_features: int, in_features: int, seed: int):
+    """A batch-1 product ``x -> x @ W.T`` in ``fmt`` with random values, and the bytes one call reads."""
+    from .packing import pack, to_csr
+    from .qlinear import SqueezeLinear
+
+    gen = torch.Generator().manual_seed(seed)
+    if fmt in ("fp32", "bf16"):
+        dtype = torch.float32 if fmt == "fp32" else torch.bfloat16
+        w = torch.randn(out_features, in_features, generator=gen).to(dtype)
+        x = torch.randn(1, in_features, generator=gen).to(dtype)
+        return (lambda: nn.functional.linear(x, w)), w.numel() * w.element_size()
+    wbits = int(fmt[1])
+    csr = None
+    if fmt.endswith("s"):
+        nnz = round(SPARSE_DENSITY * out_features * in_features)
+        csr = to_csr(torch.randint(0, out_features, (nnz,), generator=gen),
+                     torch.randint(0, in_features, (nnz,), generator=gen), torch.randn(nnz, generator=gen),
+                     out_features)
+    idx = torch.randint(0, 1 << wbits, (out_features, in_features), generator=gen, dtype=torch.uint8)
+    layer = SqueezeLinear.from_parts(pack(idx, wbits), torch.randn(out_features, 1 << wbits, generator=gen).half(),
+                                     in_features, csr)
+    x = torch.randn(1, in_features, generator=gen)
+    layer(x)  # prepare the kernel
+    return (lambda: layer(x)), linear_weights_bytes(layer)
+
+
+def gemv_timings(shapes: list[tuple[int, int]], formats: tuple[str, ...] = GEMV_FORMATS, repeats: int = 7,
+                 cache_bytes: int | None = None) -> list[dict]:
+    """Batch-1 matrix-vector products on the CPU, ``(out, in)`` weights in each format, timed honestly.
+
+    Each timed round calls every one of ``copies`` independent weight copies once, with
+    enough copies that together they exceed twice the last-level cache, so every call
+    reads its weights from memory as a decoding step does. After a warm-up round,
+    ``repeats`` rounds; reported per call: the median round and its spread, and GB/s of
+    the weight bytes one call reads (packed formats: indices, LUT/table, sparse part).
+    """
+    cache_bytes = cache_bytes or last_level_cache_bytes()
     rows = []
     for out_features, in_features in shapes:
-        for dtype in dtypes:
-            w = torch.randn(out_features, in_features, dtype=dtype, device=device)
-            x = torch.randn(1, in_features, dtype=dtype, device=device)
-            seconds = _time(lambda: torch.nn.functional.linear(x, w), repeats, device)
-            moved = (w.numel() + in_features + out_features) * w.element_size()
-            rows.append({"out_features": out_features, "in_features": in_features,
-                         "dtype": str(dtype).replace("torch.", ""), "bytes": moved, "seconds": seconds,
-                         "gbs": moved / seconds / 1e9, "device": str(device)})
+        for fmt in formats:
+            call, moved = _gemv_operator(fmt, out_features, in_features, seed=0)
+            copies = max(1, -(-2 * cache_bytes // moved))
+            calls = [call] + [_gemv_operator(fmt, out_features, in_features, seed=c)[0] for c in range(1, copies)]
+            rounds = []
+            for round_ in range(repeats + 1):
+                start = time.perf_counter()
+                for c in calls:
+                    c()
+                if round_:  # the first round warms up
+                    rounds.append((time.perf_counter() - start) / copies * 1e6)
+            median, (low, high) = statistics.median(rounds), (min(rounds), max(rounds))
+            rows.append({"shape": [out_features, in_features], "format": fmt, "bytes": moved, "copies": copies,
+                         "us_median": median, "us_min": low, "us_max": high, "gbs": moved / median / 1e3})
+            del calls, call
     return rows
+
+
+def linear_weights_bytes(model: nn.Module) -> int:
+    """Resident bytes of a model's linear weights as decoding uses them.
+
+    ``SqueezeLinear``: its packed buffers plus what its prepared kernel keeps beside them
+    (the CPU kernel's fp32 tables, a converted copy of the sparse values); ``nn.Linear``
+    inside decoder blocks: weight and bias. Shared tensors count once.
+    """
+    from .qlinear import SqueezeLinear
+
+    seen, total = set(), 0
+
+    def add(t: torch.Tensor | None) -> None:
+        nonlocal total
+        if t is not None and t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+
+    if isinstance(model, SqueezeLinear):
+        modules = [model]
+    else:
+        modules = [m for _, block in decoder_blocks(model) for m in block.modules()
+                   if isinstance(m, (SqueezeLinear, nn.Linear))]
+    for module in modules:
+        for t in (*module.buffers(), *module.parameters()):
+            add(t)
+        for t in getattr(module.__dict__.get("_kernel"), "resident", lambda: ())():
+            add(t)
+    return total
 
 
 def cuda_graph_ms(calls: list, repeat: int = 20, warmup: int = 3) -> float:

@@ -118,6 +118,7 @@ class EvalSettings:
 
 # bumped whenever a result row changes shape, so older cache entries are not reused
 RESULT_SCHEMA = 2
+SPEED_VERSION = 2  # speed rows: medians of repeated runs, spreads, linear weight memory
 
 
 def result_key(fingerprint: str, point: dict, evaluation: dict) -> str:
@@ -186,17 +187,23 @@ class Sweeper:
                 path.unlink()
         return None
 
-    def speed(self, config: QuantConfig | None, new_tokens: int = 32) -> dict:
+    def speed(self, config: QuantConfig | None, new_tokens: int = 32, repeats: int = 5) -> dict:
         """Greedy decoding speed and memory of one point on this machine (``None``: unquantized).
 
         A fresh copy of the model is quantized (packed ``SqueezeLinear`` layers for
-        SqueezeLLM) and timed with ``evaluate.generation_benchmark``; the row is
-        cached like a result, keyed also by the device and token count, so a
+        SqueezeLLM) and timed with ``evaluate.generation_benchmark`` (median of
+        ``repeats`` runs after a warm-up, with the spread); the row is cached like a
+        result, keyed also by the device, the token count and how it was timed, so a
         report shows the measurement it took once instead of timing again.
         """
+        from . import cpu_kernels
+
         point = reference_config() if config is None else {**config.relevant(), "label": config.label()}
         device = str(models.default_device())
-        key = result_key(self.fingerprint, point, {"speed": new_tokens, "device": device, "blocks": self.blocks})
+        # what the numbers depend on besides the point: how it is timed and which kernel runs
+        how = {"speed": new_tokens, "repeats": repeats, "device": device, "blocks": self.blocks,
+               "timing": SPEED_VERSION, "cpu_kernel": device == "cpu" and cpu_kernels.available()}
+        key = result_key(self.fingerprint, point, how)
         path = _cache("speed", f"{key}.json")
         if self.cache and path.exists():
             return {**json.loads(path.read_text()), "cached": True}
@@ -204,7 +211,7 @@ class Sweeper:
         if config is not None:
             quantize(model, self.tokenizer, config, fisher=self.fisher(config) if config.method == "squeezellm" else None,
                      blocks=self.blocks, cache=self.cache, progress=self.progress)
-        bench = evaluate.generation_benchmark(model, self.tokenizer, new_tokens=new_tokens)
+        bench = evaluate.generation_benchmark(model, self.tokenizer, new_tokens=new_tokens, repeats=repeats)
         row = {"label": point["label"], **bench.as_dict()}
         if self.cache:
             files.write_json(path, row)

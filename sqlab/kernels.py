@@ -460,6 +460,11 @@ class GemvKernels:
             launch.params.slots[_COUNTERS].value = launch.counters.data_ptr()
         return launch
 
+    def resident(self) -> tuple[Tensor, ...]:
+        """The tensors this layer's launches keep (split-K counters and partial sums)."""
+        return tuple(t for launch in self._launches[1:] if launch is not None
+                     for t in (launch.counters, launch.workspace) if t is not None)
+
     def reset_counters(self) -> None:
         """Zero this layer's split-K counters (a complete launch leaves them at zero)."""
         for launch in self._launches[1:]:

@@ -13,11 +13,12 @@ from __future__ import annotations
 import html
 import json
 import math
+import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
-import plotly.graph_objects as go
+import torch
 
 from . import assets, baselines, evaluate, experiments, models, viz
 from .config import QuantConfig
@@ -36,7 +37,7 @@ class Section:
     reproduces: str
     setting: str
     differs: str
-    figures: list[go.Figure] = field(default_factory=list)
+    figures: list = field(default_factory=list)  # plotly figures (sqlab.viz)
     notes: list[str] = field(default_factory=list)
     table: pd.DataFrame | None = None
 
@@ -107,34 +108,29 @@ class PaperReport:
     # -- sections -------------------------------------------------------------------------------
 
     def memory_wall(self, gpu_results: dict | None = None) -> Section:
-        device = "cpu"
-        bandwidth = evaluate.memory_bandwidth(device, megabytes=64 if self.settings.fast else 256)
-        shapes = [(576, 576), (1536, 576), (2048, 2048), (4096, 4096)] if not self.settings.fast else [(576, 576), (1536, 576)]
-        rows = pd.DataFrame(evaluate.gemv_timings(shapes, device=device, repeats=5 if self.settings.fast else 15))
-        fig = go.Figure()
-        for dtype, part in rows.groupby("dtype"):
-            fig.add_trace(go.Scatter(x=part["bytes"] / 1e6, y=part["seconds"] * 1e6, mode="markers+lines",
-                                     name=f"measured {dtype} GEMV"))
-        mb = rows["bytes"] / 1e6
-        xs = [float(mb.min()) * 0.5, float(mb.max()) * 1.5]
-        fig.add_trace(go.Scatter(x=xs, y=[x * 1e6 / bandwidth / 1e3 for x in xs], mode="lines",
-                                 line=dict(dash="dash", color="black"),
-                                 name=f"bytes / measured bandwidth ({bandwidth:.1f} GB/s)"))
-        fp16 = rows[rows["dtype"] == "float32"]
-        for bits in (4, 3):
-            # weights at `bits` per value (plus one fp16 LUT of 2**bits per row) read at the measured bandwidth
-            moved = [(o * i * bits / 8 + o * 2**bits * 2) / 1e6 for o, i in zip(fp16["out_features"], fp16["in_features"])]
-            fig.add_trace(go.Scatter(x=moved, y=[m * 1e6 / bandwidth / 1e3 for m in moved], mode="markers",
-                                     marker=dict(symbol="circle-open", size=10),
-                                     name=f"{bits}-bit LUT-GEMV at that bandwidth (projected)"))
-        fig.update_xaxes(type="log")
-        fig.update_yaxes(type="log")
-        fig.update_layout(title="The memory wall: a batch-1 matrix-vector product costs the bytes it reads",
-                          xaxis_title="bytes read (MB, log)", yaxis_title="time (µs, log)", template="plotly_white")
-        figures = [fig]
-        notes = [f"CPU (2 cores): copy bandwidth {bandwidth:.1f} GB/s; the fp32 GEMVs reach "
-                 f"{rows[rows.dtype == 'float32'].gbs.median():.1f} GB/s (median): time follows bytes, so fewer bits "
-                 "per weight mean proportionally faster decoding, which is the paper's motivation."]
+        fast = self.settings.fast
+        bandwidth = evaluate.memory_bandwidth("cpu", megabytes=64 if fast else 256)
+        # fast mode: small matrices, few copies (they stay in cache; the figure's shape only)
+        rows = evaluate.gemv_timings(FAST_GEMV_SHAPES if fast else GEMV_SHAPES, repeats=3 if fast else 7,
+                                     cache_bytes=2**20 if fast else None)
+        largest = max((tuple(r["shape"]) for r in rows), key=lambda shape: shape[0] * shape[1])
+        at = {r["format"]: r for r in rows if tuple(r["shape"]) == largest}
+        table = pd.DataFrame([{"format": viz.FORMAT_NAMES[f], "µs": r["us_median"], "spread µs":
+                               f"{r['us_min']:.0f}-{r['us_max']:.0f}", "GB/s": r["gbs"],
+                               "vs fp32": at["fp32"]["us_median"] / r["us_median"],
+                               "vs bf16": at["bf16"]["us_median"] / r["us_median"]} for f, r in at.items()])
+        figures = [viz.memory_wall(rows, bandwidth),
+                   viz.table(table, f"Batch-1 GEMV of a {largest[0]}x{largest[1]} matrix on this CPU")]
+        fp32 = statistics.median(r["gbs"] for r in rows if r["format"] == "fp32")
+        notes = [f"All points are measured on this CPU ({torch.get_num_threads()} threads, copy bandwidth "
+                 f"{bandwidth:.1f} GB/s), each call reading its own copy of the weights from memory: the fp32 "
+                 f"GEMVs reach {fp32:.1f} GB/s (median), so time follows bytes read.",
+                 f"At {largest[0]}x{largest[1]} the 3-bit LUT-GEMV takes {at['w3']['us_median']:.0f} µs: "
+                 f"{at['fp32']['us_median'] / at['w3']['us_median']:.1f}x faster than fp32 and "
+                 f"{at['bf16']['us_median'] / at['w3']['us_median']:.1f}x faster than bf16; with the 0.45% sparse "
+                 f"part {at['fp32']['us_median'] / at['w3s']['us_median']:.1f}x faster than fp32. The packed "
+                 "kernel decodes indices at a fraction of memory speed, which on this CPU, not the bandwidth, "
+                 "sets its time."]
         if gpu_results:
             gpu_figures, gpu_notes = gpu_memory_wall(gpu_results)
             figures += gpu_figures
@@ -142,9 +138,9 @@ class PaperReport:
         else:
             notes.append("No GPU results file found (benchmarks/kernels.py --json out/kernels.json): CPU only.")
         return Section("memory_wall", "Memory wall", "Figure 1 (right) / Section 3: decoding is memory bound",
-                       f"{device.upper()} of this machine, random matrices including the default model's shapes",
-                       "measured on a CPU, not an A6000/A100; 3/4-bit points are projected from the measured "
-                       "bandwidth, not timed (the CPU path has no packed kernel)", figures, notes)
+                       "this machine's CPU: random matrices of the default model's and LLaMA-7B's shapes, torch "
+                       "fp32/bf16 against sqlab's packed CPU LUT-GEMV", "measured on a CPU, not an A6000/A100"
+                       + ("; FAST MODE: small matrices that stay in cache" if fast else ""), figures, notes, table)
 
     def distributions(self, name: str = "model.layers.15.mlp.down_proj") -> Section:
         profile = self.sweeper.profile()
@@ -196,19 +192,10 @@ class PaperReport:
                  "both (0.45% + 0.05%)": self.point(self.config(3, outlier_pct=0.45, sensitive_pct=0.05))}
         levels = [(0.0, 0.0), (0.0, 0.05), (0.05, 0.05), (0.2, 0.05), (0.45, 0.05), (0.7, 0.05), (0.95, 0.05)]
         sweep = [(o + s, self.point(self.config(3, outlier_pct=o, sensitive_pct=s))) for o, s in levels]
-        bars = go.Figure()
-        for group in (weighting, kinds):
-            bars.add_trace(go.Bar(x=list(group), y=[r["ppl_shakespeare"] for r in group.values()],
-                                  text=[f"{r['ppl_shakespeare']:.2f}" for r in group.values()], textposition="outside"))
-        bars.update_layout(title="Ablations at 3 bits: sensitivity weighting, and what the sparse part holds",
-                           yaxis_title="perplexity", template="plotly_white", showlegend=False)
-        curve = go.Figure(go.Scatter(x=[s for s, _ in sweep], y=[r["ppl_shakespeare"] for _, r in sweep],
-                                     mode="lines+markers", text=[f"{r['bits_per_weight']:.2f} bits" for _, r in sweep],
-                                     hovertemplate="%{x:.2f}% sparse, %{text}: ppl %{y:.2f}<extra></extra>",
-                                     name="SqueezeLLM 3-bit"))
-        curve.update_layout(title="Perplexity versus sparsity level at 3 bits (0.05% sensitive + outliers)",
-                            xaxis_title="sparse weights (% of all)", yaxis_title="perplexity",
-                            template="plotly_white")
+        bars = viz.ablation_bars([{k: r["ppl_shakespeare"] for k, r in group.items()} for group in (weighting, kinds)],
+                                 "Ablations at 3 bits: sensitivity weighting, and what the sparse part holds")
+        curve = viz.sparsity_curve([(sparse, r["ppl_shakespeare"], r["bits_per_weight"]) for sparse, r in sweep],
+                                   "Perplexity versus sparsity level at 3 bits (0.05% sensitive + outliers)")
         w = {k: r["ppl_shakespeare"] for k, r in weighting.items()}
         k = {name: r["ppl_shakespeare"] for name, r in kinds.items()}
         notes = [f"Sensitivity weighting: {w['Fisher-weighted']:.2f} against {w['plain k-means']:.2f} for plain "
@@ -220,43 +207,44 @@ class PaperReport:
     def latency(self, gpu_results: dict | None = None) -> Section:
         if gpu_results:
             return gpu_latency(gpu_results)
-        rows = [{**self.sweeper.speed(config, new_tokens=8 if self.settings.fast else 32), "label": label}
+        fast = self.settings.fast
+        rows = [{**self.sweeper.speed(config, new_tokens=8 if fast else 32, repeats=2 if fast else 5),
+                 "label": label}
                 for label, config in (("unquantized", None), ("3-bit", self.config(3)), ("4-bit", self.config(4)),
                                       ("3-bit + 0.45% sparse", self.config(3, outlier_pct=0.45, sensitive_pct=0.05)))]
-        table = pd.DataFrame(rows)[["label", "device", "tokens_per_s", "decode_ms_per_token", "weights_mb",
-                                    "peak_memory_mb"]]
+        base = rows[0]
+        for row in rows:
+            row["speedup"] = row["tokens_per_s"] / base["tokens_per_s"]
+            row["linears_vs_fp32"] = row["linear_weights_mb"] / base["linear_weights_mb"]
+        table = pd.DataFrame(rows)[["label", "tokens_per_s", "decode_ms_per_token", "speedup", "linear_weights_mb",
+                                    "linears_vs_fp32", "weights_mb", "peak_memory_mb"]]
+        three = rows[1]
+        notes = [f"Packed 3-bit decodes {three['speedup']:.2f}x as many tokens/s as the unquantized fp32 model "
+                 f"(median of {three.get('repeats', '?')} runs after a warm-up; spreads in the figure), and holds its "
+                 f"decoder linears in {three['linears_vs_fp32']:.2f}x of their fp32 memory.",
+                 "Peak memory is the process's peak RSS, which includes the reference model this report keeps "
+                 "loaded; benchmarks/cpu_decode.py measures each model in a process of its own.",
+                 "No GPU results file found: CPU figures, not the paper's setting."]
         return Section("latency", "Latency and memory (CPU)", "Table 3: generation latency and peak memory",
-                       "this machine's CPU, default model, greedy decoding at batch 1",
-                       "CPU ONLY: the CPU path decodes packed weights once and then runs dense, so speed is not "
-                       "the paper's GPU speed-up; weights memory is the packed size. GPU numbers come from "
-                       "benchmarks/generate.py on a GPU", [viz.table(table, "Greedy decoding on this CPU (reference path)"),
-                                                           viz.speed_bars(rows)],
-                       ["No GPU results file found: CPU figures, clearly not the paper's setting."], table)
+                       "this machine's CPU, default model, greedy decoding at batch 1; packed layers run the CPU "
+                       "LUT-GEMV straight from their 3/4-bit indices", "measured on a CPU, not an A6000; "
+                       "GPU numbers come from benchmarks/generate.py on a GPU",
+                       [viz.table(table, "Greedy decoding on this CPU"), viz.speed_bars(rows)], notes, table)
 
 
+GEMV_SHAPES = [(576, 576), (576, 1536), (1536, 576), (4096, 4096), (4096, 11008), (11008, 4096)]
+FAST_GEMV_SHAPES = [(576, 576), (1536, 576)]
 KERNEL_COLUMNS = ["shape", "tokens", "kernel", "us", "gbs", "pct_peak", "speedup_vs_fp16"]
 GENERATE_COLUMNS = ["label", "tokens_per_s", "decode_ms_per_token", "speedup_vs_fp16", "graph_tokens_per_s",
                     "graph_speedup_vs_fp16", "linear_weights_mb", "linear_weights_vs_fp16", "peak_memory_mb"]
 
 
-def gpu_memory_wall(results: dict) -> tuple[list[go.Figure], list[str]]:
+def gpu_memory_wall(results: dict) -> tuple[list, list[str]]:
     """The memory wall on a GPU, from ``benchmarks/kernels.py --json``: time against bytes read, per kernel."""
     table_rows = pd.DataFrame(results["rows"])
     rows = table_rows[table_rows["tokens"] == 1] if "tokens" in table_rows else table_rows  # the figure: batch 1
     device, peak = results.get("device", "GPU"), results.get("peak_gbps")
-    fig = go.Figure()
-    for kernel, part in rows.groupby("kernel", sort=False):
-        fig.add_trace(go.Scatter(x=part["bytes"] / 1e6, y=part["us"], mode="markers", name=kernel,
-                                 text=part["shape"], hovertemplate="%{text}: %{x:.1f} MB in %{y:.1f} µs"))
-    if peak:
-        mb = rows["bytes"] / 1e6
-        xs = [float(mb.min()) * 0.7, float(mb.max()) * 1.4]
-        fig.add_trace(go.Scatter(x=xs, y=[x / peak * 1e3 for x in xs], mode="lines", name=f"peak {peak:.0f} GB/s",
-                                 line=dict(dash="dash", color="black")))
-    fig.update_xaxes(type="log")
-    fig.update_yaxes(type="log")
-    fig.update_layout(title=f"The memory wall on {device}: batch-1 GEMV time against bytes read",
-                      xaxis_title="bytes read (MB, log)", yaxis_title="time (µs, log)", template="plotly_white")
+    fig = viz.gpu_memory_wall(rows.to_dict(orient="records"), peak, device)
     table = viz.table(table_rows, title=f"GPU kernels on {device} (benchmarks/kernels.py)",
                       columns=[c for c in KERNEL_COLUMNS if c in table_rows])
     notes = []

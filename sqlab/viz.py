@@ -238,12 +238,20 @@ def ppl_vs_size(frame, highlight: str | None = None, dataset: str | None = None)
 
 
 def speed_bars(rows: list[dict]) -> go.Figure:
-    """Decoding speed (tokens/s) and memory of several models, side by side."""
+    """Decoding speed (tokens/s, with the spread of repeated runs) and memory of several models, side by side."""
     fig = make_subplots(rows=1, cols=2, subplot_titles=("decoding speed", "memory"))
     labels = [r["label"] for r in rows]
-    fig.add_trace(go.Bar(x=labels, y=[r["tokens_per_s"] for r in rows], name="tokens/s", marker_color="#1f77b4"),
-                  1, 1)
-    fig.add_trace(go.Bar(x=labels, y=[r["weights_mb"] for r in rows], name="weights (MB)", marker_color="#2ca02c"),
+    speed = [r["tokens_per_s"] for r in rows]
+    # tokens/s of the slowest and fastest run, from the spread of ms per token
+    spread = [r.get("decode_ms_spread") or [r["decode_ms_per_token"]] * 2 for r in rows]
+    high = [1e3 / low - s for (low, _), s in zip(spread, speed)]
+    low = [s - 1e3 / hi for (_, hi), s in zip(spread, speed)]
+    fig.add_trace(go.Bar(x=labels, y=speed, name="tokens/s (median)", marker_color="#1f77b4",
+                         error_y=dict(type="data", array=high, arrayminus=low)), 1, 1)
+    if all("linear_weights_mb" in r for r in rows):
+        fig.add_trace(go.Bar(x=labels, y=[r["linear_weights_mb"] for r in rows], name="decoder linears (MB)",
+                             marker_color="#9467bd"), 1, 2)
+    fig.add_trace(go.Bar(x=labels, y=[r["weights_mb"] for r in rows], name="all weights (MB)", marker_color="#2ca02c"),
                   1, 2)
     fig.add_trace(go.Bar(x=labels, y=[r["peak_memory_mb"] for r in rows], name=rows[0].get("peak_memory_kind",
                          "peak memory") + " (MB)", marker_color="#ff7f0e"), 1, 2)
@@ -252,6 +260,76 @@ def speed_bars(rows: list[dict]) -> go.Figure:
     fig.update_layout(title=f"Greedy decoding on {rows[0].get('device', '?')}", template="plotly_white",
                       barmode="group")
     return fig
+
+
+FORMAT_NAMES = {"fp32": "fp32 (torch)", "bf16": "bf16 (torch)", "w4": "4-bit LUT-GEMV", "w3": "3-bit LUT-GEMV",
+                "w3s": "3-bit + 0.45% sparse LUT-GEMV"}
+
+
+def memory_wall(rows: list[dict], bandwidth: float, device: str = "CPU") -> go.Figure:
+    """Batch-1 GEMV time against the bytes it reads, per weight format, beside bytes / copy bandwidth.
+
+    ``rows`` as ``sqlab.evaluate.gemv_timings`` returns them (median and min-max per call).
+    """
+    fig = go.Figure()
+    formats = list(dict.fromkeys(r["format"] for r in rows))
+    for fmt in formats:
+        part = [r for r in rows if r["format"] == fmt]
+        fig.add_trace(go.Scatter(
+            x=[r["bytes"] / 1e6 for r in part], y=[r["us_median"] for r in part], mode="markers",
+            name=FORMAT_NAMES.get(fmt, fmt), text=[f"{r['shape'][0]}x{r['shape'][1]}" for r in part],
+            marker=dict(size=9), hovertemplate="%{text}: %{x:.2f} MB in %{y:.0f} µs<extra></extra>",
+            error_y=dict(type="data", array=[r["us_max"] - r["us_median"] for r in part],
+                         arrayminus=[r["us_median"] - r["us_min"] for r in part])))
+    mb = [r["bytes"] / 1e6 for r in rows]
+    xs = [min(mb) * 0.7, max(mb) * 1.4]
+    fig.add_trace(go.Scatter(x=xs, y=[x / bandwidth * 1e3 for x in xs], mode="lines",
+                             line=dict(dash="dash", color="black"),
+                             name=f"bytes / copy bandwidth ({bandwidth:.1f} GB/s)"))
+    fig.update_xaxes(type="log")
+    fig.update_yaxes(type="log")
+    return _layout(fig, f"The memory wall on this {device}: batch-1 GEMV time against bytes read (all measured)",
+                   "weight bytes read per call (MB, log)", "time per call (µs, log; bars: min-max)",
+                   legend="format")
+
+
+def ablation_bars(groups: list[dict[str, float]], title: str) -> go.Figure:
+    """Perplexity of each variant, one bar trace per group of variants compared with each other."""
+    fig = go.Figure()
+    for group in groups:
+        fig.add_trace(go.Bar(x=list(group), y=list(group.values()), text=[f"{v:.2f}" for v in group.values()],
+                             textposition="outside"))
+    _layout(fig, title, "", "perplexity")
+    fig.update_layout(showlegend=False)
+    return fig
+
+
+def sparsity_curve(points: list[tuple[float, float, float]], title: str) -> go.Figure:
+    """Perplexity against the sparse share: ``(sparse %, perplexity, bits per weight)`` points."""
+    fig = go.Figure(go.Scatter(x=[p[0] for p in points], y=[p[1] for p in points], mode="lines+markers",
+                               text=[f"{p[2]:.2f} bits" for p in points], name="SqueezeLLM 3-bit",
+                               hovertemplate="%{x:.2f}% sparse, %{text}: ppl %{y:.2f}<extra></extra>"))
+    return _layout(fig, title, "sparse weights (% of all)", "perplexity")
+
+
+def gpu_memory_wall(rows: list[dict], peak: float | None, device: str) -> go.Figure:
+    """GPU kernel time against bytes read, per kernel (rows of ``benchmarks/kernels.py --json``)."""
+    fig = go.Figure()
+    kernels = list(dict.fromkeys(r["kernel"] for r in rows))
+    for kernel in kernels:
+        part = [r for r in rows if r["kernel"] == kernel]
+        fig.add_trace(go.Scatter(x=[r["bytes"] / 1e6 for r in part], y=[r["us"] for r in part], mode="markers",
+                                 name=kernel, text=[r["shape"] for r in part],
+                                 hovertemplate="%{text}: %{x:.1f} MB in %{y:.1f} µs"))
+    if peak:
+        mb = [r["bytes"] / 1e6 for r in rows]
+        xs = [min(mb) * 0.7, max(mb) * 1.4]
+        fig.add_trace(go.Scatter(x=xs, y=[x / peak * 1e3 for x in xs], mode="lines", name=f"peak {peak:.0f} GB/s",
+                                 line=dict(dash="dash", color="black")))
+    fig.update_xaxes(type="log")
+    fig.update_yaxes(type="log")
+    return _layout(fig, f"The memory wall on {device}: batch-1 GEMV time against bytes read", "bytes read (MB, log)",
+                   "time (µs, log)")
 
 
 def table(frame, title: str, columns: list[str] | None = None) -> go.Figure:

@@ -167,3 +167,21 @@ def test_a_quantized_tiny_model_decodes_as_its_simulated_twin():
     assert torch.equal(model.generate(prompt, **kwargs), twin.generate(prompt, **kwargs))
     assert all(isinstance(m.__dict__.get("_kernel"), cpu_kernels.CpuGemv)
                for m in model.modules() if isinstance(m, SqueezeLinear))
+
+
+def test_cpu_decode_benchmark_writes_its_json(tmp_path):
+    """The GEMV half of benchmarks/cpu_decode.py on a small shape (the decoding half needs minutes)."""
+    import json
+    import subprocess
+    from pathlib import Path
+
+    out = tmp_path / "cpu_decode.json"
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "cpu_decode.py"
+    done = subprocess.run([sys.executable, str(script), "--shapes", "256x320", "--repeat", "2", "--skip-decode",
+                           "--json", str(out)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(out.read_text())
+    assert {r["format"] for r in result["gemv"]} == {"fp32", "bf16", "w4", "w3", "w3s"}
+    for row in result["gemv"]:
+        assert row["shape"] == [256, 320] and row["us_median"] > 0 and row["gbs"] > 0
+    assert result["copy_gbs"] > 0 and "vs bf16" in done.stdout

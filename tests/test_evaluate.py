@@ -59,14 +59,41 @@ def test_generation_benchmark_on_cpu(tiny_llama, tiny_tokenizer):
         evaluate.generation_benchmark(tiny_llama, tiny_tokenizer, new_tokens=1)
 
 
-def test_gemv_timings_count_the_bytes_read():
-    rows = evaluate.gemv_timings([(64, 32), (96, 128)], dtypes=(torch.float32, torch.bfloat16), repeats=3)
-    assert [(r["out_features"], r["in_features"], r["dtype"]) for r in rows] == [
-        (64, 32, "float32"), (64, 32, "bfloat16"), (96, 128, "float32"), (96, 128, "bfloat16")]
+def test_gemv_timings_cover_every_format_and_count_the_bytes_read():
+    rows = evaluate.gemv_timings([(64, 32), (96, 128)], repeats=2, cache_bytes=64 * 1024)
+    assert [(tuple(r["shape"]), r["format"]) for r in rows] == [
+        ((o, i), f) for o, i in ((64, 32), (96, 128)) for f in evaluate.GEMV_FORMATS]
     for r in rows:
-        size = 4 if r["dtype"] == "float32" else 2
-        assert r["bytes"] == (r["out_features"] * r["in_features"] + r["in_features"] + r["out_features"]) * size
-        assert r["seconds"] > 0 and r["gbs"] == pytest.approx(r["bytes"] / r["seconds"] / 1e9)
+        out_features, in_features = r["shape"]
+        dense = {"fp32": 4, "bf16": 2}.get(r["format"])
+        if dense:
+            assert r["bytes"] == out_features * in_features * dense
+        else:  # packed: the indices, and the kernel's 16-entry fp32 table per row, and the sparse part
+            wbits = int(r["format"][1])
+            packed = -(-in_features // 32) * wbits * out_features * 4 + out_features * (2**wbits * 2 + 16 * 4)
+            assert r["bytes"] >= packed and (r["format"] != "w3s" or r["bytes"] > packed)
+        # enough copies that together they exceed twice the given cache
+        assert r["copies"] * r["bytes"] >= 2 * 64 * 1024 > (r["copies"] - 1) * r["bytes"]
+        assert r["us_min"] <= r["us_median"] <= r["us_max"] and r["gbs"] == pytest.approx(
+            r["bytes"] / r["us_median"] / 1e3)
+
+
+def test_linear_weights_count_what_decoding_holds(tiny_llama):
+    from sqlab import QuantConfig, quantize_model
+
+    fp32 = evaluate.linear_weights_bytes(tiny_llama)
+    assert fp32 == sum(m.weight.numel() * 4 for m in sqlab_linears(tiny_llama))
+    quantize_model(tiny_llama, QuantConfig(wbits=3, weighted=False), progress=False)
+    before = evaluate.linear_weights_bytes(tiny_llama)
+    tiny_llama(torch.zeros(1, 3, dtype=torch.long))  # prepares the CPU kernels, which keep fp32 tables
+    after = evaluate.linear_weights_bytes(tiny_llama)
+    assert fp32 * 3 / 32 < before < after < fp32
+
+
+def sqlab_linears(model):
+    from sqlab import quantizable_linears
+
+    return quantizable_linears(model).values()
 
 
 def test_memory_bandwidth_is_a_plausible_rate():

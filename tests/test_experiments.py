@@ -176,9 +176,9 @@ def test_speed_is_measured_once_on_the_packed_model(tiny_model_dir, text_file, i
     measured = []
     real = evaluate.generation_benchmark
 
-    def spy(model, tokenizer, new_tokens):
+    def spy(model, tokenizer, new_tokens, repeats):
         measured.append(sum(isinstance(m, SqueezeLinear) for m in model.modules()))
-        return real(model, tokenizer, new_tokens=new_tokens)
+        return real(model, tokenizer, new_tokens=new_tokens, repeats=repeats)
 
     monkeypatch.setattr(evaluate, "generation_benchmark", spy)
     config = QuantConfig(wbits=3, outlier_pct=1.0, **_settings(text_file))
