@@ -31,6 +31,8 @@ from pathlib import Path
 
 import torch
 
+from sqlab import files
+
 SHAPES = [(4096, 11008), (11008, 4096), (4096, 4096)]
 VARIANTS = {  # label: (wbits, outlier %, sensitive %)
     "w3": (3, 0.0, 0.0),
@@ -173,8 +175,7 @@ def main() -> int:
         print("linears MB: the decoder linears as decoding holds them (packed indices, LUTs, sparse part and the "
               "kernel's fp32 tables); RSS: the process after loading; peak: its peak RSS while decoding")
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=1) + "\n")
+        files.write_json(args.json, result)
         print(f"wrote {args.json}")
     return 0
 

@@ -23,13 +23,14 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
+
+from sqlab import files
 from torch import nn
 
 from sqlab.evaluate import graph_decoding, cuda_graph_ms
@@ -207,8 +208,7 @@ def main() -> int:
           "linears in a CUDA graph; linear MB: decoder linear weights as stored (vs fp16 ~ bits/16 + LUT + CSR); "
           "weights MB: the whole model incl. embeddings and lm_head; peak MB: torch's peak allocated memory")
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"device": torch.cuda.get_device_name(), "rows": rows}, indent=1))
+        files.write_json(args.json, {"device": torch.cuda.get_device_name(), "rows": rows})
         print(f"wrote {args.json}")
     return 0
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import statistics
 import sys
 import time
@@ -27,6 +26,8 @@ from pathlib import Path
 
 import numpy
 import torch
+
+from sqlab import files
 
 from sqlab import SqueezeLinear, kernels
 from sqlab.kernels import DTYPES, MAX_GEMV_TOKENS, _check, _check_packed, _gemv_defines, _tokens_2d, gemv_plan
@@ -196,8 +197,7 @@ def main() -> int:
               "tokens": 1, "device": str(device), "calls": args.calls, "repeat": args.repeat,
               "torch": torch.__version__}
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=1) + "\n")
+        files.write_json(args.json, result)
         print(f"wrote {args.json}")
     return 0
 

@@ -22,13 +22,14 @@ clock and bus width, else a table of known GPUs, or ``--peak-gbps``).
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
+
+from sqlab import files
 
 from sqlab.evaluate import cuda_graph_ms
 
@@ -224,10 +225,9 @@ def main() -> int:
     print("µs: GPU time per call; eager µs: one call from Python including launch overhead; "
           "vs fp16: torch fp16 µs / this µs")
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({
+        files.write_json(args.json, {
             "device": props.name, "peak_gbps": peak, "peak_source": source, "repeat": args.repeat,
-            "torch": torch.__version__, "rows": rows}, indent=1))
+            "torch": torch.__version__, "rows": rows})
         print(f"wrote {args.json}")
     return 0
 

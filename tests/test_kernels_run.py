@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from sqlab import QuantConfig, SqlabError, SqueezeLinear, fisher_information, kernels, packing, quantize_model
-from sqlab.packing import CSR, balanced_startrows, to_csr
+from sqlab.packing import CSR, balanced_startrows
 from tests.conftest import make_llama
 from tests.cuda_on_cpu import CudaOnCpu, build
 from tests.kernel_cases import (BF16, DTYPE_SETS, F16, F32, SPMV_KINDS, exact_layer, exact_x, gemv_tolerance,
