@@ -267,12 +267,12 @@ def grid_comparison(weight: Tensor, fisher: Tensor, wbits: int) -> tuple[dict[st
     """
     import pandas as pd
 
-    from .kmeans import assign, weighted_kmeans
+    from .kmeans import assign, optimal_kmeans
 
     w, f = weight.float(), fisher.float()
     levels = {"RTN grid": rtn_levels(w, wbits),
-              "k-means": weighted_kmeans(w, None, 2**wbits).centroids,
-              "Fisher-weighted k-means": weighted_kmeans(w, f, 2**wbits).centroids}
+              "k-means": optimal_kmeans(w, None, 2**wbits).centroids,
+              "Fisher-weighted k-means": optimal_kmeans(w, f, 2**wbits).centroids}
     rows = []
     for name, grid in levels.items():
         q = grid.gather(1, assign(w, grid).long())

@@ -102,7 +102,7 @@ def _quant_config(args):
                        sensitive_pct=args.sensitive_pct, outlier_range=args.outlier_range,
                        weighted=not args.no_weighting, calib=args.calib, nsamples=args.nsamples,
                        seqlen=args.seqlen, seed=args.seed, groupsize=args.groupsize or None,
-                       act_order=args.act_order)
+                       act_order=args.act_order, kmeans=args.kmeans)
 
 
 def cmd_quantize(args) -> int:
@@ -165,7 +165,7 @@ def cmd_sweep(args) -> int:
     from . import experiments
 
     common = dict(calib=args.calib, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
-                  weighted=not args.no_weighting, act_order=args.act_order)
+                  weighted=not args.no_weighting, act_order=args.act_order, kmeans=args.kmeans)
     if args.preset == "paper":
         configs = experiments.paper_configs(args.wbits, **common)
     else:
@@ -214,6 +214,8 @@ def cmd_demo(args) -> int:
 
 def _add_calib_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-weighting", action="store_true", help="plain k-means (ablation: no Fisher weighting)")
+    p.add_argument("--kmeans", choices=("optimal", "fast"), default="optimal",
+                   help="SqueezeLLM clustering: the exact optimum per row (default) or the faster heuristic")
     p.add_argument("--act-order", action="store_true", help="GPTQ: quantize columns by decreasing Hessian diagonal")
     p.add_argument("--calib", default="shakespeare", help="calibration corpus (default shakespeare)")
     p.add_argument("--nsamples", type=_positive, default=16, help="calibration windows (default 16)")

@@ -14,13 +14,14 @@ METHODS = ("squeezellm", "rtn", "gptq")
 # the fields each method reads (besides wbits); the rest cannot change its result
 METHOD_FIELDS = {
     "squeezellm": ("outlier_pct", "sensitive_pct", "outlier_range", "weighted", "calib", "nsamples", "seqlen",
-                   "seed", "kmeans_iters", "kmeans_restarts"),
+                   "seed", "kmeans", "kmeans_iters", "kmeans_restarts"),
     "rtn": ("groupsize",),
     "gptq": ("groupsize", "act_order", "percdamp", "calib", "nsamples", "seqlen", "seed"),
 }
 # bumped when a method's results change for the same settings, so caches keyed by
 # settings do not serve results of the older code
-METHOD_VERSIONS = {"squeezellm": 2, "rtn": 1, "gptq": 1}
+METHOD_VERSIONS = {"squeezellm": 3, "rtn": 1, "gptq": 1}
+KMEANS = ("optimal", "fast")  # the exact dynamic program, or the faster batched heuristic
 
 
 @dataclass(frozen=True)
@@ -36,7 +37,9 @@ class QuantConfig:
     paper's ablation without sensitivity weighting). The baselines take
     ``groupsize`` (``None``: one scale per output channel), and GPTQ
     ``act_order`` and ``percdamp`` (dampening, a fraction of the Hessian's mean
-    diagonal).
+    diagonal). ``kmeans`` picks the clustering: ``optimal`` (the default) is the
+    exact minimiser of the weighted objective per row; ``fast`` the batched
+    heuristic (``kmeans_iters``, ``kmeans_restarts``), which needs no C++ compiler.
     """
 
     wbits: int = 3
@@ -49,6 +52,7 @@ class QuantConfig:
     nsamples: int = 16
     seqlen: int = 512
     seed: int = 0
+    kmeans: str = "optimal"
     kmeans_iters: int = 50
     kmeans_restarts: int = 2
     groupsize: int | None = None
@@ -77,6 +81,8 @@ class QuantConfig:
             if self.outlier_pct:
                 raise SqlabError("give outlier_pct (solve for r) or outlier_range (fixed r), not both; "
                                  f"got outlier_pct={self.outlier_pct}, outlier_range={self.outlier_range}")
+        if self.kmeans not in KMEANS:
+            raise SqlabError(f"kmeans must be one of {', '.join(KMEANS)}, got {self.kmeans!r}")
         if not isinstance(self.weighted, bool):
             raise SqlabError(f"weighted must be True or False, got {self.weighted!r}")
         for name, low in (("nsamples", 1), ("seqlen", 2), ("kmeans_iters", 1), ("kmeans_restarts", 1)):
@@ -126,7 +132,7 @@ class QuantConfig:
     @classmethod
     def for_method(cls, method: str, wbits: int, **settings) -> "QuantConfig":
         """A config for ``method``, keeping only the ``settings`` that method reads."""
-        keep = set(METHOD_FIELDS.get(method, ())) | {"kmeans_iters", "kmeans_restarts"}
+        keep = set(METHOD_FIELDS.get(method, ())) | {"kmeans", "kmeans_iters", "kmeans_restarts"}
         return cls(method=method, wbits=wbits, **{k: v for k, v in settings.items() if k in keep})
 
     def relevant(self) -> dict:

@@ -38,6 +38,7 @@ from .packing import CSR, GROUP
 log = logging.getLogger(__name__)
 
 SOURCE = "lut_gemv_cpu.cpp"
+KMEANS_SOURCE = "kmeans_dp.cpp"
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-std=c++17", "-fPIC", "-shared")
 MAX_TOKENS = 8
 PREFILL_BLOCK = 1 << 22  # weights dequantized at a time for a prompt (16 MB of fp32)
@@ -68,13 +69,13 @@ def _cpu_signature() -> str:
 
 
 @functools.lru_cache(maxsize=None)
-def library(flags: tuple[str, ...] = FLAGS) -> ctypes.CDLL:
-    """The compiled kernel library (compiled on first use, then loaded from the cache)."""
+def library(flags: tuple[str, ...] = FLAGS, source_name: str = SOURCE) -> ctypes.CDLL:
+    """A compiled CPU kernel library of ``kernels/`` (compiled on first use, then loaded from the cache)."""
     cxx = compiler()
     if cxx is None:
         raise SqlabError("no C++ compiler found (g++, c++ or clang++; or set CXX): the CPU kernel cannot be built "
                          "(apt-get install g++)")
-    source = kernels.KERNEL_DIR / SOURCE
+    source = kernels.KERNEL_DIR / source_name
     if not source.is_file():
         raise SqlabError(f"kernel source {source} not found; set SQLAB_KERNEL_DIR to the repository's kernels/ folder")
     try:
@@ -84,7 +85,7 @@ def library(flags: tuple[str, ...] = FLAGS) -> ctypes.CDLL:
     key = hashlib.sha256("\0".join([source.read_text(), *flags, cxx, version, _cpu_signature()]).encode())
     folder = cache_dir("cpu_kernels")
     folder.mkdir(parents=True, exist_ok=True)
-    target = folder / f"lut_gemv_cpu-{key.hexdigest()[:20]}.so"
+    target = folder / f"{source.stem}-{key.hexdigest()[:20]}.so"
     if not target.exists():
         fd, tmp = tempfile.mkstemp(dir=folder, suffix=".so.tmp")
         os.close(fd)
@@ -97,10 +98,15 @@ def library(flags: tuple[str, ...] = FLAGS) -> ctypes.CDLL:
             if os.path.exists(tmp):
                 os.unlink(tmp)
     lib = ctypes.CDLL(str(target))
-    lib.sq_gemv.argtypes = [ctypes.c_void_p]
-    lib.sq_dequantize.argtypes = [ctypes.c_void_p, ctypes.c_int32, ctypes.c_int32, ctypes.c_void_p]
-    for function in (lib.sq_gemv, lib.sq_dequantize, lib.sq_vectorized):
-        function.restype = ctypes.c_int
+    if source_name == SOURCE:
+        lib.sq_gemv.argtypes = [ctypes.c_void_p]
+        lib.sq_dequantize.argtypes = [ctypes.c_void_p, ctypes.c_int32, ctypes.c_int32, ctypes.c_void_p]
+        for function in (lib.sq_gemv, lib.sq_dequantize, lib.sq_vectorized):
+            function.restype = ctypes.c_int
+    elif source_name == KMEANS_SOURCE:
+        lib.sq_kmeans_dp.argtypes = [ctypes.c_void_p, ctypes.c_void_p, *[ctypes.c_int] * 3, ctypes.c_void_p,
+                                     ctypes.c_void_p]
+        lib.sq_kmeans_dp.restype = ctypes.c_int
     return lib
 
 

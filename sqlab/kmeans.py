@@ -90,6 +90,51 @@ def weighted_kmeans(x: Tensor, weight: Tensor | None, k: int, *, iters: int = 50
     return KMeansResult(centroids.clone(), sse.clone(), x)
 
 
+def cluster(x: Tensor, weight: Tensor | None, config) -> KMeansResult:
+    """The ``2**config.wbits`` centroids of every row by the config's k-means (``optimal`` or ``fast``)."""
+    from .errors import SqlabError
+
+    k = 1 << config.wbits
+    if config.kmeans == "optimal":
+        try:
+            return optimal_kmeans(x, weight, k)
+        except SqlabError as exc:
+            raise SqlabError(f"kmeans='optimal' runs a compiled dynamic program: {exc}; or use "
+                             "QuantConfig(kmeans='fast') (sqlab quantize --kmeans fast)") from exc
+    return weighted_kmeans(x, weight, k, iters=config.kmeans_iters, restarts=config.kmeans_restarts,
+                           seed=config.seed)
+
+
+def optimal_kmeans(x: Tensor, weight: Tensor | None, k: int) -> KMeansResult:
+    """The exact minimiser of ``sum F (w - c(w))**2`` for every row of ``x`` (rows, n).
+
+    A dynamic program over each sorted row (``kernels/kmeans_dp.cpp``, compiled on first
+    use like the CPU LUT-GEMV): optimal, deterministic, and the reference every faster
+    heuristic is measured against. Weights as in ``weighted_kmeans``: ``None`` is
+    uniform, negatives count as zero, an all-zero row uses uniform weights. A row with
+    fewer distinct weighted values than ``k`` repeats its largest as the spare
+    centroids. Raises ``SqlabError`` where no C++ compiler is available.
+    """
+    from .cpu_kernels import KMEANS_SOURCE, library
+
+    if x.ndim != 2:
+        raise ValueError(f"x must be (rows, n), got shape {tuple(x.shape)}")
+    if not 2 <= k <= 256:
+        raise ValueError(f"k must be in [2, 256], got {k}")
+    xs = x.detach().to(device="cpu", dtype=torch.float32).contiguous()
+    fs = None if weight is None else weight.detach().to(device="cpu", dtype=torch.float32).contiguous()
+    if fs is not None and fs.shape != xs.shape:
+        raise ValueError(f"weight shape {tuple(fs.shape)} differs from x shape {tuple(xs.shape)}")
+    if not bool(torch.isfinite(xs).all()) or (fs is not None and not bool(torch.isfinite(fs).all())):
+        raise ValueError("x and weight must be finite")
+    rows, n = xs.shape
+    centroids = torch.empty(rows, k, dtype=torch.float32)
+    sse = torch.empty(rows, dtype=torch.float64)
+    library(source_name=KMEANS_SOURCE).sq_kmeans_dp(xs.data_ptr(), None if fs is None else fs.data_ptr(), rows, n,
+                                                     k, centroids.data_ptr(), sse.data_ptr())
+    return KMeansResult(centroids.to(x.device), sse.to(x.device), x)
+
+
 @dataclass
 class _Row:
     """Sorted rows ``xs`` (rows, m) with prefix sums of their moments.

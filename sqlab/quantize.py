@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from . import files, outliers
 from .config import QuantConfig
 from .errors import SqlabError
-from .kmeans import assign, weighted_kmeans
+from .kmeans import assign, cluster
 from .models import block_linears, decoder_blocks, quantizable_linears
 from .packing import CSR, correct_sparse, pack, reconstruct, unpack
 from .qlinear import SqueezeLinear
@@ -134,9 +134,7 @@ def quantize_group(weights: dict[str, Tensor], fishers: dict[str, Tensor | None]
         splits[name] = outliers.split(w, fishers.get(name), thresholds.get(name), config.sensitive_pct)
         importances[name] = kmeans_weights(w, fishers.get(name), splits[name].mask, config.weighted)
     names = list(weights)
-    km = weighted_kmeans(torch.cat([weights[n].float() for n in names]), torch.cat([importances[n] for n in names]),
-                         2**config.wbits, iters=config.kmeans_iters, restarts=config.kmeans_restarts,
-                         seed=config.seed)
+    km = cluster(torch.cat([weights[n].float() for n in names]), torch.cat([importances[n] for n in names]), config)
     result, start = {}, 0
     for name in names:
         w = weights[name]

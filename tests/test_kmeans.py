@@ -213,3 +213,88 @@ def test_non_finite_values_and_weights_are_refused(bad):
         f[2, 9] = bad
         with pytest.raises(ValueError, match="weight contains NaN or Inf"):
             weighted_kmeans(torch.randn(3, 300), f, 8)
+
+
+# --- the exact dynamic program ------------------------------------------------------------------
+
+@settings(max_examples=150, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@given(rows_strategy)
+def test_optimal_kmeans_is_the_optimum(case):
+    n, k, seed, power, outlier, zeros = case
+    x, f = _row(n, seed, power, outlier, zeros)
+    x = x.astype(np.float32).astype(np.float64)  # the program clusters float32 values
+    result = kmeans.optimal_kmeans(torch.tensor(x[None]).float(), torch.tensor(f[None]).float(), k)
+    f32 = f.astype(np.float32).astype(np.float64)
+    scale = float(((f32 if f32.sum() > 0 else np.ones(n)) * x * x).sum()) + 1e-30
+    assert abs(result.sse.item() - optimum(x, f32, k)) <= 1e-9 * scale
+    c = result.centroids[0].double()
+    assert bool((c[1:] >= c[:-1]).all())
+    # the centroids, with every value at its nearest one, give that SSE (the optimum is Lloyd-stable)
+    weights = torch.tensor(f32) if f32.sum() > 0 else torch.ones(n, dtype=torch.float64)
+    labels = assign(torch.tensor(x[None]), result.centroids.double())[0].long()
+    assert abs(float((weights * (torch.tensor(x) - c[labels]) ** 2).sum()) - result.sse.item()) <= 1e-9 * scale
+
+
+def test_optimal_kmeans_beats_the_heuristic_on_every_row():
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(64, 300, generator=gen) * 0.02
+    f = torch.rand(64, 300, generator=gen) ** 6
+    exact = kmeans.optimal_kmeans(x, f, 8)
+    fast = weighted_kmeans(x, f, 8)
+    assert bool((exact.sse <= fast.sse * (1 + 1e-9)).all()) and exact.sse.sum() < fast.sse.sum()
+    again = kmeans.optimal_kmeans(x, f, 8)
+    assert torch.equal(again.centroids, exact.centroids) and torch.equal(again.sse, exact.sse)
+
+
+def test_optimal_kmeans_edge_cases():
+    few = torch.tensor([[0.5, 0.5, -1.0, 2.0]])
+    result = kmeans.optimal_kmeans(few, torch.ones(1, 4), 8)  # 3 distinct values for 8 centroids
+    assert result.sse.item() == 0.0 and result.centroids[0].tolist() == [-1.0, 0.5, 2.0, 2.0, 2.0, 2.0, 2.0, 2.0]
+    zeros = kmeans.optimal_kmeans(torch.randn(2, 50), torch.zeros(2, 50), 4)  # all-zero weights: uniform
+    uniform = kmeans.optimal_kmeans(torch.randn(2, 50), None, 4)
+    assert zeros.centroids.shape == uniform.centroids.shape == (2, 4)
+    x = torch.randn(3, 40)
+    assert torch.allclose(kmeans.optimal_kmeans(x, torch.zeros(3, 40), 4).sse,
+                          kmeans.optimal_kmeans(x, None, 4).sse)
+    with pytest.raises(ValueError, match="finite"):
+        kmeans.optimal_kmeans(torch.tensor([[float("nan"), 1.0]]), None, 2)
+    with pytest.raises(ValueError, match="k must be in"):
+        kmeans.optimal_kmeans(torch.zeros(1, 4), None, 1)
+
+
+def test_cluster_follows_the_config_and_says_what_optimal_needs(monkeypatch):
+    from sqlab import QuantConfig, SqlabError, cpu_kernels
+
+    x, f = torch.randn(16, 64) * 0.02, torch.rand(16, 64)
+    assert torch.equal(kmeans.cluster(x, f, QuantConfig(wbits=3)).centroids,
+                       kmeans.optimal_kmeans(x, f, 8).centroids)
+    fast = kmeans.cluster(x, f, QuantConfig(wbits=4, kmeans="fast", kmeans_restarts=1))
+    assert torch.equal(fast.centroids, weighted_kmeans(x, f, 16, restarts=1).centroids)
+    with pytest.raises(SqlabError, match="kmeans must be one of optimal, fast, got 'exact'"):
+        QuantConfig(kmeans="exact")
+    monkeypatch.setattr(cpu_kernels, "compiler", lambda: None)
+    cpu_kernels.library.cache_clear()
+    try:
+        with pytest.raises(SqlabError, match=r"kmeans='optimal' runs a compiled dynamic program: no C\+\+ compiler"):
+            kmeans.cluster(x, f, QuantConfig(wbits=3))
+    finally:
+        cpu_kernels.library.cache_clear()
+
+
+@pytest.mark.slow
+def test_kmeans_benchmark_compares_every_method(tmp_path):
+    """benchmarks/kmeans.py on a few rows (its Fisher is the fast preset's, which the notebooks share)."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = tmp_path / "kmeans.json"
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "kmeans.py"
+    done = subprocess.run([sys.executable, str(script), "--rows", "4", "--wbits", "3", "--layer", "1",
+                           "--nsamples", "2", "--seqlen", "128", "--json", str(out)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = {r["method"]: r for r in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {"optimal", "fast-2", "fast-1", "scikit-learn", "flash1dkmeans"}
+    assert rows["optimal"]["sse_above_optimum_pct"] == 0.0
+    assert all(r["sse_above_optimum_pct"] >= -1e-6 and r["us_per_row"] > 0 for r in rows.values())

@@ -1,0 +1,199 @@
+// Exact sensitivity-weighted 1-D k-means, one row at a time: the k centroids minimising
+// sum_j F_j (w_j - c(w_j))^2, by dynamic programming over the sorted row.
+//
+// In one dimension an optimal clustering splits the sorted points into k contiguous
+// intervals, each with its weighted mean as centroid. With prefix sums of F, F·w and F·w²
+// the cost of an interval is O(1), and
+//     D[c][j] = min over i < j of D[c-1][i] + cost(i, j)
+// (the best c intervals of the first j points) gives the optimum D[k][m]. The best split i
+// never moves left as j grows (the cost is a Monge array), so each layer is solved by
+// divide and conquer: the middle j's best i bounds the halves' searches, O(m log m) costs
+// per layer instead of O(m²). The scan over candidate splits i evaluates 8 of them per
+// AVX-512 step where the CPU has it (ties go to the smallest i, as in the scalar loop).
+//
+// Before the program: points of equal value merge (their weights add), points of weight
+// zero leave (they change no cost; they are assigned to their nearest centroid afterwards),
+// and values are centred on the weighted mean so the prefix sums lose little to
+// cancellation. A row whose weights are all zero uses weight 1 everywhere. Rows are
+// independent and shared out over OpenMP threads (torch's pool, as for lut_gemv_cpu.cpp).
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+#include <limits>
+#include <numeric>
+#include <utility>
+#include <vector>
+
+namespace {
+
+struct Sums {
+  std::vector<double> s0, s1, s2;  // prefix sums of F, F·x, F·x² over the sorted distinct points
+
+  double cost(int i, int j) const {  // weighted SSE of points [i, j) around their weighted mean
+    const double w = s0[j] - s0[i], m = s1[j] - s1[i];
+    const double c = (s2[j] - s2[i]) - m * m / w;
+    return c > 0.0 ? c : 0.0;
+  }
+  double mean(int i, int j) const { return (s1[j] - s1[i]) / (s0[j] - s0[i]); }
+};
+
+struct Layer {
+  const Sums& sums;
+  const std::vector<double>& prev;  // D[c-1][.]
+  std::vector<double>& cur;          // D[c][.]
+  int* opt;                          // argmin i of D[c][j]
+
+  // min over i in [lo, hi] of prev[i] + cost(i, j): the value and the smallest i reaching it
+  std::pair<double, int> best_split(int j, int lo, int hi) const {
+    double best = std::numeric_limits<double>::infinity();
+    int arg = lo, i = lo;
+#if defined(__AVX512F__)
+    // every candidate in vectors of 8 (the last one masked), then the smallest i among the
+    // lanes holding the minimum
+    const double* s0 = sums.s0.data();
+    const double* s1 = sums.s1.data();
+    const double* s2 = sums.s2.data();
+    const __m512d inf = _mm512_set1_pd(std::numeric_limits<double>::infinity());
+    const __m512d w0 = _mm512_set1_pd(s0[j]), m0 = _mm512_set1_pd(s1[j]), q0 = _mm512_set1_pd(s2[j]);
+    const __m512i step = _mm512_set1_epi64(8);
+    __m512d vbest = inf;
+    __m512i vi = _mm512_add_epi64(_mm512_set1_epi64(lo), _mm512_setr_epi64(0, 1, 2, 3, 4, 5, 6, 7));
+    __m512i varg = vi;
+    for (; i <= hi; i += 8, vi = _mm512_add_epi64(vi, step)) {
+      const __mmask8 live = hi - i >= 7 ? (__mmask8)0xff : (__mmask8)((1u << (hi - i + 1)) - 1u);
+      const __m512d w = _mm512_sub_pd(w0, _mm512_maskz_loadu_pd(live, s0 + i));
+      const __m512d m = _mm512_sub_pd(m0, _mm512_maskz_loadu_pd(live, s1 + i));
+      const __m512d q = _mm512_sub_pd(q0, _mm512_maskz_loadu_pd(live, s2 + i));
+      const __m512d cost = _mm512_max_pd(_mm512_sub_pd(q, _mm512_div_pd(_mm512_mul_pd(m, m), w)),
+                                         _mm512_setzero_pd());
+      const __m512d v = _mm512_mask_add_pd(inf, live, _mm512_maskz_loadu_pd(live, prev.data() + i), cost);
+      const __mmask8 better = _mm512_cmp_pd_mask(v, vbest, _CMP_LT_OQ);
+      vbest = _mm512_mask_blend_pd(better, vbest, v);
+      varg = _mm512_mask_blend_epi64(better, varg, vi);
+    }
+    best = _mm512_reduce_min_pd(vbest);
+    if (best < std::numeric_limits<double>::infinity())
+      arg = (int)_mm512_mask_reduce_min_epi64(_mm512_cmp_pd_mask(vbest, _mm512_set1_pd(best), _CMP_EQ_OQ), varg);
+#endif
+    for (; i <= hi; ++i) {
+      const double v = prev[i] + sums.cost(i, j);
+      if (v < best) best = v, arg = i;
+    }
+    return {best, arg};
+  }
+
+  // D[c][j] for j in [jlo, jhi], knowing the best i lies in [ilo, ihi]
+  void solve(int jlo, int jhi, int ilo, int ihi) {
+    while (jlo <= jhi) {
+      const int j = (jlo + jhi) / 2;
+      const auto [best, arg] = best_split(j, ilo, std::min(ihi, j - 1));
+      cur[j] = best;
+      opt[j] = arg;
+      // the left half recursively, the right half by looping (keeps the stack shallow)
+      if (jlo <= j - 1) solve(jlo, j - 1, ilo, arg);
+      jlo = j + 1;
+      ilo = arg;
+    }
+  }
+};
+
+// A float's bits as an unsigned key in the same order (negatives flipped).
+inline uint32_t sortable(float v) {
+  uint32_t u;
+  std::memcpy(&u, &v, 4);
+  return u & 0x80000000u ? ~u : u | 0x80000000u;
+}
+
+// Sort the row's values, least significant digit first (three passes of 11 bits): each
+// item is the value's key (high 32 bits) and its position (low), so the weights follow.
+void sort_row(const float* x, int n, std::vector<uint64_t>& items, std::vector<uint64_t>& spare) {
+  items.resize(n), spare.resize(n);
+  for (int j = 0; j < n; ++j) items[j] = (uint64_t)sortable(x[j]) << 32 | (uint32_t)j;
+  for (int shift = 32; shift < 64; shift += 11) {
+    uint32_t count[2049] = {};
+    for (int j = 0; j < n; ++j) ++count[((items[j] >> shift) & 2047) + 1];
+    for (int d = 0; d < 2048; ++d) count[d + 1] += count[d];
+    for (int j = 0; j < n; ++j) spare[count[(items[j] >> shift) & 2047]++] = items[j];
+    items.swap(spare);
+  }
+}
+
+// One row: n values x with weights f -> k ascending centroids, and the optimal weighted SSE.
+double solve_row(const float* x, const float* f, int n, int k, float* centroids) {
+  thread_local std::vector<uint64_t> items, spare;
+  thread_local std::vector<double> xs, ws;  // distinct values of positive weight, merged
+  double total = 0.0;
+  if (f != nullptr)
+    for (int j = 0; j < n; ++j) total += std::max(0.0, (double)f[j]);
+  const bool uniform = f == nullptr || total <= 0.0;  // a row without weight: every point counts once
+  sort_row(x, n, items, spare);
+  xs.clear(), ws.clear();
+  for (int t = 0; t < n; ++t) {
+    const int j = (int)(uint32_t)items[t];
+    const double w = uniform ? 1.0 : std::max(0.0, (double)f[j]);
+    if (w <= 0.0) continue;
+    if (!xs.empty() && (float)xs.back() == x[j]) {
+      ws.back() += w;
+    } else {
+      xs.push_back(x[j]);
+      ws.push_back(w);
+    }
+  }
+  const int m = (int)xs.size();
+  if (m == 0) {  // no points at all (n == 0)
+    for (int c = 0; c < k; ++c) centroids[c] = 0.f;
+    return 0.0;
+  }
+  if (m <= k) {  // every distinct value is its own centroid; the rest repeat the largest
+    for (int c = 0; c < k; ++c) centroids[c] = (float)xs[std::min(c, m - 1)];
+    return 0.0;
+  }
+  double centre = 0.0, wsum = 0.0;
+  for (int j = 0; j < m; ++j) centre += ws[j] * xs[j], wsum += ws[j];
+  centre /= wsum;
+  thread_local Sums sums;
+  thread_local std::vector<double> prev, cur;
+  thread_local std::vector<int> opt;
+  sums.s0.resize(m + 1), sums.s1.resize(m + 1), sums.s2.resize(m + 1);
+  prev.resize(m + 1), cur.resize(m + 1), opt.resize((size_t)(k + 1) * (m + 1));
+  sums.s0[0] = sums.s1[0] = sums.s2[0] = 0.0;
+  for (int j = 0; j < m; ++j) {
+    const double v = xs[j] - centre;
+    sums.s0[j + 1] = sums.s0[j] + ws[j];
+    sums.s1[j + 1] = sums.s1[j] + ws[j] * v;
+    sums.s2[j + 1] = sums.s2[j] + ws[j] * v * v;
+  }
+  for (int j = 1; j <= m; ++j) prev[j] = sums.cost(0, j);
+  for (int c = 2; c <= k; ++c) {
+    // D[c][j] needs j >= c points; only j <= m - (k - c) can lead to the answer D[k][m]
+    const int jlo = c, jhi = m - (k - c);
+    Layer{sums, prev, cur, opt.data() + (size_t)c * (m + 1)}.solve(jlo, jhi, c - 1, jhi - 1);
+    std::swap(prev, cur);
+  }
+  const double sse = prev[m];
+  std::vector<int> edges(k + 1);
+  edges[k] = m;
+  for (int c = k; c >= 2; --c) edges[c - 1] = opt[(size_t)c * (m + 1) + edges[c]];
+  edges[0] = 0;
+  for (int c = 0; c < k; ++c) centroids[c] = (float)(sums.mean(edges[c], edges[c + 1]) + centre);
+  return sse;
+}
+
+}  // namespace
+
+extern "C" {
+
+// x, f: (rows, n) row-major (f may be null: every weight 1); centroids: (rows, k); sse: (rows,).
+int sq_kmeans_dp(const float* x, const float* f, int rows, int n, int k, float* centroids, double* sse) {
+  if (k < 1 || n < 0 || rows < 0) return -1;
+#pragma omp parallel for schedule(dynamic, 16)
+  for (int r = 0; r < rows; ++r)
+    sse[r] = solve_row(x + (size_t)r * n, f == nullptr ? nullptr : f + (size_t)r * n, n, k,
+                       centroids + (size_t)r * k);
+  return 0;
+}
+
+}  // extern "C"
