@@ -65,33 +65,99 @@ def _device(model: nn.Module) -> torch.device:
     return next(iter(model.parameters())).device
 
 
+@dataclass(frozen=True)
+class Estimate:
+    """Perplexity from the windows scored so far, with a 95% interval for the full set of windows.
+
+    Windows are scored in an order that spreads them over the text, so the first few
+    stand for all of it. The interval treats the scored windows as a sample of the
+    windows to score: ``exp(mean NLL ± 1.96 · standard error)``, the standard error
+    from the spread of the windows' mean NLLs with a finite-population correction, so
+    it closes on the final value when every window is in (and is unknown, 0 to inf,
+    with fewer than two).
+    """
+
+    ppl: float
+    low: float
+    high: float
+    nll: float  # mean NLL per predicted token so far
+    windows: int  # windows scored so far
+    total: int  # windows to score
+    tokens: int  # predicted tokens scored so far
+
+    @property
+    def final(self) -> bool:
+        return self.windows == self.total
+
+
+def spread_order(n: int) -> list[int]:
+    """``range(n)`` in an order whose every prefix is spread over the range (bit-reversal order)."""
+    bits = max(1, (n - 1).bit_length())
+    return [i for i in sorted(range(1 << bits), key=lambda v: int(f"{v:0{bits}b}"[::-1], 2)) if i < n]
+
+
+def _estimate(scores: list[tuple[float, int]], total: int) -> Estimate:
+    nll_sum, count = sum(s for s, _ in scores), sum(c for _, c in scores)
+    mean, n = nll_sum / count, len(scores)
+    if not math.isfinite(mean):
+        raise SqlabError(f"the model's loss is {mean} on this text: its outputs contain NaN or "
+                         "Inf, so its weights are damaged; a perplexity cannot be given")
+    low, high = 0.0, math.inf
+    if n >= 2:
+        means = [s / c for s, c in scores]
+        centre = sum(means) / n
+        spread = math.sqrt(sum((m - centre) ** 2 for m in means) / (n - 1))
+        stderr = spread / math.sqrt(n) * math.sqrt(max(0.0, 1 - n / total))
+        low, high = math.exp(mean - 1.96 * stderr), math.exp(mean + 1.96 * stderr)
+    return Estimate(math.exp(mean), low, high, mean, n, total, count)
+
+
 @torch.inference_mode()
-def perplexity(model: nn.Module, tokens: torch.Tensor, seqlen: int = 512, *, max_windows: int | None = None,
-               batch_size: int | None = None, progress: bool = True) -> Perplexity:
-    """Perplexity of ``model`` on 1-D ``tokens`` over non-overlapping ``seqlen`` windows."""
+def perplexity_estimates(model: nn.Module, tokens: torch.Tensor, seqlen: int = 512, *,
+                         max_windows: int | None = None, batch_size: int | None = None,
+                         scored: dict[int, tuple[float, int]] | None = None, on_window=None,
+                         progress: bool = True):
+    """Score the windows of ``perplexity`` progressively, yielding an ``Estimate`` after each batch.
+
+    ``scored`` maps window starts already scored to their ``(NLL sum, tokens)``: they
+    count without being computed again. ``on_window(start, nll_sum, tokens)`` is called
+    for every window this call scores (to cache it). The last estimate is the result.
+    """
     tokens = tokens.reshape(-1)
     check_seqlen(model, seqlen, tokens.numel(), "the evaluation text")
     check_token_ids(model, tokens)
     device = _device(model)
     batch_size = batch_size or (8 if device.type == "cuda" else 1)
-    starts = window_starts(tokens.numel(), seqlen, max_windows)
-    windows = torch.stack([tokens[s : s + seqlen] for s in starts.tolist()])
-    total_nll, count = 0.0, 0
-    bar = tqdm(total=len(windows), desc="perplexity", unit="window", disable=not progress, leave=False)
-    for batch in windows.split(batch_size):
-        batch = batch.to(device)
+    starts = window_starts(tokens.numel(), seqlen, max_windows).tolist()
+    order = [starts[i] for i in spread_order(len(starts))]
+    done = {s: scored[s] for s in order if scored and s in scored}
+    todo = [s for s in order if s not in done]
+    if done:
+        yield _estimate(list(done.values()), len(starts))
+    bar = tqdm(total=len(todo), desc="perplexity", unit="window", disable=not progress, leave=False)
+    for i in range(0, len(todo), batch_size):
+        part = todo[i : i + batch_size]
+        batch = torch.stack([tokens[s : s + seqlen] for s in part]).to(device)
         logits = model(batch, use_cache=False).logits[:, :-1].float()
         nll = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1),
-                                          reduction="sum")
-        total_nll += nll.item()
-        count += batch[:, 1:].numel()
-        bar.update(len(batch))
+                                          reduction="none").reshape(len(part), -1).sum(1).tolist()
+        for start, value in zip(part, nll):
+            done[start] = (value, seqlen - 1)
+            if on_window is not None:
+                on_window(start, value, seqlen - 1)
+        bar.update(len(part))
+        yield _estimate(list(done.values()), len(starts))
     bar.close()
-    mean = total_nll / count
-    if not math.isfinite(mean):
-        raise SqlabError(f"the model's loss is {mean} on this text: its outputs contain NaN or "
-                         "Inf, so its weights are damaged; a perplexity cannot be given")
-    return Perplexity(ppl=math.exp(mean), nll=mean, windows=len(windows), seqlen=seqlen, tokens=count)
+
+
+def perplexity(model: nn.Module, tokens: torch.Tensor, seqlen: int = 512, *, max_windows: int | None = None,
+               batch_size: int | None = None, progress: bool = True) -> Perplexity:
+    """Perplexity of ``model`` on 1-D ``tokens`` over non-overlapping ``seqlen`` windows."""
+    last = None
+    for last in perplexity_estimates(model, tokens, seqlen, max_windows=max_windows, batch_size=batch_size,
+                                     progress=progress):
+        pass
+    return Perplexity(ppl=last.ppl, nll=last.nll, windows=last.total, seqlen=seqlen, tokens=last.tokens)
 
 
 @dataclass(frozen=True)

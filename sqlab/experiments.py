@@ -41,9 +41,10 @@ def quantize(model: nn.Module, tokenizer, config: QuantConfig, *, fisher: dict |
     """Quantize ``model`` in place with ``config.method``, calibrating on ``config.calib``.
 
     SqueezeLLM computes (or loads) the Fisher information and packs
-    ``SqueezeLinear`` layers unless ``simulate``; with ``cache`` its finished blocks
-    are kept in ``data/cache/quant`` (unless a ``work_dir`` is given), so quantizing
-    the same model with the same settings again is a load. RTN and GPTQ always
+    ``SqueezeLinear`` layers unless ``simulate``; packing with ``cache`` keeps its
+    finished blocks in ``data/cache/quant`` (unless a ``work_dir`` is given), so
+    quantizing the same model with the same settings again is a load. A simulated
+    run writes nothing (the sweeps cache its results). RTN and GPTQ always
     write their reconstructed weights into the ``nn.Linear`` layers (they have no
     packed format here). ``fisher``, when given, is also used to report the
     baselines' Fisher-weighted error per layer.
@@ -54,7 +55,7 @@ def quantize(model: nn.Module, tokenizer, config: QuantConfig, *, fisher: dict |
         if fisher is None and (config.weighted or config.sensitive_pct > 0):
             fisher = compute_fisher(model, tokenizer, config.calib, config.nsamples, config.seqlen, config.seed,
                                     cache=cache, progress=progress)
-        if work_dir is None and cache:
+        if work_dir is None and cache and not simulate:  # simulated points are cached as results instead
             work_dir = _cache("quant", config.key(models.fingerprint(model)))
         return quantize_model(model, config, fisher, simulate=simulate, work_dir=work_dir, blocks=blocks,
                               profile=profile, progress=progress)
@@ -125,6 +126,23 @@ def result_key(fingerprint: str, point: dict, evaluation: dict) -> str:
     version = METHOD_VERSIONS.get(point.get("method"))
     payload = json.dumps([RESULT_SCHEMA, version, fingerprint, point, evaluation], sort_keys=True, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()[:20]
+
+
+class _WindowStore:
+    """The windows of one point and dataset scored so far: ``{start: (NLL sum, tokens)}`` in a JSON file."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.scored: dict[int, tuple[float, int]] = {}
+        if path.exists():
+            try:
+                self.scored = {int(k): (float(v[0]), int(v[1])) for k, v in json.loads(path.read_text()).items()}
+            except (ValueError, TypeError, IndexError, KeyError):
+                log.warning("ignoring an unreadable window cache %s", path)
+
+    def add(self, start: int, nll_sum: float, tokens: int) -> None:
+        self.scored[start] = (nll_sum, tokens)
+        files.write_json(self.path, {str(k): list(v) for k, v in sorted(self.scored.items())})
 
 
 class Sweeper:
@@ -217,17 +235,34 @@ class Sweeper:
             files.write_json(path, row)
         return row
 
-    def _evaluate(self) -> dict[str, float]:
-        return {f"ppl_{d}": evaluate.perplexity(self.model, self.tokens(d), self.seqlen,
-                                                max_windows=self.evaluation.max_windows,
-                                                progress=self.progress).ppl
-                for d in self.evaluation.datasets}
+    def _evaluate(self, point: dict, on_estimate=None, row: dict | None = None) -> dict[str, float]:
+        """Perplexity per dataset, window by window: each scored window is cached, so a point whose
+        evaluation was cut short (or asked again with more windows) scores only what is missing.
+        ``on_estimate(dataset, evaluate.Estimate, row)`` sees every intermediate estimate."""
+        result = {}
+        for d in self.evaluation.datasets:
+            store = _WindowStore(_cache("windows", result_key(self.fingerprint, point, {
+                "dataset": d, "seqlen": self.seqlen, "blocks": self.blocks}) + ".json") if self.cache else None)
+            estimate = None
+            for estimate in evaluate.perplexity_estimates(
+                    self.model, self.tokens(d), self.seqlen, max_windows=self.evaluation.max_windows,
+                    scored=store.scored if store else None, on_window=store.add if store else None,
+                    progress=self.progress):
+                if on_estimate is not None:
+                    on_estimate(d, estimate, row or point)
+            result[f"ppl_{d}"] = estimate.ppl
+        return result
 
     def _restore(self) -> None:
         self.model.load_state_dict(self.pristine)
 
-    def run_point(self, config: QuantConfig | None) -> dict:
-        """One row: ``None`` is the unquantized reference."""
+    def run_point(self, config: QuantConfig | None, on_estimate=None) -> dict:
+        """One row: ``None`` is the unquantized reference.
+
+        ``on_estimate(dataset, estimate, row)`` is called as the perplexity of a new
+        point refines window by window (``evaluate.Estimate``: value and 95% interval;
+        ``row``: the point's settings and size, known before its evaluation).
+        """
         point = reference_config() if config is None else {**config.relevant(), "label": config.label()}
         found = self.cached(point)
         if found is not None:
@@ -249,11 +284,11 @@ class Sweeper:
                        if config.method == "squeezellm" else 0.0,
                        "layers": [{"name": s.name, "mse": s.mse, "weighted_error": s.weighted_error}
                                   for s in report.layers]}
-                row.update(self._evaluate())
+                row.update(self._evaluate(point, on_estimate, row))
             finally:
                 self._restore()
         if config is None:
-            row.update(self._evaluate())
+            row.update(self._evaluate(point, on_estimate, row))
         row["seconds"] = time.perf_counter() - start
         if self.cache:
             files.write_json(_cache("results", f"{self.key(point)}.json"), row)

@@ -81,6 +81,17 @@ class OutlierProfile:
                 flat = flat[torch.randint(flat.numel(), (SAMPLE,), generator=gen)]
             self.matrices[name] = _MatrixProfile(q1, q3, flat.abs().sort().values, scale)
         self.total = sum(w.numel() for w in weights.values())
+        # every matrix's sorted |w| side by side (padded with +inf), so the share at any r is
+        # one batched searchsorted
+        profiles = list(self.matrices.values())
+        width = max((m.sorted_abs.numel() for m in profiles), default=0)
+        self._sorted = torch.full((len(profiles), width), float("inf"))
+        for row, m in enumerate(profiles):
+            self._sorted[row, : m.sorted_abs.numel()] = m.sorted_abs
+        self._q = torch.tensor([[m.q1, m.q3] for m in profiles], dtype=torch.float64).reshape(-1, 2)
+        self._length = torch.tensor([m.sorted_abs.numel() for m in profiles], dtype=torch.float64)
+        self._scale = torch.tensor([m.scale for m in profiles], dtype=torch.float64)
+        self._solved: dict[tuple[float, float], float] = {}
 
     def threshold(self, name: str, r: float) -> float:
         m = self.matrices[name]
@@ -93,8 +104,14 @@ class OutlierProfile:
         return (m.sorted_abs.numel() - below) * m.scale
 
     def share(self, r: float) -> float:
-        """Model-wide outlier percentage at range ``r``."""
-        return 100.0 * sum(self.count(name, r) for name in self.matrices) / self.total
+        """Model-wide outlier percentage at range ``r`` (every matrix's ``count``, in one search)."""
+        if not self.matrices:
+            return 0.0
+        q1, q3 = self._q[:, 0], self._q[:, 1]
+        iqr = q3 - q1
+        t = torch.maximum((q1 - r * iqr).abs(), (q3 + r * iqr).abs()).float()  # iqr_threshold per matrix
+        below = torch.searchsorted(self._sorted, t[:, None]).squeeze(1).double()
+        return 100.0 * float(((self._length - below) * self._scale).sum()) / self.total
 
     def exact_count(self, name: str, r: float) -> int:
         """Outliers of one matrix at range ``r``, counted on all its weights."""
@@ -111,6 +128,8 @@ class OutlierProfile:
         exact share misses it by more than ``tolerance_pct`` points.
         """
         target = float(outlier_pct)
+        if (target, tolerance_pct) in self._solved:
+            return self._solved[(target, tolerance_pct)]
         if self.share(0.0) < target:
             raise SqlabError(f"outlier_pct {target} is out of reach: even r = 0 (T = max(|q1|, |q3|)) makes only "
                              f"{self.share(0.0):.3f}% of the weights outliers")
@@ -128,6 +147,7 @@ class OutlierProfile:
             log.warning("outlier share %.4f%% at r=%.4f misses the target %.4f%% by more than %.2f points",
                         got, r, target, tolerance_pct)
         log.info("IQR range r = %.4f gives %.4f%% outliers (target %.4f%%)", r, got, target)
+        self._solved[(target, tolerance_pct)] = r
         return r
 
     def by_matrix(self, r: float):

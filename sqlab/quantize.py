@@ -25,7 +25,7 @@ from .config import QuantConfig
 from .errors import SqlabError
 from .kmeans import assign, cluster
 from .models import block_linears, decoder_blocks, quantizable_linears
-from .packing import CSR, correct_sparse, pack, reconstruct, unpack
+from .packing import CSR, correct_sparse, pack, packed_rows, reconstruct, unpack
 from .qlinear import SqueezeLinear
 
 log = logging.getLogger(__name__)
@@ -46,6 +46,23 @@ class QuantizedWeight:
 
     def dequantize(self, dtype: torch.dtype | None = None) -> Tensor:
         return reconstruct(self.indices, self.lut, self.csr, dtype)
+
+    def storage_bits(self) -> dict[str, int]:
+        """Bits the packed layer stores, from shapes alone: indices, LUT, sparse part (rows, cols, vals)."""
+        out_features, in_features = self.indices.shape
+        bits = {"indices": packed_rows(in_features, self.wbits) * out_features * 32,
+                "lut": self.lut.numel() * self.lut.element_size() * 8}
+        if self.csr is not None:
+            bits["sparse"] = sum(t.numel() * t.element_size() * 8 for t in (self.csr.rows, self.csr.cols,
+                                                                             self.csr.vals))
+        return bits
+
+    def to_layer(self, bias: Tensor | None, name: str = "") -> SqueezeLinear:
+        """The packed ``SqueezeLinear``."""
+        layer = SqueezeLinear.from_parts(pack(self.indices, self.wbits), self.lut, self.indices.shape[1], self.csr,
+                                         bias)
+        layer.name = name
+        return layer
 
 
 @dataclass
@@ -153,16 +170,12 @@ def quantize_group(weights: dict[str, Tensor], fishers: dict[str, Tensor | None]
     return result
 
 
-def layer_stats(name: str, weight: Tensor, fisher: Tensor | None, q: QuantizedWeight, layer: SqueezeLinear) -> LayerStats:
-    w_hat = q.dequantize(torch.float32)
-    diff2 = (weight.float() - w_hat) ** 2
+def layer_stats(name: str, weight: Tensor, fisher: Tensor | None, q: QuantizedWeight, w_hat: Tensor) -> LayerStats:
+    """Errors of one matrix against its reconstruction ``w_hat``, and its storage."""
+    diff2 = (weight.float() - w_hat.float()) ** 2
     weighted = float((fisher.float() * diff2).sum()) if fisher is not None else float("nan")
     return LayerStats(name, tuple(weight.shape), q.outliers, q.sensitive, weighted, float(diff2.mean()),
-                      layer.storage_bits())
-
-
-def to_layer(q: QuantizedWeight, bias: Tensor | None) -> SqueezeLinear:
-    return SqueezeLinear.from_parts(pack(q.indices, q.wbits), q.lut, q.indices.shape[1], q.csr, bias)
+                      q.storage_bits())
 
 
 def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
@@ -309,11 +322,11 @@ def quantize_model(model: nn.Module, config: QuantConfig, fisher: dict[str, Tens
                 store.save(index, done)
         for name, linear in members.items():
             q = done[name]
-            layer = to_layer(q, linear.bias.detach() if linear.bias is not None else None)
-            layer.name = name
-            stats.append(layer_stats(name, linear.weight, fisher[name] if fisher is not None else None, q, layer))
-            if simulate:
-                linear.weight.copy_(q.dequantize(linear.weight.dtype))
+            w_hat = q.dequantize(linear.weight.dtype)
+            stats.append(layer_stats(name, linear.weight, fisher[name] if fisher is not None else None, q, w_hat))
+            if simulate:  # the reconstruction in the nn.Linear: no packing at all
+                linear.weight.copy_(w_hat)
             else:
-                _set_module(model, name, layer.to(linear.weight.device))
+                bias = linear.bias.detach() if linear.bias is not None else None
+                _set_module(model, name, q.to_layer(bias, name).to(linear.weight.device))
     return QuantReport(config, outlier_range, stats)

@@ -210,8 +210,13 @@ def _family(label: str) -> str:
     return label.split()[0] if label else "none"
 
 
-def ppl_vs_size(frame, highlight: str | None = None, dataset: str | None = None) -> go.Figure:
-    """Perplexity against the size of the quantized linears: lower-left is better."""
+def ppl_vs_size(frame, highlight: str | None = None, dataset: str | None = None,
+                estimate: dict | None = None) -> go.Figure:
+    """Perplexity against the size of the quantized linears: lower-left is better.
+
+    ``estimate``, a point still being evaluated (``label``, ``size_mb``, ``ppl``, ``low``,
+    ``high``, ``windows``, ``total``), is drawn hollow with its 95% interval.
+    """
     column = f"ppl_{dataset}" if dataset else next(c for c in frame.columns if c.startswith("ppl_"))
     fig = go.Figure()
     reference = frame[frame["method"] == "none"]
@@ -231,6 +236,15 @@ def ppl_vs_size(frame, highlight: str | None = None, dataset: str | None = None)
         row = frame[frame["label"] == highlight].iloc[0]
         fig.add_trace(go.Scatter(x=[row["size_mb"]], y=[row[column]], mode="markers", name=f"current: {highlight}",
                                  marker=dict(size=18, color="rgba(0,0,0,0)", line=dict(width=3, color="black"))))
+    if estimate is not None:
+        bounded = math.isfinite(estimate["high"])
+        fig.add_trace(go.Scatter(
+            x=[estimate["size_mb"]], y=[estimate["ppl"]], mode="markers",
+            name=f"estimating: {estimate['label']} ({estimate['windows']}/{estimate['total']} windows)",
+            marker=dict(size=14, symbol="circle-open", color="black", line=dict(width=2)),
+            error_y=dict(type="data", symmetric=False, array=[estimate["high"] - estimate["ppl"]] if bounded else [0],
+                         arrayminus=[estimate["ppl"] - estimate["low"]] if bounded else [0], visible=bounded),
+            hovertemplate="%{x:.1f} MB, ppl ≈ %{y:.2f} so far<extra></extra>"))
     values = frame[column].astype(float)
     fig.update_yaxes(type="log" if values.max() / max(values.min(), 1e-9) > 5 else "linear")
     return _layout(fig, f"Perplexity versus size ({column[4:]})", "size of the quantized linears (MB)",

@@ -24,11 +24,13 @@ def refresh(widget: go.FigureWidget, figure: go.Figure) -> None:
 
 
 class Panel(W.VBox):
+    """Controls (one row, or the ``rows`` of control names given), a status line, then figures."""
+
     def __init__(self, controls: dict[str, W.Widget], figures: dict[str, go.FigureWidget],
-                 status: W.Widget | None = None):
+                 status: W.Widget | None = None, rows: list[list[str]] | None = None):
         self.controls, self.figures, self.status = controls, figures, status
-        rows = [W.HBox(list(controls.values()))] + ([status] if status is not None else []) + list(figures.values())
-        super().__init__(rows)
+        lines = [W.HBox([controls[name] for name in row]) for row in (rows or [list(controls)])]
+        super().__init__(lines + ([status] if status is not None else []) + list(figures.values()))
 
 
 def _matrix_pickers(names: list[str], description: str = "block") -> tuple[W.Dropdown, W.Dropdown]:
@@ -106,12 +108,14 @@ class SweepPanel(Panel):
         method = W.ToggleButtons(options=[("SqueezeLLM", "squeezellm"), ("RTN", "rtn"), ("GPTQ", "gptq")],
                                  value="squeezellm", description="method")
         wbits = W.ToggleButtons(options=[3, 4], value=3, description="bits")
+        # sliders need a width of their own: squeezed into a row of buttons they render as a dot
+        slider_layout, wide = W.Layout(width="420px"), {"description_width": "90px"}
         outlier = W.SelectionSlider(options=list(OUTLIER_STEPS), value=0.0, description="outliers %",
-                                    continuous_update=False)
+                                    continuous_update=False, layout=slider_layout, style=wide)
         sensitive = W.SelectionSlider(options=list(SENSITIVE_STEPS), value=0.0, description="sensitive %",
-                                      continuous_update=False)
+                                      continuous_update=False, layout=slider_layout, style=wide)
         group = W.Dropdown(options=[("per channel", 0), ("128", 128), ("64", 64), ("32", 32)], value=0,
-                           description="group size", disabled=True)
+                           description="group size", disabled=True, style=wide)
         self.progress = W.FloatProgress(value=0, min=0, max=1, bar_style="info", layout=W.Layout(width="200px"))
         self.message = W.HTML()
         status = W.HBox([self.progress, self.message])
@@ -119,7 +123,7 @@ class SweepPanel(Panel):
         self.size_plot, self.layer_plot = go.FigureWidget(), go.FigureWidget()
         super().__init__({"method": method, "wbits": wbits, "outlier_pct": outlier, "sensitive_pct": sensitive,
                           "groupsize": group}, {"ppl_vs_size": self.size_plot, "per_layer": self.layer_plot},
-                         status)
+                         status, rows=[["method", "wbits"], ["outlier_pct", "sensitive_pct", "groupsize"]])
         for control in self.controls.values():
             control.observe(self._changed, names="value")
         self._changed()
@@ -140,9 +144,9 @@ class SweepPanel(Panel):
         label = config.label()
         if not any(r["label"] == label for r in self.rows):
             cached = self.sweeper.cached({**config.relevant(), "label": label}) is not None
-            self.message.value = f"{'loading' if cached else 'quantizing and evaluating'} <b>{label}</b> …"
-            self.progress.bar_style, self.progress.value = "info", 0.5
-            self.rows.append(self.sweeper.run_point(config))
+            self.message.value = f"{'loading' if cached else 'quantizing'} <b>{label}</b> …"
+            self.progress.bar_style, self.progress.value = "info", 0.02
+            self.rows.append(self.sweeper.run_point(config, on_estimate=lambda *a: self._estimating(label, *a)))
         row = next(r for r in self.rows if r["label"] == label)
         self.progress.bar_style, self.progress.value = "success", 1.0
         ppl = {k: v for k, v in row.items() if k.startswith("ppl_")}
@@ -150,6 +154,20 @@ class SweepPanel(Panel):
                               + ", ".join(f"perplexity {v:.3f} ({k[4:]})" for k, v in ppl.items())
                               + (" — from the cache" if row.get("cached") else f" — {row['seconds']:.1f} s"))
         self._draw(label)
+
+    def _estimating(self, label: str, dataset: str, estimate, row: dict) -> None:
+        """A new point's perplexity so far: the status line and a hollow point with its interval."""
+        interval = (f" (95%: {estimate.low:.2f}–{estimate.high:.2f})" if estimate.high < float("inf")
+                    else " (interval from the second window on)")
+        self.progress.value = estimate.windows / estimate.total
+        self.message.value = (f"evaluating <b>{label}</b> on {dataset}: perplexity ≈ {estimate.ppl:.3f}{interval} "
+                              f"after {estimate.windows}/{estimate.total} windows")
+        if "size_mb" in row:
+            refresh(self.size_plot, viz.ppl_vs_size(
+                self.frame(), dataset=dataset, estimate={"label": label, "size_mb": row["size_mb"],
+                                                         "ppl": estimate.ppl, "low": estimate.low,
+                                                         "high": estimate.high, "windows": estimate.windows,
+                                                         "total": estimate.total}))
 
     def frame(self):
         import pandas as pd

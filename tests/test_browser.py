@@ -101,12 +101,21 @@ def test_sweep_panel_in_jupyterlab(jupyterlab, tmp_path):
             status = page.locator(".widget-html-content", has_text="bits/weight").last
             before_text = status.inner_text()
 
-            # move the outlier slider one step: a new point is quantized, evaluated and plotted
-            slider = page.locator(".widget-slider", has_text="outliers %").locator(".noUi-handle")
-            slider.scroll_into_view_if_needed()
-            slider.focus()
-            page.keyboard.press("ArrowRight")
-            expect(slider).not_to_have_attribute("aria-valuenow", "0.0")  # the slider moved
+            # the outlier slider renders as a track, and dragging its handle with the mouse one
+            # step to the right picks the next value: a new point is quantized, evaluated and plotted
+            widget = page.locator(".widget-slider", has_text="outliers %")
+            widget.scroll_into_view_if_needed()
+            track = widget.locator(".noUi-base")
+            handle = widget.locator(".noUi-handle")
+            track_box, handle_box = track.bounding_box(), handle.bounding_box()
+            assert track_box["width"] > 150, f"the slider renders {track_box['width']:.0f} px wide"
+            steps = 6  # the slider's 7 values (OUTLIER_STEPS) are 6 steps apart
+            x, y = handle_box["x"] + handle_box["width"] / 2, handle_box["y"] + handle_box["height"] / 2
+            page.mouse.move(x, y)
+            page.mouse.down()
+            page.mouse.move(x + track_box["width"] / steps, y, steps=8)
+            page.mouse.up()
+            expect(handle).not_to_have_attribute("aria-valuenow", "0.0")  # the slider moved
             page.wait_for_function(
                 f"document.querySelectorAll('{POINTS}').length > {before}", timeout=600_000)
             page.wait_for_function("t => !document.body.innerText.includes(t)", arg=before_text, timeout=60_000)

@@ -93,7 +93,60 @@ def test_sweep_panel_computes_then_reuses_points(tiny_model_dir, text_file, tmp_
     assert "RTN 3-bit per-channel" in panel.message.value
 
     calls = []
-    monkeypatch.setattr(sweeper, "_evaluate", lambda: calls.append(1) or {})
+    monkeypatch.setattr(sweeper, "_evaluate", lambda *a: calls.append(1) or {})
     again = widgets.SweepPanel(sweeper, common=common, initial=[QuantConfig(wbits=3, outlier_pct=1.0, **common)])
     again.controls["method"].value = "rtn"
     assert calls == [] and "from the cache" in again.message.value
+
+
+def test_a_new_point_refines_in_place_and_windows_are_never_scored_twice(tiny_model_dir, text_file, tmp_path,
+                                                                         monkeypatch):
+    from sqlab import evaluate
+
+    monkeypatch.setenv("SQLAB_DATA_DIR", str(tmp_path / "data"))
+    sweeper = experiments.Sweeper(str(tiny_model_dir), experiments.EvalSettings((f"text:{text_file}",), 16, 6),
+                                  progress=False)
+    common = dict(calib=f"text:{text_file}", nsamples=2, seqlen=16)
+    panel = widgets.SweepPanel(sweeper, common=common)
+    seen = []
+    original = panel._estimating
+    monkeypatch.setattr(panel, "_estimating", lambda *a: (seen.append(a[2]), original(*a))[1])
+    panel.controls["outlier_pct"].value = 1.0
+    windows = [e.windows for e in seen]
+    assert windows == list(range(1, 7)) and all(e.total == 6 for e in seen)
+    assert seen[0].high == float("inf") and all(e.low <= e.ppl <= e.high for e in seen)
+    assert seen[-1].final and seen[-1].low == pytest.approx(seen[-1].ppl) == pytest.approx(seen[-1].high)
+    row = panel.rows[-1]
+    assert row["ppl_" + f"text:{text_file}"] == pytest.approx(seen[-1].ppl)
+    # the same point again, evaluation cut short after two new windows: the windows scored
+    # before are read back, and the next run scores only the rest
+    config = QuantConfig(wbits=3, sensitive_pct=1.0, **common)
+    scored = []
+    real = evaluate.perplexity_estimates
+
+    def cut_short(*args, **kwargs):
+        for i, estimate in enumerate(real(*args, **kwargs)):
+            scored.append(estimate.windows)
+            yield estimate
+            if i == 1 and len(scored) == 2:
+                raise KeyboardInterrupt
+
+    monkeypatch.setattr(evaluate, "perplexity_estimates", cut_short)
+    with pytest.raises(KeyboardInterrupt):
+        sweeper.run_point(config)
+    counted = []
+    monkeypatch.setattr(evaluate, "perplexity_estimates",
+                        lambda *a, **k: (counted.append(len(k["scored"])), real(*a, **k))[1])
+    final = sweeper.run_point(config)
+    assert counted == [2] and final["label"] == config.label()
+
+
+def test_progressive_estimates_end_at_the_perplexity(tiny_llama):
+    from sqlab import evaluate
+
+    tokens = torch.randint(0, 320, (9 * 16,), generator=torch.Generator().manual_seed(2))
+    estimates = list(evaluate.perplexity_estimates(tiny_llama, tokens, 16, progress=False))
+    assert [e.windows for e in estimates] == list(range(1, 10))
+    assert estimates[-1].ppl == pytest.approx(evaluate.perplexity(tiny_llama, tokens, 16, progress=False).ppl)
+    assert evaluate.spread_order(8) == [0, 4, 2, 6, 1, 5, 3, 7] and sorted(evaluate.spread_order(11)) == list(
+        range(11))
