@@ -291,9 +291,17 @@ def _coarse(data: _Row, bins: int) -> _Row:
 
 
 def assign(x: Tensor, centroids: Tensor) -> Tensor:
-    """Index of the nearest centroid (ascending ``centroids``) for every entry of ``x``."""
-    mid = (centroids[:, 1:] + centroids[:, :-1]) / 2
-    return torch.searchsorted(mid.to(x.dtype).contiguous(), x.contiguous()).to(torch.uint8)
+    """Index of the nearest centroid (ascending ``centroids``) for every entry of ``x``.
+
+    An entry's index is the number of midpoints between neighbouring centroids that lie
+    below it (a tie goes to the lower centroid): one comparison pass per midpoint, which
+    for 7 or 15 midpoints beats a binary search per entry.
+    """
+    mid = ((centroids[:, 1:] + centroids[:, :-1]) / 2).to(x.dtype)  # (rows, k - 1)
+    labels = torch.zeros(x.shape, dtype=torch.uint8, device=x.device)
+    for b in range(mid.shape[1]):
+        labels += x > mid[:, b : b + 1]
+    return labels
 
 
 def _bounds(edges: Tensor) -> tuple[Tensor, Tensor]:
