@@ -6,11 +6,15 @@ channel), every 32 consecutive input positions become ``wbits`` int32 words that
 read as one little-endian bit stream: index ``j`` of the group occupies bits
 ``wbits·j … wbits·j + wbits - 1``. For 4 bits that is 8 indices per word; for 3
 bits indices 10 and 21 straddle two words, exactly as the original packer wrote
-them. ``in_features`` that is not a multiple of 32 is padded with index 0.
+them. ``in_features`` that is not a multiple of 32 is padded with index 0 here; the
+original packer instead drops the inputs past the last multiple of 32, so such a
+layer has no faithful form in the original format (``checkpoint.export_squeezellm``
+refuses it unless asked for the padded layout).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -146,16 +150,43 @@ def csr_row_indices(rows: Tensor) -> Tensor:
 
 
 def balanced_startrows(rows: Tensor, nnz_per_thread: int) -> Tensor:
-    """First row touched by each thread when threads take ``nnz_per_thread`` values each.
+    """First row touched by each thread of sqlab's balanced SpMV (``kernels/spmv.cu``).
 
     Thread ``t`` handles values ``[t·n, (t+1)·n)`` whatever rows they fall in, so
-    work is balanced even when a few rows hold most of the outliers.
+    work is balanced even when a few rows hold most of the outliers. Its start row
+    is the row holding value ``t·n`` (``rows[r] <= t·n < rows[r + 1]``), one entry
+    per thread. The original release stores a different convention in its files
+    (``original_startrows``).
     """
     if nnz_per_thread < 1:
         raise SqlabError(f"nnz_per_thread must be >= 1, got {nnz_per_thread}")
     nnz = int(rows[-1])
     first = torch.arange(0, nnz, nnz_per_thread, device=rows.device, dtype=torch.int64)
     return (torch.searchsorted(rows.long(), first, right=True) - 1).to(torch.int32)
+
+
+ORIGINAL_BLOCK = 128  # threads per block of the original balanced kernel
+ORIGINAL_NNZ_PER_THREAD = 10  # the original release's default num_nonzero_per_thread
+
+
+def original_startrows(rows: Tensor, nnz_per_thread: int = ORIGINAL_NNZ_PER_THREAD) -> Tensor:
+    """``startrows`` as the original release's packer writes it with ``--balanced``.
+
+    Threads: ``ceil(nnz / nnz_per_thread)`` rounded up to a multiple of 128 (its
+    block size); each takes ``n = ceil(nnz / threads)`` values, so thread ``t``
+    starts at value ``t·n``. Its entry is the last row that starts *before* that
+    value (``rows[r] < t·n``; 0 when none does), and -1 for a thread past the end
+    (``t·n > nnz``). No threads, so an empty tensor, without values.
+    """
+    if nnz_per_thread < 1:
+        raise SqlabError(f"nnz_per_thread must be >= 1, got {nnz_per_thread}")
+    nnz = int(rows[-1])
+    threads = ORIGINAL_BLOCK * math.ceil(math.ceil(nnz / nnz_per_thread) / ORIGINAL_BLOCK)
+    per_thread = math.ceil(nnz / threads) if threads else 0
+    first = torch.arange(threads, dtype=torch.int64) * per_thread  # (threads,)
+    starts = rows[:-1].long().cpu()  # (out_features,) first value of each row
+    start = (torch.searchsorted(starts, first, right=False) - 1).clamp(min=0)
+    return torch.where(first > nnz, -1, start).to(torch.int32)
 
 
 def _two_sum(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
