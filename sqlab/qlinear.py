@@ -24,11 +24,13 @@ class SqueezeLinear(nn.Module):
 
     Buffers: ``qweight`` (int32, ``(ceil(in/32)·wbits, out)``), ``lookup_table``
     (``(out, 2**wbits)``), and with sparsity ``rows`` (int32, ``out + 1``),
-    ``cols`` (int32, ``nnz``), ``vals`` (``nnz``); ``bias`` if the layer has one.
+    ``cols`` (int32, ``nnz``), ``vals`` (``nnz``); ``bias`` if the layer has one
+    (``bias_dtype``, by default that of ``vals``).
     """
 
     def __init__(self, in_features: int, out_features: int, wbits: int, nnz: int = 0, bias: bool = False,
-                 lut_dtype: torch.dtype = torch.float16, vals_dtype: torch.dtype = torch.float32, device=None):
+                 lut_dtype: torch.dtype = torch.float16, vals_dtype: torch.dtype = torch.float32,
+                 device=None, bias_dtype: torch.dtype | None = None):
         super().__init__()
         if wbits not in (3, 4):
             raise SqlabError(f"wbits must be 3 or 4, got {wbits!r}")
@@ -44,7 +46,8 @@ class SqueezeLinear(nn.Module):
         else:
             self.rows = self.cols = self.vals = None
         if bias:
-            self.register_buffer("bias", torch.zeros(out_features, dtype=vals_dtype, device=device))
+            self.register_buffer("bias", torch.zeros(out_features, dtype=bias_dtype or vals_dtype,
+                                                     device=device))
         else:
             self.bias = None
 
