@@ -12,6 +12,9 @@ from .errors import SqlabError
 from .evaluate import Perplexity, generation_benchmark, perplexity
 from .sensitivity import compute_fisher, fisher_information
 from .models import decoder_blocks, family_of, load_model, load_tokenizer, quantizable_linears
+from . import hf
+
+hf.register_on_import()  # AutoModelForCausalLM.from_pretrained loads SqueezeLLM checkpoints
 
 __version__ = "0.1.0"
 

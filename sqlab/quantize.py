@@ -331,4 +331,8 @@ def quantize_model(model: nn.Module, config: QuantConfig, fisher: dict[str, Tens
             else:
                 bias = linear.bias.detach() if linear.bias is not None else None
                 _set_module(model, name, q.to_layer(bias, name).to(linear.weight.device))
+    if not simulate:
+        from .checkpoint import mark_quantized
+
+        mark_quantized(model, config.as_dict())  # so model.save_pretrained writes a checkpoint
     return QuantReport(config, outlier_range, stats)
