@@ -59,6 +59,22 @@ def make_opt(vocab_size: int = 320, layers: int = 2, hidden: int = 64, seed: int
     return OPTForCausalLM(config).eval()
 
 
+def stored_as(model, dtype=torch.float16):
+    """A copy of ``model`` as a checkpoint stores it: every floating tensor outside the packed
+    buffers of its ``SqueezeLinear`` layers rounded through ``dtype``."""
+    import copy
+
+    from sqlab.checkpoint import PACKED, quantized_layers
+
+    copied = copy.deepcopy(model)
+    packed = {f"{name}.{part}" for name in quantized_layers(copied) for part in PACKED}
+    with torch.no_grad():
+        for key, tensor in copied.state_dict(keep_vars=True).items():
+            if tensor.is_floating_point() and key not in packed:
+                tensor.data = tensor.data.to(dtype).to(tensor.dtype)
+    return copied
+
+
 @pytest.fixture
 def tiny_llama():
     return make_llama()

@@ -5,8 +5,11 @@ import torch
 
 from sqlab import (QuantConfig, SqlabError, export_squeezellm, fisher_information, import_squeezellm, load,
                    load_quantized, quantize_model, save_quantized)
-from sqlab.checkpoint import quantized_layers
-from tests.conftest import make_llama, make_opt
+from safetensors import safe_open
+
+from sqlab import files
+from sqlab.checkpoint import _unique_state, quantized_layers
+from tests.conftest import make_llama, make_opt, stored_as
 
 
 def _quantized(make=make_llama, sparse=True, tie=False, hidden=64):
@@ -31,12 +34,52 @@ def test_directory_round_trip_gives_identical_logits(tmp_path, tiny_tokenizer, m
     out = save_quantized(model, tmp_path / "ckpt", config.as_dict(), tiny_tokenizer)
     quant = json.loads((out / "quant_config.json").read_text())
     assert quant["wbits"] == 3 and quant["outlier_pct"] == config.outlier_pct and "format" in quant
+    assert quant["dtype"] == "float16"
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in out.iterdir()}
     loaded = load(str(out), device="cpu")
     assert set(quantized_layers(loaded)) == set(quantized_layers(model))
-    assert torch.equal(loaded(X).logits, model(X).logits)
+    assert loaded.dtype == torch.float32  # stored in fp16, computed in fp32 on the CPU
+    assert torch.equal(loaded(X).logits, stored_as(model)(X).logits)
     if tie:
         assert loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()
+    exact = save_quantized(model, tmp_path / "fp32", config.as_dict(), dtype="float32")
+    assert torch.equal(load(str(exact), device="cpu")(X).logits, model(X).logits)
+
+
+def test_checkpoint_stores_fp16_once_packed_buffers_as_they_are_and_the_guard(tmp_path):
+    model, config = _quantized(tie=True)
+    out = save_quantized(model, tmp_path / "ckpt", config.as_dict())
+    with safe_open(str(out / "model.safetensors"), framework="pt") as f:
+        stored = {key: f.get_tensor(key) for key in f.keys()}
+    layer = "model.layers.0.self_attn.q_proj"
+    assert stored["model.embed_tokens.weight"].dtype == torch.float16  # tied: stored once
+    assert "lm_head.weight" not in stored and stored["model.norm.weight"].dtype == torch.float16
+    assert stored[f"{layer}.lookup_table"].dtype == torch.float16  # as the quantizer made them
+    assert stored[f"{layer}.vals"].dtype == torch.float32
+    assert stored[f"{layer}.qweight"].dtype == torch.int32
+    guards = [k for k in stored
+              if k.endswith(".weight") and k[: -len("weight")] + "qweight" in stored]
+    assert guards == ["model.layers.0.mlp.down_proj.weight"] and stored[guards[0]].numel() == 0
+    hf = json.loads((out / "config.json").read_text())
+    assert hf["quantization_config"] == {
+        "quant_method": "squeezellm", "wbits": 3, "outlier_pct": 0.45, "sensitive_pct": 0.05,
+        "format": "sqlab-squeezellm-v2", "dtype": "float16"}
+    assert hf["dtype"] == "float32"  # what from_pretrained computes in by default, as sqlab.load
+    with pytest.raises(SqlabError, match="storage dtype 'int8' is not supported"):
+        save_quantized(model, tmp_path / "bad", config.as_dict(), dtype="int8")
+
+
+def test_version_1_checkpoints_still_load(tmp_path, tiny_tokenizer):
+    """Written before fp16 storage: the model's dtype, no guard, no quantization_config."""
+    model, config = _quantized(tie=True)
+    out = tmp_path / "v1"
+    out.mkdir()
+    model.config.to_json_file(out / "config.json")
+    state, tied = _unique_state(model)
+    files.save_safetensors(state, out / "model.safetensors",
+                           {"format": "sqlab-squeezellm-v1", "tied": json.dumps(tied)})
+    files.write_json(out / "quant_config.json", {"wbits": 3, "format": "sqlab-squeezellm-v1"})
+    assert torch.equal(load(str(out), device="cpu")(X).logits, model(X).logits)
 
 
 def test_original_format_round_trip(tmp_path, tiny_model_dir):
@@ -49,8 +92,10 @@ def test_original_format_round_trip(tmp_path, tiny_model_dir):
     name = "model.layers.0.self_attn.q_proj"
     assert state[f"{name}.qweight"].dtype == torch.int32 and state[f"{name}.lookup_table"].dtype == torch.float32
     assert state[f"sparse_threshold.{name}"] == state[f"{name}.vals"].numel()
+    assert state["model.embed_tokens.weight"].dtype == torch.float16  # as pack.py loads LLaMA
+    assert json.loads((tmp_path / "quant_config.json").read_text()) == {"wbits": 4}
     imported = import_squeezellm(path, str(tiny_model_dir))
-    assert torch.equal(imported(X).logits, base(X).logits)
+    assert torch.equal(imported(X).logits, stored_as(base)(X).logits)
 
 
 def test_original_format_with_only_quantized_tensors_takes_the_rest_from_the_base(tmp_path, tiny_model_dir):
