@@ -1,4 +1,4 @@
-"""The ``sqlab`` command: fetch, eval, bench, demo.
+"""The ``sqlab`` command: fetch, eval, bench, quantize, export, import, sweep, report, demo.
 
 Every subcommand is a thin wrapper over the public API; bad input ends in one
 ``sqlab: error: ...`` line and exit status 2, never a traceback.
@@ -54,19 +54,42 @@ def cmd_eval(args) -> int:
 
     if args.json:
         files.writable_file(args.json, "--json")  # before the work, not after printing its result
-    # the text first: a bad dataset fails before the slow model load
+    dataset = args.dataset or (None if args.tasks else "shakespeare")
+    # the text and the task names first: bad ones fail before the slow model load
     tokenizer = models.load_tokenizer(args.model)
-    text = data.eval_text(args.dataset)
+    text = data.eval_text(dataset) if dataset else None
+    if args.tasks:
+        from .tasks import task_manager
+
+        task_manager(args.tasks, args.include_path)
     model = checkpoint.load(args.model)
-    seqlen = args.seqlen or _default_seqlen(model)
-    tokens = data.eval_tokens(tokenizer, args.dataset, seqlen, text=text)
-    result = evaluate.perplexity(model, tokens, seqlen, max_windows=args.max_windows)
-    print(f"{args.model} on {args.dataset}: perplexity {result.ppl:.3f} "
-          f"({result.windows} windows of {seqlen} tokens)")
+    result = {"model": args.model}
+    if dataset:
+        seqlen = args.seqlen or _default_seqlen(model)
+        tokens = data.eval_tokens(tokenizer, dataset, seqlen, text=text)
+        ppl = evaluate.perplexity(model, tokens, seqlen, max_windows=args.max_windows)
+        print(f"{args.model} on {dataset}: perplexity {ppl.ppl:.3f} "
+              f"({ppl.windows} windows of {seqlen} tokens)")
+        result.update(dataset=dataset, seqlen=seqlen, windows=ppl.windows, ppl=ppl.ppl)
+    if args.tasks:
+        result["tasks"] = _run_tasks(args, model, tokenizer)
     if args.json:
-        files.write_json(args.json, {"model": args.model, "dataset": args.dataset, "seqlen": seqlen,
-                                     "windows": result.windows, "ppl": result.ppl})
+        files.write_json(args.json, result)
     return 0
+
+
+def _run_tasks(args, model, tokenizer) -> dict:
+    from .tasks import evaluate_tasks
+
+    if not args.verbose:
+        logging.getLogger("lm_eval").setLevel(logging.WARNING)
+    found = evaluate_tasks(model, tokenizer, args.tasks, include_path=args.include_path,
+                           limit=args.limit, num_fewshot=args.num_fewshot,
+                           batch_size=args.batch_size)
+    for result in found:
+        metrics = ", ".join(f"{name} {value:.4f}" for name, value in result.metrics.items())
+        print(f"{args.model} on {result.task}: {metrics} ({result.samples} examples)")
+    return {r.task: {**r.metrics, "samples": r.samples} for r in found}
 
 
 def cmd_bench(args) -> int:
@@ -138,9 +161,41 @@ def _quantize_into(args, config, out: Path, work: Path | None):
     report = quantize(model, tokenizer, config, work_dir=work)
     meta = {**config.relevant(), "label": config.label(), "outlier_range": report.outlier_range,
             "bits_per_weight": report.bits_per_weight, "base_model": args.model}
-    save = checkpoint.save_quantized if config.method == "squeezellm" else checkpoint.save_simulated
-    save(model, out, meta, tokenizer, overwrite=args.overwrite, report=report.as_dict())
+    if config.method == "squeezellm":
+        checkpoint.save_quantized(model, out, meta, tokenizer, overwrite=args.overwrite,
+                                  report=report.as_dict(), dtype=args.dtype)
+    else:
+        checkpoint.save_simulated(model, out, meta, tokenizer, overwrite=args.overwrite,
+                                  report=report.as_dict())
     return report
+
+
+def cmd_export(args) -> int:
+    from . import checkpoint
+
+    files.writable_file(args.out, "--out")
+    model = checkpoint.load(args.model, device="cpu")
+    path = checkpoint.export_squeezellm(model, args.out, balanced=args.balanced,
+                                        nnz_per_thread=args.nnz_per_thread, dtype=args.dtype,
+                                        padded=args.padded)
+    print(f"{args.model} -> {path} and {path.parent / checkpoint.QUANT_CONFIG} "
+          "(the original SqueezeLLM format)")
+    return 0
+
+
+def cmd_import(args) -> int:
+    from . import checkpoint, models
+
+    out = files.writable_dir(args.out, "--out")
+    with files.exclusive(out, f"--out {args.out!r}"):
+        checkpoint.check_target(out, args.overwrite, f"--out {args.out!r}")
+        model = checkpoint.import_squeezellm(args.file, args.base)
+        tokenizer = models.load_tokenizer(args.base)
+        meta = {"source": str(args.file), "base_model": args.base}
+        checkpoint.save_quantized(model, out, meta, tokenizer, overwrite=args.overwrite,
+                                  dtype=args.dtype)
+    print(f"{args.file} on {args.base} -> {args.out}")
+    return 0
 
 
 def _floats(text: str) -> list[float]:
@@ -175,7 +230,11 @@ def cmd_sweep(args) -> int:
         configs = experiments.sweep_configs(args.methods, args.wbits, args.outlier_pct, args.sensitive_pct,
                                             args.groupsize, **common)
     files.writable_dir(args.out, "--out")
-    evaluation = experiments.EvalSettings(tuple(args.datasets), args.eval_seqlen, args.max_windows)
+    evaluation = experiments.EvalSettings(tuple(args.datasets), args.eval_seqlen, args.max_windows,
+                                          tasks=tuple(args.tasks), task_limit=args.limit,
+                                          include_path=args.include_path)
+    if args.tasks and not args.verbose:
+        logging.getLogger("lm_eval").setLevel(logging.WARNING)
     sweeper = experiments.Sweeper(args.model, evaluation)
     frame = sweeper.run(configs)
     table = experiments.tidy(frame)
@@ -223,6 +282,11 @@ def _add_calib_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
 
 
+def _add_dtype_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), default="float16",
+                   help="dtype of the tensors that are not quantized (default float16)")
+
+
 def _add_quant_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", choices=("squeezellm", "rtn", "gptq"), default="squeezellm")
     p.add_argument("--wbits", type=int, choices=(3, 4), default=3)
@@ -231,6 +295,14 @@ def _add_quant_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--outlier-range", type=float, help="fix the IQR range r instead of solving for --outlier-pct")
     p.add_argument("--groupsize", type=int, default=0, help="rtn/gptq: inputs per scale (0: per channel)")
     _add_calib_args(p)
+
+
+def _add_task_args(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--tasks", type=_names, default=[],
+                   help=f"lm-eval tasks {what}, comma-separated: names lm-eval knows, "
+                   "shakespeare_next_line (built in, offline), or YAML files")
+    p.add_argument("--include-path", metavar="DIR", help="a folder of your own lm-eval task YAMLs")
+    p.add_argument("--limit", type=_positive, help="score at most this many examples per task")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -248,11 +320,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("fetch", help="download the default model and corpus into data/cache/")
     p.set_defaults(run=cmd_fetch)
 
-    p = sub.add_parser("eval", help="perplexity of a model on a dataset")
+    p = sub.add_parser("eval", help="perplexity of a model on a dataset, accuracy on lm-eval tasks")
     p.add_argument("--model", default="default", help="default, a local directory, a .gguf file or a hub id")
-    p.add_argument("--dataset", default="shakespeare", help="shakespeare, wikitext2, ptb, c4 or text:PATH")
+    p.add_argument("--dataset", help="perplexity on shakespeare (the default without --tasks), "
+                   "wikitext2, ptb, c4 or text:PATH")
     p.add_argument("--seqlen", type=_positive, help="window length (default: 512 on CPU, 2048 on GPU)")
     p.add_argument("--max-windows", type=_positive, help="score at most this many evenly spaced windows")
+    _add_task_args(p, "to score (accuracy)")
+    p.add_argument("--num-fewshot", type=int, help="few-shot examples (default: each task's own)")
+    p.add_argument("--batch-size", type=_positive, default=1, help="lm-eval batch size (default 1)")
     p.add_argument("--json", metavar="FILE", help="also write the result as JSON")
     p.set_defaults(run=cmd_eval)
 
@@ -270,7 +346,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="checkpoint directory to write (new, or empty)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace the checkpoint in --out (files sqlab did not write are kept)")
+    _add_dtype_arg(p)
     p.set_defaults(run=cmd_quantize)
+
+    p = sub.add_parser("export", help="write a checkpoint in the original SqueezeLLM .pt format")
+    p.add_argument("--model", required=True, help="a checkpoint written by sqlab quantize")
+    p.add_argument("--out", required=True, help="the .pt file; quant_config.json goes beside it")
+    p.add_argument("--balanced", action="store_true",
+                   help="also write startrows for the original's balanced sparse kernel")
+    p.add_argument("--nnz-per-thread", type=_positive, default=10,
+                   help="sparse values per thread of that kernel (default 10, the original's)")
+    p.add_argument("--padded", action="store_true", help="write layers whose inputs are not a "
+                   "multiple of 32 padded (sqlab reads them; the original loader does not)")
+    _add_dtype_arg(p)
+    p.set_defaults(run=cmd_export)
+
+    p = sub.add_parser("import", help="an original SqueezeLLM .pt file into a sqlab checkpoint")
+    p.add_argument("--file", required=True, help="the .pt file (sq-llama-7b-w3-s0.pt style)")
+    p.add_argument("--base", required=True, help="the unquantized model it was made from")
+    p.add_argument("--out", required=True, help="checkpoint directory to write (new, or empty)")
+    p.add_argument("--overwrite", action="store_true", help="replace the checkpoint in --out")
+    _add_dtype_arg(p)
+    p.set_defaults(run=cmd_import)
 
     p = sub.add_parser("sweep", help="evaluate a grid of methods and settings (cached, resumable)")
     p.add_argument("--model", default="default")
@@ -284,6 +381,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--datasets", type=_names, default=["shakespeare"], help="evaluation corpora, comma-separated")
     p.add_argument("--eval-seqlen", type=_positive, help="evaluation window (default 512 on CPU, 2048 on GPU)")
     p.add_argument("--max-windows", type=_positive, default=32, help="evaluation windows per dataset (default 32)")
+    _add_task_args(p, "whose accuracy goes beside perplexity")
     _add_calib_args(p)
     p.add_argument("--out", required=True, help="directory for results.csv and results.json")
     p.set_defaults(run=cmd_sweep)

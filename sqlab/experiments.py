@@ -112,9 +112,17 @@ class EvalSettings:
     datasets: tuple[str, ...] = ("shakespeare",)
     seqlen: int | None = None  # None: 512 on the CPU, 2048 on a GPU
     max_windows: int | None = 32
+    tasks: tuple[str, ...] = ()  # lm-eval tasks (sqlab.tasks): accuracy beside perplexity
+    task_limit: int | None = None  # examples per task
+    include_path: str | None = None  # a folder of the user's task YAMLs
 
     def as_dict(self, seqlen: int) -> dict:
-        return {"datasets": list(self.datasets), "seqlen": seqlen, "max_windows": self.max_windows}
+        settings = {"datasets": list(self.datasets), "seqlen": seqlen,
+                    "max_windows": self.max_windows}
+        if self.tasks:  # only then, so results without tasks keep their cache keys
+            settings.update(tasks=list(self.tasks), task_limit=self.task_limit,
+                            include_path=self.include_path)
+        return settings
 
 
 # bumped whenever a result row changes shape, so older cache entries are not reused
@@ -160,6 +168,10 @@ class Sweeper:
         self.evaluation = evaluation or EvalSettings()
         for name in self.evaluation.datasets:
             data.parse_corpus(name)
+        if self.evaluation.tasks:
+            from .tasks import task_manager
+
+            task_manager(self.evaluation.tasks, self.evaluation.include_path)  # names known?
         self.tokenizer = models.load_tokenizer(model_spec)
         self.model = models.load_model(model_spec)
         self.fingerprint = models.fingerprint(self.model)
@@ -251,7 +263,19 @@ class Sweeper:
                 if on_estimate is not None:
                     on_estimate(d, estimate, row or point)
             result[f"ppl_{d}"] = estimate.ppl
+        result.update(self._task_scores())
         return result
+
+    def _task_scores(self) -> dict[str, float]:
+        """Each lm-eval task's accuracy (or main metric), in the columns ``task_column`` names."""
+        if not self.evaluation.tasks:
+            return {}
+        from .tasks import evaluate_tasks
+
+        found = evaluate_tasks(self.model, self.tokenizer, self.evaluation.tasks,
+                               include_path=self.evaluation.include_path,
+                               limit=self.evaluation.task_limit)
+        return {task_column(r.task, r.main[0]): r.main[1] for r in found}
 
     def _restore(self) -> None:
         self.model.load_state_dict(self.pristine)
@@ -312,22 +336,37 @@ TABLE_COLUMNS = ("label", "method", "wbits", "outlier_pct", "sensitive_pct", "gr
                  "bits_per_weight", "size_mb")
 
 
+def task_column(task: str, metric: str) -> str:
+    """The column of a task's accuracy (or main metric) in a sweep table, e.g. ``acc:hellaswag``."""
+    return f"{metric}:{task}"
+
+
+def _score_columns(frame) -> tuple[list[str], list[str]]:
+    """The perplexity columns and the task columns of a sweep table."""
+    return ([c for c in frame.columns if c.startswith("ppl_")],
+            [c for c in frame.columns if ":" in c])
+
+
 def tidy(frame):
-    """The table without per-layer details: settings, size, one perplexity column per dataset, time."""
-    ppl = [c for c in frame.columns if c.startswith("ppl_")]
-    columns = [c for c in TABLE_COLUMNS if c in frame.columns] + ppl + ["seconds", "cached"]
+    """The table without per-layer details: settings, size, one perplexity column per dataset,
+    one accuracy column per lm-eval task, time."""
+    ppl, scores = _score_columns(frame)
+    columns = [c for c in TABLE_COLUMNS if c in frame.columns] + ppl + scores
+    columns += ["seconds", "cached"]
     return frame[columns]
 
 
 def render(frame) -> str:
     """A plain-text table of a sweep."""
-    ppl = [c for c in frame.columns if c.startswith("ppl_")]
-    head = f"{'method':<38} {'bits/weight':>11} {'size MB':>8} " + " ".join(f"{c[4:]:>12}" for c in ppl) + \
-        f" {'time s':>7}"
+    ppl, scores = _score_columns(frame)
+    names = [c[4:] for c in ppl] + scores
+    widths = [max(12, len(n)) for n in names]
+    head = f"{'method':<38} {'bits/weight':>11} {'size MB':>8} " + \
+        " ".join(f"{n:>{w}}" for n, w in zip(names, widths)) + f" {'time s':>7}"
     lines = [head, "-" * len(head)]
     for _, r in frame.iterrows():
         lines.append(f"{r['label']:<38} {r['bits_per_weight']:>11.3f} {r['size_mb']:>8.1f} "
-                     + " ".join(f"{r[c]:>12.3f}" for c in ppl)
+                     + " ".join(f"{r[c]:>{w}.3f}" for c, w in zip(ppl + scores, widths))
                      + f" {r['seconds']:>7.1f}" + (" (cached)" if r.get("cached") else ""))
     return "\n".join(lines)
 
