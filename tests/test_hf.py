@@ -26,8 +26,10 @@ def _quantized(make=make_llama, tie=False, sparse=True):
         model.config.tie_word_embeddings = True
         model.tie_weights()
     ids = torch.randint(0, 320, (2, 16), generator=torch.Generator().manual_seed(0))
-    config = QuantConfig(wbits=3, outlier_pct=0.45 if sparse else 0.0, sensitive_pct=0.05 if sparse else 0.0)
-    sqlab.quantize_model(model, config, sqlab.fisher_information(model, ids, progress=False), progress=False)
+    config = QuantConfig(wbits=3, outlier_pct=0.45 if sparse else 0.0,
+                         sensitive_pct=0.05 if sparse else 0.0)
+    fisher = sqlab.fisher_information(model, ids, progress=False)
+    sqlab.quantize_model(model, config, fisher, progress=False)
     return model, config
 
 
@@ -77,7 +79,8 @@ else:
     print("LOADED")
 """
     proc = _python(code)
-    assert proc.returncode == 0 and proc.stdout.startswith("refused:"), proc.stdout + proc.stderr[-2000:]
+    assert proc.returncode == 0 and proc.stdout.startswith("refused:"), \
+        proc.stdout + proc.stderr[-2000:]
     assert "ignore_mismatched_sizes" in proc.stdout
     assert "squeezellm" in proc.stderr  # transformers' warning names the unknown method
 
@@ -105,7 +108,8 @@ def test_save_pretrained_writes_a_directory_that_loads_again(tmp_path, ckpt):
     assert stored["model.embed_tokens.weight"].dtype == torch.float16
     with torch.no_grad():
         assert torch.equal(again(X).logits, hf(X).logits)
-        assert torch.equal(sqlab.load(str(tmp_path / "again"), device="cpu")(X).logits, hf(X).logits)
+        again = sqlab.load(str(tmp_path / "again"), device="cpu")
+        assert torch.equal(again(X).logits, hf(X).logits)
     # a model quantized (or loaded) by sqlab saves the same way
     model.save_pretrained(tmp_path / "fresh")
     config = json.loads((tmp_path / "fresh" / "config.json").read_text())
