@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 	else \
 		$(BIN)/python -m pip install -q "$(TORCH_CPU)"; \
 	fi
-	$(BIN)/python -m pip install -q -e ".[dev,notebooks]"
+	$(BIN)/python -m pip install -q -e ".[dev,notebooks,eval]"
 	touch $(STAMP)
 
 setup: $(STAMP)

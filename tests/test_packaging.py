@@ -31,7 +31,8 @@ def _env_requirements() -> tuple[dict[str, str], dict[str, str]]:
 def test_environment_yml_matches_pyproject():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     extras = project["optional-dependencies"]
-    wanted = {_name(r): r for r in project["dependencies"] + extras["dev"] + extras["notebooks"]}
+    wanted = {_name(r): r for r in project["dependencies"] + extras["dev"] + extras["notebooks"]
+              + extras["eval"]}
     gpu = {_name(r): r for r in extras["gpu"]}
     active, commented = _env_requirements()
     assert active == wanted, "environment.yml and pyproject.toml list different packages or versions"
@@ -48,6 +49,7 @@ def test_required_dependencies_declared():
     assert {"pytest", "hypothesis"} <= {_name(r) for r in extras["dev"]}
     assert {"jupyterlab", "ipywidgets", "plotly", "nbclient"} <= {_name(r) for r in extras["notebooks"]}
     assert any(_name(r).startswith("cupy") for r in extras["gpu"])
+    assert "lm-eval" in {_name(r) for r in extras["eval"]}
     assert project["scripts"]["sqlab"] == "sqlab.cli:main"
 
 
@@ -68,6 +70,8 @@ def test_make_targets_install_and_fetch():
         assert target in makefile
     assert "torch==2.13.0" in makefile and "nvidia-smi" in makefile
     assert "sqlab fetch" in makefile
+    # CI (make test) installs what the lm-eval tests need
+    assert re.search(r'pip install .*-e "\.\[dev,notebooks,eval\]"', makefile)
     assert re.search(r"^test: setup.*\n\t.*pytest", makefile, flags=re.M)
     assert re.search(r"^browser:\n.*apt-get install -y -qq chromium", makefile, flags=re.M)
     assert re.search(r"^demo: setup\n\t.*sqlab demo", makefile, flags=re.M)
