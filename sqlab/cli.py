@@ -81,8 +81,8 @@ def cmd_eval(args) -> int:
 def _run_tasks(args, model, tokenizer) -> dict:
     from .tasks import evaluate_tasks
 
-    if not args.verbose:
-        logging.getLogger("lm_eval").setLevel(logging.WARNING)
+    if not args.verbose:  # lm-eval warns that it was handed a model object, as intended
+        logging.getLogger("lm_eval").setLevel(logging.ERROR)
     found = evaluate_tasks(model, tokenizer, args.tasks, include_path=args.include_path,
                            limit=args.limit, num_fewshot=args.num_fewshot,
                            batch_size=args.batch_size)
@@ -234,7 +234,7 @@ def cmd_sweep(args) -> int:
                                           tasks=tuple(args.tasks), task_limit=args.limit,
                                           include_path=args.include_path)
     if args.tasks and not args.verbose:
-        logging.getLogger("lm_eval").setLevel(logging.WARNING)
+        logging.getLogger("lm_eval").setLevel(logging.ERROR)
     sweeper = experiments.Sweeper(args.model, evaluation)
     frame = sweeper.run(configs)
     table = experiments.tidy(frame)

@@ -97,7 +97,11 @@ def _builtin_yaml(data_file: Path) -> str:
         "doc_to_target: answer",
         "metric_list:",
         "  - metric: acc",
+        "    aggregation: mean",
+        "    higher_is_better: true",
         "  - metric: acc_norm",
+        "    aggregation: mean",
+        "    higher_is_better: true",
         "metadata:",
         "  version: 1.0",
         ""])
