@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 import sqlab
-from sqlab import QuantConfig, SqlabError, SqueezeLinear
+from sqlab import QuantConfig, SqlabError, SqueezeLinear, experiments
 from sqlab.checkpoint import quantized_layers
 from tests.conftest import make_llama, make_opt, stored_as
 
@@ -151,3 +151,30 @@ def test_a_transformers_without_the_hooks_gives_a_clear_message(monkeypatch):
     monkeypatch.undo()
     hf.require()  # the real registry: registered
     assert isinstance(_quantized(sparse=False)[0].model.layers[0].mlp.up_proj, SqueezeLinear)
+
+
+def test_the_default_model_loads_through_from_pretrained_as_through_sqlab_load(tmp_path):
+    """The issue's check on the real default model (two decoder blocks quantized, for time)."""
+    model = sqlab.load_model("default", device="cpu")
+    tokenizer = sqlab.load_tokenizer("default")
+    config = QuantConfig(wbits=3, outlier_pct=0.45, sensitive_pct=0.05, nsamples=2, seqlen=64)
+    report = experiments.quantize(model, tokenizer, config, blocks=[0, 1], cache=False,
+                                  progress=False)
+    path = sqlab.save_quantized(model, tmp_path / "default-w3", config.as_dict(), tokenizer)
+    code = f"""
+import torch
+import sqlab
+from transformers import AutoModelForCausalLM, AutoTokenizer
+ids = AutoTokenizer.from_pretrained({str(path)!r})("Shall I compare thee to a summer's day?",
+                                                  return_tensors="pt").input_ids
+hf = AutoModelForCausalLM.from_pretrained({str(path)!r})
+ours = sqlab.load({str(path)!r}, device="cpu")
+with torch.no_grad():
+    print("equal" if torch.equal(hf(ids).logits, ours(ids).logits) else "DIFFERENT")
+"""
+    proc = _python(code)
+    assert proc.returncode == 0 and proc.stdout.strip() == "equal", proc.stderr[-3000:]
+    assert len(report.layers) == 14
+    alone = _python(f"from transformers import AutoModelForCausalLM\n"
+                    f"AutoModelForCausalLM.from_pretrained({str(path)!r})")
+    assert alone.returncode != 0 and "ignore_mismatched_sizes" in alone.stderr

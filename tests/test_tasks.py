@@ -109,7 +109,8 @@ def test_sweep_table_shows_accuracy_beside_perplexity(task_dir, tiny_model_dir, 
     table = experiments.render(frame)
     assert "acc:sonnet_mc" in table.splitlines()[0] and f"text:{text_file}"[:12] in table
     again = sweeper.run([QuantConfig(method="rtn", wbits=4)])
-    assert again["cached"].all() and again["acc:sonnet_mc"].tolist() == frame["acc:sonnet_mc"].tolist()
+    assert again["cached"].all()
+    assert again["acc:sonnet_mc"].tolist() == frame["acc:sonnet_mc"].tolist()
     # settings without tasks keep the cache keys they had
     assert "tasks" not in experiments.EvalSettings().as_dict(512)
 
