@@ -479,10 +479,14 @@ def export_squeezellm(model: nn.Module, path: str | Path, *, balanced: bool = Fa
     config_path = path.parent / QUANT_CONFIG
     _check_original_config(config_path, wbits)
     dtype = storage_dtype(dtype)
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     packed = {f"{name}.{part}" for name in layers for part in PACKED}
-    state = {k: v.to(dtype) if v.is_floating_point() and k not in packed else v
-             for k, v in state.items()}
+    state, cast = {}, {}
+    for key, tensor in model.state_dict().items():
+        if tensor.is_floating_point() and key not in packed:
+            # tied tensors stay one tensor, so torch.save stores them once, as pack.py's file does
+            ident = (tensor.data_ptr(), tensor.dtype, tuple(tensor.shape), tensor.device)
+            tensor = cast.setdefault(ident, tensor.detach().to(dtype))
+        state[key] = tensor.detach().cpu()
     sparse = any(layer.nnz for layer in layers.values())
     for name, layer in layers.items():
         state[f"{name}.lookup_table"] = layer.lookup_table.detach().float().cpu()

@@ -129,8 +129,11 @@ def load_like_the_original(path, base: nn.Module, wbits: int) -> dict[str, torch
     return weights
 
 
-def _quantized(hidden: int = 64, wbits: int = 3, sparse: bool = True):
+def _quantized(hidden: int = 64, wbits: int = 3, sparse: bool = True, tie: bool = False):
     model = make_llama(hidden=hidden)
+    if tie:
+        model.config.tie_word_embeddings = True
+        model.tie_weights()
     ids = torch.randint(0, 320, (2, 16), generator=torch.Generator().manual_seed(0))
     config = QuantConfig(wbits=wbits, outlier_pct=0.45 if sparse else 0.0,
                          sensitive_pct=0.05 if sparse else 0.0)
@@ -296,11 +299,12 @@ def test_inputs_not_a_multiple_of_32(tmp_path, tiny_tokenizer):
 
 def test_export_writes_fp16_and_quant_config_beside_and_never_replaces_a_checkpoints(
         tmp_path, tiny_tokenizer):
-    model = _quantized()
+    model = _quantized(tie=True)
     path = sqlab.export_squeezellm(model, tmp_path / "out" / "sq-w3.pt")
     state = torch.load(path, weights_only=True)
     assert state["model.embed_tokens.weight"].dtype == torch.float16
-    assert state["lm_head.weight"].dtype == torch.float16
+    # tied: one tensor under both names, so the file holds it once, as pack.py's does
+    assert state["lm_head.weight"].data_ptr() == state["model.embed_tokens.weight"].data_ptr()
     assert state["model.layers.0.mlp.up_proj.lookup_table"].dtype == torch.float32
     assert json.loads((tmp_path / "out" / "quant_config.json").read_text()) == {"wbits": 3}
     ckpt = sqlab.save_quantized(model, tmp_path / "ckpt", {"wbits": 3}, tiny_tokenizer)
