@@ -69,10 +69,11 @@ def quantized_layers(model: nn.Module) -> dict[str, SqueezeLinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, SqueezeLinear)}
 
 
-def _unique_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """The state dict without repeats of tied tensors, and which key each dropped one repeats."""
+def _unique_state(state_dict: dict[str, torch.Tensor]
+                  ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """A state dict without repeats of tied tensors, and which key each dropped one repeats."""
     state, tied, seen = {}, {}, {}
-    for key, tensor in model.state_dict().items():
+    for key, tensor in state_dict.items():
         ident = (tensor.data_ptr(), tensor.dtype, tuple(tensor.shape), tensor.device)
         if tensor.numel() and ident in seen:
             tied[key] = seen[ident]
@@ -102,6 +103,20 @@ def is_guard(key: str, keys) -> bool:
     return part == "weight" and f"{module}.qweight" in keys
 
 
+def _cast_state(model: nn.Module, dtype: torch.dtype | str) -> dict[str, torch.Tensor]:
+    """The state dict on the CPU, every floating tensor outside the packed buffers cast to
+    ``dtype``; tied tensors stay one tensor."""
+    dtype = storage_dtype(dtype)
+    packed = {f"{name}.{part}" for name in quantized_layers(model) for part in PACKED}
+    state, cast = {}, {}
+    for key, tensor in model.state_dict().items():
+        if tensor.is_floating_point() and key not in packed:
+            ident = (tensor.data_ptr(), tensor.dtype, tuple(tensor.shape), tensor.device)
+            tensor = cast.setdefault(ident, tensor.detach().to("cpu", dtype))
+        state[key] = tensor.detach().cpu()
+    return state
+
+
 def storage_state(model: nn.Module, dtype: torch.dtype | str = torch.float16
                   ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """What a checkpoint stores, and which dropped tied key repeats which stored one.
@@ -109,15 +124,10 @@ def storage_state(model: nn.Module, dtype: torch.dtype | str = torch.float16
     The state dict without repeats of tied tensors, every floating tensor outside
     the packed buffers cast to ``dtype``, and the guard.
     """
-    dtype = storage_dtype(dtype)
-    layers = quantized_layers(model)
-    if not layers:
+    if not quantized_layers(model):
         raise SqlabError("the model has no SqueezeLinear layers; quantize it first "
                          "(simulate=False)")
-    state, tied = _unique_state(model)
-    packed = {f"{name}.{part}" for name in layers for part in PACKED}
-    state = {key: t.to(dtype) if t.is_floating_point() and key not in packed else t
-             for key, t in state.items()}
+    state, tied = _unique_state(_cast_state(model, dtype))
     state[guard_key(model)] = torch.zeros(0, dtype=torch.uint8)
     return state, tied
 
@@ -478,15 +488,7 @@ def export_squeezellm(model: nn.Module, path: str | Path, *, balanced: bool = Fa
     path = Path(path)
     config_path = path.parent / QUANT_CONFIG
     _check_original_config(config_path, wbits)
-    dtype = storage_dtype(dtype)
-    packed = {f"{name}.{part}" for name in layers for part in PACKED}
-    state, cast = {}, {}
-    for key, tensor in model.state_dict().items():
-        if tensor.is_floating_point() and key not in packed:
-            # tied tensors stay one tensor, so torch.save stores them once, as pack.py's file does
-            ident = (tensor.data_ptr(), tensor.dtype, tuple(tensor.shape), tensor.device)
-            tensor = cast.setdefault(ident, tensor.detach().to(dtype))
-        state[key] = tensor.detach().cpu()
+    state = _cast_state(model, dtype)  # tied tensors saved once, as in pack.py's file
     sparse = any(layer.nnz for layer in layers.values())
     for name, layer in layers.items():
         state[f"{name}.lookup_table"] = layer.lookup_table.detach().float().cpu()

@@ -75,7 +75,7 @@ def test_version_1_checkpoints_still_load(tmp_path, tiny_tokenizer):
     out = tmp_path / "v1"
     out.mkdir()
     model.config.to_json_file(out / "config.json")
-    state, tied = _unique_state(model)
+    state, tied = _unique_state(model.state_dict())
     files.save_safetensors(state, out / "model.safetensors",
                            {"format": "sqlab-squeezellm-v1", "tied": json.dumps(tied)})
     files.write_json(out / "quant_config.json", {"wbits": 3, "format": "sqlab-squeezellm-v1"})
