@@ -258,8 +258,9 @@ def save_quantized(model: nn.Module, out: str | Path, quant_config: dict, tokeni
     return Path(out)
 
 
-def _install_shells(model: nn.Module, shapes: dict[str, dict[str, tuple[tuple[int, ...], torch.dtype]]],
-                    source: str, bias_dtype: torch.dtype | None = None) -> None:
+def install_shells(model: nn.Module,
+                   shapes: dict[str, dict[str, tuple[tuple[int, ...], torch.dtype]]], source: str,
+                   bias_dtype: torch.dtype | None = None) -> None:
     """Replace the named linears with empty ``SqueezeLinear`` layers sized from stored tensors.
 
     Each layer's buffers take the stored dtypes; ``bias_dtype`` (the model's) if given.
@@ -313,7 +314,7 @@ def _check_truncated(name: str, linear: nn.Linear, wbits: int, shape: tuple[int,
                          "it cannot be imported faithfully")
 
 
-def _group_shapes(shapes: dict[str, tuple[tuple[int, ...], torch.dtype]]) -> dict[str, dict]:
+def group_shapes(shapes: dict[str, tuple[tuple[int, ...], torch.dtype]]) -> dict[str, dict]:
     """``{module: {part: (shape, dtype)}}`` for every module that has a ``qweight``."""
     grouped: dict[str, dict] = {}
     for key, value in shapes.items():
@@ -421,7 +422,7 @@ def load_quantized(path: str | Path, device: torch.device | str | None = None,
     device = torch.device(device) if device is not None else models.default_device()
     dtype = dtype or models.default_dtype(device)
     model = _model_from_config(path, dtype)
-    _install_shells(model, _group_shapes({k: (tuple(t.shape), t.dtype) for k, t in state.items()}),
+    install_shells(model, group_shapes({k: (tuple(t.shape), t.dtype) for k, t in state.items()}),
                     str(weights), bias_dtype=dtype)
     _check_wbits(quant, model, path)
     try:
@@ -654,7 +655,7 @@ def _from_original(state: dict, model: nn.Module, source: str) -> dict:
     for name in [str(k).removesuffix(".qweight") for k in state if str(k).endswith(".qweight")]:
         linear = modules.get(name)
         if not isinstance(linear, nn.Linear):
-            continue  # _install_shells names it
+            continue  # install_shells names it
         _merge_full_rows(state, name, linear, source)
         vals = state.get(f"{name}.vals")
         if isinstance(vals, torch.Tensor) and not vals.numel():
@@ -682,7 +683,7 @@ def import_squeezellm(path: str | Path, base: str,
         raise SqlabError(f"{str(path)!r} holds non-tensor entries: {', '.join(map(str, bad[:5]))}")
     model = models.load_model(base, device="cpu")
     state = _from_original(state, model, str(path))
-    _install_shells(model, _group_shapes({k: (tuple(v.shape), v.dtype) for k, v in state.items()}),
+    install_shells(model, group_shapes({k: (tuple(v.shape), v.dtype) for k, v in state.items()}),
                     str(path))
     _load_into(model, state, str(path), strict=False)
     missing = [f"{n}.{p}" for n, layer in quantized_layers(model).items()

@@ -58,7 +58,7 @@ def _stored(checkpoint_files: list[str]) -> dict[str, tuple[tuple[int, ...], tor
             with safe_open(str(path), framework="pt") as f:
                 for key in f.keys():
                     part = f.get_slice(key)
-                    shapes[key] = (tuple(part.get_shape()), _DTYPES[part.get_dtype()])
+                    shapes[key] = (tuple(part.get_shape()), _DTYPES.get(part.get_dtype()))
         except SqlabError:
             raise
         except Exception as exc:
@@ -88,11 +88,11 @@ class SqueezeLLMHfQuantizer(HfQuantizer):
                              "use transformers 5")
         stored = _stored(checkpoint_files)
         source = ", ".join(str(p) for p in checkpoint_files) or "the checkpoint"
-        layers = checkpoint._group_shapes(stored)
+        layers = checkpoint.group_shapes(stored)
         if not layers:
             raise SqlabError(f"{source} holds no packed layers ('*.qweight'), but its config says "
                              "quant_method 'squeezellm'")
-        checkpoint._install_shells(model, layers, source, bias_dtype=dtype)
+        checkpoint.install_shells(model, layers, source, bias_dtype=dtype)
         guards = {f"^{re.escape(k)}$" for k in stored if checkpoint.is_guard(k, stored)}
         model._keys_to_ignore_on_load_unexpected = {
             *(model._keys_to_ignore_on_load_unexpected or ()), *guards}
