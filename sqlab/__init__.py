@@ -3,7 +3,7 @@
 from .assets import fetch
 from .baselines import rtn_quantize, rtn_quantize_model
 from .checkpoint import export_squeezellm, import_squeezellm, load, load_quantized, save_quantized
-from .config import QuantConfig
+from .config import GPTQConfig, QuantConfig, RTNConfig, SqueezeLLMConfig, config_for
 from .kmeans import optimal_kmeans, weighted_kmeans
 from .qlinear import SqueezeLinear
 from .quantize import QuantReport, quantize_model
@@ -20,7 +20,7 @@ hf.register_on_import()  # AutoModelForCausalLM.from_pretrained loads SqueezeLLM
 __version__ = "0.1.0"
 
 __all__ = [
-    "QuantConfig", "QuantReport", "SqueezeLinear", "export_squeezellm", "import_squeezellm", "load",
+    "QuantConfig", "SqueezeLLMConfig", "RTNConfig", "GPTQConfig", "config_for", "QuantReport", "SqueezeLinear", "export_squeezellm", "import_squeezellm", "load",
     "load_quantized", "quantize_model", "rtn_quantize", "rtn_quantize_model", "save_quantized", "weighted_kmeans", "optimal_kmeans",
     "SqlabError", "calibration_windows", "compute_fisher", "fisher_information", "decoder_blocks", "eval_text", "eval_tokens", "family_of",
     "fetch", "generation_benchmark", "load_model", "load_tokenizer", "parse_corpus", "perplexity",

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .config import QuantConfig
+from .config import GPTQConfig, RTNConfig
 from .errors import SqlabError
 from .files import load_safetensors, save_safetensors
 from .models import block_linears, decoder_blocks, quantizable_linears
@@ -84,7 +84,7 @@ def _stats(name: str, before: Tensor, after: Tensor, fisher: Tensor | None, bits
 
 
 @torch.no_grad()
-def rtn_quantize_model(model: nn.Module, config: QuantConfig, fisher: dict[str, Tensor] | None = None,
+def rtn_quantize_model(model: nn.Module, config: RTNConfig, fisher: dict[str, Tensor] | None = None,
                        only: set[str] | None = None) -> QuantReport:
     """RTN of every quantizable linear (or those named in ``only``), in place (simulated)."""
     linears = {n: m for n, m in quantizable_linears(model).items() if only is None or n in only}
@@ -182,7 +182,7 @@ def _hessian_path(cache_dir: Path | None, key: str, index: int) -> Path | None:
 
 
 @torch.no_grad()
-def gptq_quantize_model(model: nn.Module, windows: Tensor, config: QuantConfig, *,
+def gptq_quantize_model(model: nn.Module, windows: Tensor, config: GPTQConfig, *,
                         fisher: dict[str, Tensor] | None = None, cache_dir: str | Path | None = None,
                         cache_key: str | None = None, only_blocks: list[int] | None = None,
                         progress: bool = True) -> QuantReport:

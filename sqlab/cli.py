@@ -118,35 +118,40 @@ def cmd_bench(args) -> int:
     return 0
 
 
-def _quant_config(args):
-    from .config import QuantConfig
+def _common(args) -> dict:
+    """The calibration and method options given on the command line (those left out take the config's defaults)."""
+    given = dict(calib=args.calib, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, kmeans=args.kmeans,
+                 act_order=args.act_order, weighted=False if args.no_weighting else None)
+    return {k: v for k, v in given.items() if v is not None}
 
-    return QuantConfig(method=args.method, wbits=args.wbits, outlier_pct=args.outlier_pct,
-                       sensitive_pct=args.sensitive_pct, outlier_range=args.outlier_range,
-                       weighted=not args.no_weighting, calib=args.calib, nsamples=args.nsamples,
-                       seqlen=args.seqlen, seed=args.seed, groupsize=args.groupsize or None,
-                       act_order=args.act_order, kmeans=args.kmeans)
+
+def _quant_config(args):
+    from .config import config_for
+
+    return config_for(args.method, args.wbits, strict=True, outlier_pct=args.outlier_pct,
+                      sensitive_pct=args.sensitive_pct, outlier_range=args.outlier_range,
+                      groupsize=args.groupsize or None, **_common(args))
 
 
 def cmd_quantize(args) -> int:
     from . import checkpoint, data
 
     config = _quant_config(args)  # bad settings fail before anything slow
-    data.parse_corpus(config.calib)
+    if hasattr(config, "calib"):
+        data.parse_corpus(config.calib)
     out = files.writable_dir(args.out, "--out")
     with files.exclusive(out, f"--out {args.out!r}"):
         checkpoint.check_target(out, args.overwrite, f"--out {args.out!r}")
         work = out.with_name(out.name + ".work")
         try:
-            report = _quantize_into(args, config, out,
-                                    work if config.method == "squeezellm" else None)
+            report = _quantize_into(args, config, out, work if config.packed else None)
         except BaseException:
             if work.is_dir() and not any(work.glob("block_*.safetensors")):
                 shutil.rmtree(work, ignore_errors=True)  # nothing to resume from
             raise
         shutil.rmtree(work, ignore_errors=True)
     sparse = (f", {report.outlier_pct:.3f}% outliers (r = {report.outlier_range}), {report.sparse_pct:.3f}% sparse"
-              if config.method == "squeezellm" else " (reconstructed weights, stored unpacked)")
+              if config.packed else " (reconstructed weights, stored unpacked)")
     print(f"{config.label()} of {args.model}: {report.bits_per_weight:.3f} bits/weight, "
           f"{report.size_mb:.1f} MB of quantized linears{sparse} -> {args.out}")
     return 0
@@ -161,7 +166,7 @@ def _quantize_into(args, config, out: Path, work: Path | None):
     report = quantize(model, tokenizer, config, work_dir=work)
     meta = {**config.relevant(), "label": config.label(), "outlier_range": report.outlier_range,
             "bits_per_weight": report.bits_per_weight, "base_model": args.model}
-    if config.method == "squeezellm":
+    if config.packed:
         checkpoint.save_quantized(model, out, meta, tokenizer, overwrite=args.overwrite,
                                   report=report.as_dict(), dtype=args.dtype)
     else:
@@ -219,8 +224,7 @@ def _names(text: str) -> list[str]:
 def cmd_sweep(args) -> int:
     from . import experiments
 
-    common = dict(calib=args.calib, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
-                  weighted=not args.no_weighting, act_order=args.act_order, kmeans=args.kmeans)
+    common = _common(args)
     if args.preset == "paper":
         configs = experiments.paper_configs(args.wbits, **common)
     else:
@@ -273,13 +277,13 @@ def cmd_demo(args) -> int:
 
 def _add_calib_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-weighting", action="store_true", help="plain k-means (ablation: no Fisher weighting)")
-    p.add_argument("--kmeans", choices=("optimal", "fast"), default="optimal",
+    p.add_argument("--kmeans", choices=("optimal", "fast"),
                    help="SqueezeLLM clustering: the exact optimum per row (default) or the faster heuristic")
     p.add_argument("--act-order", action="store_true", help="GPTQ: quantize columns by decreasing Hessian diagonal")
-    p.add_argument("--calib", default="shakespeare", help="calibration corpus (default shakespeare)")
-    p.add_argument("--nsamples", type=_positive, default=16, help="calibration windows (default 16)")
-    p.add_argument("--seqlen", type=_positive, default=512, help="calibration window length (default 512)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--calib", help="calibration corpus (default shakespeare)")
+    p.add_argument("--nsamples", type=_positive, help="calibration windows (default 16)")
+    p.add_argument("--seqlen", type=_positive, help="calibration window length (default 512)")
+    p.add_argument("--seed", type=int, help="calibration sampling seed (default 0)")
 
 
 def _add_dtype_arg(p: argparse.ArgumentParser) -> None:

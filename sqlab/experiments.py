@@ -16,6 +16,7 @@ import itertools
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +25,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import assets, baselines, data, evaluate, files, models
-from .config import METHOD_FIELDS, METHOD_VERSIONS, QuantConfig
+from .config import CONFIGS, GPTQConfig, MethodConfig, RTNConfig, SqueezeLLMConfig, config_for
+from .errors import SqlabError
 from .quantize import QuantReport, quantize_model
 from .sensitivity import compute_fisher
 
@@ -35,10 +37,21 @@ def _cache(*parts: str) -> Path:
     return assets.data_dir() / "cache" / Path(*parts)
 
 
-def quantize(model: nn.Module, tokenizer, config: QuantConfig, *, fisher: dict | None = None,
+_HANDLERS: dict[type, Callable] = {}
+
+
+def handles(config_type: type[MethodConfig]):
+    """Register the function that quantizes a model with configs of ``config_type``."""
+    def register(fn):
+        _HANDLERS[config_type] = fn
+        return fn
+    return register
+
+
+def quantize(model: nn.Module, tokenizer, config: MethodConfig, *, fisher: dict | None = None,
              simulate: bool = False, work_dir: str | Path | None = None, blocks: list[int] | None = None,
              profile=None, cache: bool = True, progress: bool = True) -> QuantReport:
-    """Quantize ``model`` in place with ``config.method``, calibrating on ``config.calib``.
+    """Quantize ``model`` in place with the method of ``config``, calibrating on ``config.calib``.
 
     SqueezeLLM computes (or loads) the Fisher information and packs
     ``SqueezeLinear`` layers unless ``simulate``; packing with ``cache`` keeps its
@@ -49,22 +62,42 @@ def quantize(model: nn.Module, tokenizer, config: QuantConfig, *, fisher: dict |
     packed format here). ``fisher``, when given, is also used to report the
     baselines' Fisher-weighted error per layer.
     """
-    if "seqlen" in METHOD_FIELDS[config.method]:
+    if hasattr(config, "seqlen"):
         models.check_seqlen(model, config.seqlen)  # before any calibration text is read
-    if config.method == "squeezellm":
-        if fisher is None and (config.weighted or config.sensitive_pct > 0):
-            fisher = compute_fisher(model, tokenizer, config.calib, config.nsamples, config.seqlen, config.seed,
-                                    cache=cache, progress=progress)
-        if work_dir is None and cache and not simulate:  # simulated points are cached as results instead
-            work_dir = _cache("quant", config.key(models.fingerprint(model)))
-        return quantize_model(model, config, fisher, simulate=simulate, work_dir=work_dir, blocks=blocks,
-                              profile=profile, progress=progress)
-    only = None
-    if blocks is not None:
-        chosen = [models.decoder_blocks(model)[b][0] + "." for b in blocks]
-        only = {n for n in models.quantizable_linears(model) if n.startswith(tuple(chosen))}
-    if config.method == "rtn":
-        return baselines.rtn_quantize_model(model, config, fisher, only=only)
+    handler = _HANDLERS.get(type(config))
+    if handler is None:
+        raise SqlabError(f"no quantizer is registered for {type(config).__name__}")
+    return handler(model, tokenizer, config, fisher=fisher, simulate=simulate, work_dir=work_dir, blocks=blocks,
+                   profile=profile, cache=cache, progress=progress)
+
+
+@handles(SqueezeLLMConfig)
+def _squeezellm(model, tokenizer, config: SqueezeLLMConfig, *, fisher, simulate, work_dir, blocks, profile, cache,
+                progress) -> QuantReport:
+    if fisher is None and config.needs_fisher:
+        fisher = compute_fisher(model, tokenizer, config.calib, config.nsamples, config.seqlen, config.seed,
+                                cache=cache, progress=progress)
+    if work_dir is None and cache and not simulate:  # simulated points are cached as results instead
+        work_dir = _cache("quant", config.key(models.fingerprint(model)))
+    return quantize_model(model, config, fisher, simulate=simulate, work_dir=work_dir, blocks=blocks,
+                          profile=profile, progress=progress)
+
+
+def _linears_of(model, blocks: list[int] | None) -> set[str] | None:
+    """The quantizable linears of the chosen blocks (None: all)."""
+    if blocks is None:
+        return None
+    chosen = [models.decoder_blocks(model)[b][0] + "." for b in blocks]
+    return {n for n in models.quantizable_linears(model) if n.startswith(tuple(chosen))}
+
+
+@handles(RTNConfig)
+def _rtn(model, tokenizer, config: RTNConfig, *, fisher, blocks, **_) -> QuantReport:
+    return baselines.rtn_quantize_model(model, config, fisher, only=_linears_of(model, blocks))
+
+
+@handles(GPTQConfig)
+def _gptq(model, tokenizer, config: GPTQConfig, *, fisher, blocks, cache, progress, **_) -> QuantReport:
     windows = data.calibration_windows(tokenizer, config.calib, config.nsamples, config.seqlen, config.seed)
     key = config.key(models.fingerprint(model), blocks) if cache else None
     return baselines.gptq_quantize_model(model, windows, config, fisher=fisher, cache_dir=_cache("hessians"),
@@ -76,7 +109,7 @@ def reference_config() -> dict:
 
 
 def sweep_configs(methods=("squeezellm",), wbits=(3, 4), outlier_pct=(0.0,), sensitive_pct=(0.0,),
-                  groupsize=(None,), **common) -> list[QuantConfig]:
+                  groupsize=(None,), **common) -> list[MethodConfig]:
     """The grid: SqueezeLLM over outlier % × sensitive %, the baselines over group size.
 
     ``common`` settings (calibration, seed, ``weighted``, ``act_order``, ...) go to
@@ -88,7 +121,7 @@ def sweep_configs(methods=("squeezellm",), wbits=(3, 4), outlier_pct=(0.0,), sen
             grid = [{"outlier_pct": o, "sensitive_pct": s} for o, s in itertools.product(outlier_pct, sensitive_pct)]
         else:
             grid = [{"groupsize": g or None} for g in groupsize]
-        configs += [QuantConfig.for_method(method, bits, **common, **cell) for cell in grid]
+        configs += [config_for(method, bits, **common, **cell) for cell in grid]
     return list(dict.fromkeys(configs))
 
 
@@ -98,11 +131,11 @@ PAPER_BASELINES = (("rtn", None), ("rtn", 128), ("gptq", None), ("gptq", 128))
 PAPER_SQUEEZELLM = ((0.0, 0.0), (0.0, 0.05), (0.45, 0.05))
 
 
-def paper_configs(wbits=(3, 4), **common) -> list[QuantConfig]:
+def paper_configs(wbits=(3, 4), **common) -> list[MethodConfig]:
     configs = []
     for bits in wbits:
-        configs += [QuantConfig.for_method(m, bits, groupsize=g, **common) for m, g in PAPER_BASELINES]
-        configs += [QuantConfig.for_method("squeezellm", bits, outlier_pct=o, sensitive_pct=s, **common)
+        configs += [config_for(m, bits, groupsize=g, **common) for m, g in PAPER_BASELINES]
+        configs += [config_for("squeezellm", bits, outlier_pct=o, sensitive_pct=s, **common)
                     for o, s in PAPER_SQUEEZELLM]
     return configs
 
@@ -131,7 +164,7 @@ SPEED_VERSION = 2  # speed rows: medians of repeated runs, spreads, linear weigh
 
 
 def result_key(fingerprint: str, point: dict, evaluation: dict) -> str:
-    version = METHOD_VERSIONS.get(point.get("method"))
+    version = CONFIGS[point["method"]].version if point.get("method") in CONFIGS else None
     payload = json.dumps([RESULT_SCHEMA, version, fingerprint, point, evaluation], sort_keys=True, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()[:20]
 
@@ -186,7 +219,7 @@ class Sweeper:
             self._tokens[dataset] = data.eval_tokens(self.tokenizer, dataset, self.seqlen)
         return self._tokens[dataset]
 
-    def fisher(self, config: QuantConfig) -> dict:
+    def fisher(self, config: SqueezeLLMConfig) -> dict:
         key = (config.calib, config.nsamples, config.seqlen, config.seed)
         if key not in self._fisher:
             self._fisher[key] = compute_fisher(self.model, self.tokenizer, *key, cache=self.cache,
@@ -217,7 +250,7 @@ class Sweeper:
                 path.unlink()
         return None
 
-    def speed(self, config: QuantConfig | None, new_tokens: int = 32, repeats: int = 5) -> dict:
+    def speed(self, config: MethodConfig | None, new_tokens: int = 32, repeats: int = 5) -> dict:
         """Greedy decoding speed and memory of one point on this machine (``None``: unquantized).
 
         A fresh copy of the model is quantized (packed ``SqueezeLinear`` layers for
@@ -239,7 +272,7 @@ class Sweeper:
             return {**json.loads(path.read_text()), "cached": True}
         model = models.load_model(self.spec)
         if config is not None:
-            quantize(model, self.tokenizer, config, fisher=self.fisher(config) if config.method == "squeezellm" else None,
+            quantize(model, self.tokenizer, config, fisher=self.fisher(config) if config.packed else None,
                      blocks=self.blocks, cache=self.cache, progress=self.progress)
         bench = evaluate.generation_benchmark(model, self.tokenizer, new_tokens=new_tokens, repeats=repeats)
         row = {"label": point["label"], **bench.as_dict()}
@@ -280,7 +313,7 @@ class Sweeper:
     def _restore(self) -> None:
         self.model.load_state_dict(self.pristine)
 
-    def run_point(self, config: QuantConfig | None, on_estimate=None) -> dict:
+    def run_point(self, config: MethodConfig | None, on_estimate=None) -> dict:
         """One row: ``None`` is the unquantized reference.
 
         ``on_estimate(dataset, estimate, row)`` is called as the perplexity of a new
@@ -297,15 +330,16 @@ class Sweeper:
                           if self.blocks is None or models.split_name(n)[0] in self.blocks)
             row = {**point, "bits_per_weight": 16.0, "size_mb": weights * 2 / 2**20, "layers": []}
         else:
-            fisher = self.fisher(config) if config.method == "squeezellm" else None
+            fisher = self.fisher(config) if config.packed else None
             try:
                 report = quantize(self.model, self.tokenizer, config, fisher=fisher, simulate=True,
-                                  blocks=self.blocks, profile=self.profile() if config.uses_outliers else None,
+                                  blocks=self.blocks,
+                                  profile=self.profile() if getattr(config, "uses_outliers", False) else None,
                                   cache=self.cache, progress=self.progress)
                 row = {**point, "bits_per_weight": report.bits_per_weight, "size_mb": report.size_mb,
                        "bits_breakdown": report.bits_breakdown(),
                        "outlier_range": report.outlier_range, "sparse_pct": report.sparse_pct
-                       if config.method == "squeezellm" else 0.0,
+                       if config.packed else 0.0,
                        "layers": [{"name": s.name, "mse": s.mse, "weighted_error": s.weighted_error}
                                   for s in report.layers]}
                 row.update(self._evaluate(point, on_estimate, row))
@@ -318,7 +352,7 @@ class Sweeper:
             files.write_json(_cache("results", f"{self.key(point)}.json"), row)
         return {**row, "cached": False}
 
-    def run(self, configs: list[QuantConfig], include_reference: bool = True, on_row=None):
+    def run(self, configs: list[MethodConfig], include_reference: bool = True, on_row=None):
         """All points as a pandas DataFrame (one row per point; per-layer errors in ``layers``)."""
         import pandas as pd
 
@@ -385,8 +419,8 @@ def run_demo(max_windows: int | None = None, seqlen: int | None = None, fast: bo
     Returns ``(frame, settings)``.
     """
     calib = dict(calib="shakespeare", nsamples=2 if fast else 16, seqlen=128 if fast else 512)
-    configs = [QuantConfig(method="rtn", wbits=b) for b in (3, 4)]
-    configs += [QuantConfig(wbits=b, outlier_pct=o, sensitive_pct=s, **calib)
+    configs = [RTNConfig(wbits=b) for b in (3, 4)]
+    configs += [SqueezeLLMConfig(wbits=b, outlier_pct=o, sensitive_pct=s, **calib)
                 for b in (3, 4) for o, s in ((0.0, 0.0), (0.45, 0.05))]
     evaluation = EvalSettings(("shakespeare",), seqlen, max_windows or (2 if fast else 32))
     sweeper = Sweeper("default", evaluation, progress=progress, blocks=[0, 1] if fast else None)

@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from .config import check_wbits
 from .errors import SqlabError
 from .packing import CSR, GROUP, check_csr, packed_rows
 
@@ -246,8 +247,7 @@ def _check_csr(csr: CSR, out_features: int, in_features: int, name: str = "the s
 
 def _check_packed(qweight: Tensor, lut: Tensor, wbits: int, in_features: int) -> int:
     """Check a packed layer's index matrix and LUT against each other; returns ``out_features``."""
-    if wbits not in (3, 4):
-        raise SqlabError(f"wbits must be 3 or 4, got {wbits!r}")
+    check_wbits(wbits)
     _check(qweight, "qweight", dtypes=(torch.int32,))
     if qweight.ndim != 2 or qweight.shape[0] != packed_rows(in_features, wbits):
         raise SqlabError(f"qweight has shape {tuple(qweight.shape)}; {wbits}-bit packing of {in_features} inputs "

@@ -20,14 +20,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .config import check_wbits
 from .errors import SqlabError
 
 GROUP = 32  # input positions per group of wbits words
 
 
-def _check_wbits(wbits: int) -> None:
-    if wbits not in (3, 4):
-        raise SqlabError(f"wbits must be 3 or 4, got {wbits!r}")
 
 
 def packed_rows(in_features: int, wbits: int) -> int:
@@ -42,7 +40,7 @@ def _bit_positions(wbits: int, device) -> tuple[Tensor, Tensor]:
 
 def pack(indices: Tensor, wbits: int) -> Tensor:
     """Pack ``(out_features, in_features)`` indices in ``[0, 2**wbits)`` into int32 ``qweight``."""
-    _check_wbits(wbits)
+    check_wbits(wbits)
     if indices.ndim != 2:
         raise SqlabError(f"indices must be (out_features, in_features), got shape {tuple(indices.shape)}")
     out_features, in_features = indices.shape
@@ -64,7 +62,7 @@ def pack(indices: Tensor, wbits: int) -> Tensor:
 
 def unpack(qweight: Tensor, wbits: int, in_features: int) -> Tensor:
     """Indices ``(out_features, in_features)`` (uint8) from ``qweight``."""
-    _check_wbits(wbits)
+    check_wbits(wbits)
     rows, out_features = qweight.shape
     if rows != packed_rows(in_features, wbits):
         raise SqlabError(f"qweight has {rows} rows; {wbits}-bit packing of {in_features} inputs needs "

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from . import cpu_kernels, kernels
+from .config import check_wbits
 from .errors import SqlabError
 from .packing import CSR, check_csr, packed_rows, reconstruct, unpack
 
@@ -32,8 +33,7 @@ class SqueezeLinear(nn.Module):
                  lut_dtype: torch.dtype = torch.float16, vals_dtype: torch.dtype = torch.float32,
                  device=None, bias_dtype: torch.dtype | None = None):
         super().__init__()
-        if wbits not in (3, 4):
-            raise SqlabError(f"wbits must be 3 or 4, got {wbits!r}")
+        check_wbits(wbits)
         self.in_features, self.out_features, self.wbits = in_features, out_features, wbits
         self.name = ""  # the module's name in its model, for messages (set by the quantizer and loaders)
         self.register_buffer("qweight", torch.zeros(packed_rows(in_features, wbits), out_features,

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from . import files, outliers
-from .config import QuantConfig
+from .config import MethodConfig, SqueezeLLMConfig
 from .errors import SqlabError
 from .kmeans import assign, cluster
 from .models import block_linears, decoder_blocks, quantizable_linears
@@ -78,7 +78,7 @@ class LayerStats:
 
 @dataclass
 class QuantReport:
-    config: QuantConfig
+    config: MethodConfig
     outlier_range: float | None
     layers: list[LayerStats]
 
@@ -142,7 +142,7 @@ def kmeans_weights(weight: Tensor, fisher: Tensor | None, sparse: Tensor, weight
     return torch.where(empty, dense, importance)
 
 
-def quantize_group(weights: dict[str, Tensor], fishers: dict[str, Tensor | None], config: QuantConfig,
+def quantize_group(weights: dict[str, Tensor], fishers: dict[str, Tensor | None], config: SqueezeLLMConfig,
                    thresholds: dict[str, float | None]) -> dict[str, QuantizedWeight]:
     """Quantize matrices of equal ``in_features`` together: one batched k-means over all their rows.
 
@@ -185,7 +185,7 @@ def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
     setattr(root.get_submodule(parent) if parent else root, child, module)
 
 
-def outlier_thresholds(model: nn.Module, config: QuantConfig,
+def outlier_thresholds(model: nn.Module, config: SqueezeLLMConfig,
                        profile: outliers.OutlierProfile | None = None) -> tuple[float | None, dict[str, float]]:
     """The IQR range ``r`` for this run (given, solved for ``outlier_pct``, or none) and each matrix's ``T``.
 
@@ -265,7 +265,7 @@ class _WorkDir:
 
 
 @torch.no_grad()
-def quantize_model(model: nn.Module, config: QuantConfig, fisher: dict[str, Tensor] | None = None, *,
+def quantize_model(model: nn.Module, config: SqueezeLLMConfig, fisher: dict[str, Tensor] | None = None, *,
                    simulate: bool = False, work_dir: str | Path | None = None, blocks: list[int] | None = None,
                    profile: outliers.OutlierProfile | None = None, progress: bool = True) -> QuantReport:
     """Quantize every quantizable linear of ``model`` in place; returns per-layer statistics.

@@ -21,7 +21,7 @@ import pandas as pd
 import torch
 
 from . import assets, baselines, evaluate, experiments, models, viz
-from .config import QuantConfig
+from .config import MethodConfig, RTNConfig, SqueezeLLMConfig
 
 MODEL_NOTE = ("SmolLM2-135M-Instruct (LLaMA architecture, 30 blocks, hidden 576) instead of LLaMA-7B/13B/30B/65B; "
               "reference weights are the dequantized values of its published Q4_1 GGUF")
@@ -88,7 +88,7 @@ class PaperReport:
         evaluation = experiments.EvalSettings(("shakespeare",), None, self.settings.windows)
         self.sweeper = experiments.Sweeper("default", evaluation, progress=progress, blocks=self.settings.blocks)
         self.model, self.tokenizer = self.sweeper.model, self.sweeper.tokenizer
-        self.fisher = self.sweeper.fisher(QuantConfig(**self.settings.calib))
+        self.fisher = self.sweeper.fisher(SqueezeLLMConfig(**self.settings.calib))
         self.weights = {n: self.sweeper.pristine[f"{n}.weight"] for n in models.quantizable_linears(self.model)}
 
     @property
@@ -99,11 +99,11 @@ class PaperReport:
             note += "; FAST MODE: only decoder blocks 0-1 quantized and 2 evaluation windows, numbers are not comparable"
         return note
 
-    def point(self, config: QuantConfig | None) -> dict:
+    def point(self, config: MethodConfig | None) -> dict:
         return self.sweeper.run_point(config)
 
-    def config(self, wbits: int = 3, **kw) -> QuantConfig:
-        return QuantConfig(wbits=wbits, **self.settings.calib, **kw)
+    def config(self, wbits: int = 3, **kw) -> SqueezeLLMConfig:
+        return SqueezeLLMConfig(wbits=wbits, **self.settings.calib, **kw)
 
     # -- sections -------------------------------------------------------------------------------
 
@@ -159,7 +159,7 @@ class PaperReport:
         fig_row = viz.row_quantization(self.weights[name][row], self.fisher[name][row],
                                        {k: v[row] for k, v in levels.items()},
                                        title=f"{wbits}-bit levels of row {row} of {name}")
-        rows = {"RTN grid": self.point(QuantConfig(method="rtn", wbits=wbits)),
+        rows = {"RTN grid": self.point(RTNConfig(wbits=wbits)),
                 "k-means": self.point(self.config(wbits, weighted=False)),
                 "Fisher-weighted k-means": self.point(self.config(wbits))}
         per_layer = viz.per_layer_error({k: pd.DataFrame(v["layers"]) for k, v in rows.items()}, "mse")

@@ -11,7 +11,7 @@ import ipywidgets as W
 import plotly.graph_objects as go
 
 from . import viz
-from .config import QuantConfig
+from .config import MethodConfig, config_for
 from .models import split_name
 
 
@@ -103,7 +103,7 @@ class SweepPanel(Panel):
     passed to every config. Points already in the cache appear at once.
     """
 
-    def __init__(self, sweeper, common: dict | None = None, initial: list[QuantConfig] | None = None):
+    def __init__(self, sweeper, common: dict | None = None, initial: list[MethodConfig] | None = None):
         self.sweeper, self.common = sweeper, dict(common or {})
         method = W.ToggleButtons(options=[("SqueezeLLM", "squeezellm"), ("RTN", "rtn"), ("GPTQ", "gptq")],
                                  value="squeezellm", description="method")
@@ -128,13 +128,11 @@ class SweepPanel(Panel):
             control.observe(self._changed, names="value")
         self._changed()
 
-    def config(self) -> QuantConfig:
+    def config(self) -> MethodConfig:
         c = self.controls
-        if c["method"].value == "squeezellm":
-            return QuantConfig.for_method("squeezellm", c["wbits"].value, outlier_pct=c["outlier_pct"].value,
-                                          sensitive_pct=c["sensitive_pct"].value, **self.common)
-        return QuantConfig.for_method(c["method"].value, c["wbits"].value, groupsize=c["groupsize"].value or None,
-                                      **self.common)
+        return config_for(c["method"].value, c["wbits"].value, outlier_pct=c["outlier_pct"].value,
+                          sensitive_pct=c["sensitive_pct"].value, groupsize=c["groupsize"].value or None,
+                          **self.common)
 
     def _changed(self, *_):
         squeeze = self.controls["method"].value == "squeezellm"

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from sqlab import QuantConfig, SqlabError
+from sqlab import GPTQConfig, RTNConfig, SqlabError
 from sqlab.baselines import bits_per_weight, gptq_quantize, gptq_quantize_model, rtn_quantize, rtn_quantize_model
 from tests.conftest import make_llama
 
@@ -58,7 +58,7 @@ def _windows(n=3, seqlen=20, seed=0):
 def test_gptq_model_is_sequential_and_its_hessians_are_cached(tmp_path, monkeypatch):
     import sqlab.baselines as b
 
-    config = QuantConfig(method="gptq", wbits=3, groupsize=32)
+    config = GPTQConfig(wbits=3, groupsize=32)
     original = make_llama()
     model = make_llama()
     report = gptq_quantize_model(model, _windows(), config, cache_dir=tmp_path, cache_key="k", progress=False)
@@ -97,6 +97,6 @@ def test_gptq_model_is_sequential_and_its_hessians_are_cached(tmp_path, monkeypa
 
 def test_rtn_model_report():
     model = make_llama()
-    report = rtn_quantize_model(model, QuantConfig(method="rtn", wbits=4, groupsize=32))
+    report = rtn_quantize_model(model, RTNConfig(wbits=4, groupsize=32))
     assert report.bits_per_weight == pytest.approx(bits_per_weight(4, 64, 64, 32), rel=0.05)
     assert all(s.mse > 0 for s in report.layers)

@@ -1,9 +1,10 @@
+import dataclasses
 import json
 
 import pytest
 import torch
 
-from sqlab import QuantConfig
+from sqlab import GPTQConfig, QuantConfig, RTNConfig, config_for
 from sqlab import experiments
 from sqlab import config as config_module
 from tests.conftest import run_cli
@@ -27,7 +28,7 @@ def test_quantize_dispatches_every_method(tiny_model_dir, text_file, isolated_ca
     for method, extra in (("squeezellm", {"sensitive_pct": 0.5}), ("rtn", {"groupsize": 32}), ("gptq", {})):
         model = load(str(tiny_model_dir), device="cpu")
         before = model.model.layers[0].mlp.up_proj.weight.detach().clone()
-        config = QuantConfig(method=method, wbits=4, **_settings(text_file), **extra)
+        config = config_for(method, 4, **_settings(text_file), **extra)
         report = experiments.quantize(model, tokenizer, config, progress=False)
         assert 4 < report.bits_per_weight < 10 and len(report.layers) == 14  # tiny rows: large LUT share
         layer = model.model.layers[0].mlp.up_proj
@@ -41,14 +42,14 @@ def test_cache_keys_change_with_what_matters_and_only_then():
     base = QuantConfig(wbits=3, outlier_pct=0.45, sensitive_pct=0.05)
     for change in (dict(wbits=4), dict(outlier_pct=0.4), dict(sensitive_pct=0.0), dict(calib="text:x"),
                    dict(nsamples=8), dict(seqlen=256), dict(seed=1), dict(weighted=False)):
-        assert QuantConfig(**{**base.as_dict(), **change}).key() != base.key(), change
-    rtn = QuantConfig(method="rtn", wbits=3, groupsize=128)
-    assert QuantConfig(method="rtn", wbits=3, groupsize=128, calib="text:x", nsamples=5, seed=3).key() == rtn.key()
-    assert QuantConfig(method="rtn", wbits=3, groupsize=64).key() != rtn.key()
-    gptq = QuantConfig(method="gptq", wbits=3)
-    assert QuantConfig(method="gptq", wbits=3, calib="text:x").key() != gptq.key()
-    assert QuantConfig(method="gptq", wbits=3, act_order=True).key() != gptq.key()
-    assert QuantConfig(method="gptq", wbits=3, kmeans_restarts=5).key() == gptq.key()
+        assert dataclasses.replace(base, **change).key() != base.key(), change
+    rtn = RTNConfig(wbits=3, groupsize=128)
+    assert config_for("rtn", 3, groupsize=128, calib="text:x", nsamples=5, seed=3).key() == rtn.key()
+    assert RTNConfig(wbits=3, groupsize=64).key() != rtn.key()
+    gptq = GPTQConfig(wbits=3)
+    assert GPTQConfig(wbits=3, calib="text:x").key() != gptq.key()
+    assert GPTQConfig(wbits=3, act_order=True).key() != gptq.key()
+    assert config_for("gptq", 3, kmeans_restarts=5).key() == gptq.key()
     evaluation = {"datasets": ["shakespeare"], "seqlen": 512, "max_windows": 32}
     point = rtn.relevant()
     key = experiments.result_key("model-a", point, evaluation)
@@ -59,10 +60,10 @@ def test_cache_keys_change_with_what_matters_and_only_then():
 
 
 def test_a_method_version_bump_retires_its_cached_results_only(monkeypatch):
-    sq, rtn = QuantConfig(wbits=3), QuantConfig(method="rtn", wbits=3)
+    sq, rtn = QuantConfig(wbits=3), RTNConfig(wbits=3)
     evaluation = {"datasets": ["shakespeare"], "seqlen": 512, "max_windows": 32}
     before = {c.method: (c.key(), experiments.result_key("m", c.relevant(), evaluation)) for c in (sq, rtn)}
-    monkeypatch.setitem(config_module.METHOD_VERSIONS, "squeezellm", config_module.METHOD_VERSIONS["squeezellm"] + 1)
+    monkeypatch.setattr(config_module.SqueezeLLMConfig, "version", config_module.SqueezeLLMConfig.version + 1)
     after = {c.method: (c.key(), experiments.result_key("m", c.relevant(), evaluation)) for c in (sq, rtn)}
     assert after["rtn"] == before["rtn"]
     assert after["squeezellm"][0] != before["squeezellm"][0] and after["squeezellm"][1] != before["squeezellm"][1]
@@ -72,7 +73,7 @@ def test_grids_and_presets():
     grid = experiments.sweep_configs(["squeezellm", "rtn"], [3, 4], [0, 0.45], [0, 0.05], [None, 128],
                                      calib="shakespeare", act_order=True)
     assert len(grid) == 2 * 4 + 2 * 2
-    assert {c.method for c in grid} == {"squeezellm", "rtn"} and not any(c.act_order for c in grid)
+    assert {c.method for c in grid} == {"squeezellm", "rtn"} and not any(hasattr(c, "act_order") for c in grid)
     labels = [c.label() for c in experiments.paper_configs([3])]
     assert labels == ["RTN 3-bit per-channel", "RTN 3-bit g128", "GPTQ 3-bit per-channel", "GPTQ 3-bit g128",
                       "SqueezeLLM 3-bit dense", "SqueezeLLM 3-bit 0%+0.05%", "SqueezeLLM 3-bit 0.45%+0.05%"]
@@ -98,8 +99,8 @@ def test_ablation_switches_change_what_they_claim(tiny_model_dir, text_file, iso
 def test_sweep_is_cached_and_resumes(tiny_model_dir, text_file, isolated_cache, monkeypatch):
     evaluation = experiments.EvalSettings((f"text:{text_file}",), 32, 2)
     configs = [QuantConfig(wbits=3, **_settings(text_file)),
-               QuantConfig(method="rtn", wbits=3),
-               QuantConfig(method="gptq", wbits=4, **_settings(text_file))]
+               RTNConfig(wbits=3),
+               GPTQConfig(wbits=4, **_settings(text_file))]
     real = experiments.quantize
     calls = []
 

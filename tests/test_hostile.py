@@ -24,7 +24,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import sqlab
-from sqlab import QuantConfig, SqlabError, files
+from sqlab import QuantConfig, RTNConfig, SqlabError, config_for, files
 from sqlab.cli import main
 from tests.conftest import SAMPLE_TEXT, make_llama, run_cli
 
@@ -224,7 +224,7 @@ def test_nan_weights_are_refused_by_every_method(capsys, tmp_path, corpus, tiny_
     assert not out.exists() and leftovers(tmp_path) == []
     from sqlab.experiments import quantize
 
-    config = QuantConfig(method=method, calib=f"text:{corpus}", nsamples=2, seqlen=16)
+    config = config_for(method, 3, calib=f"text:{corpus}", nsamples=2, seqlen=16)
     with pytest.raises(SqlabError, match="weights of model.layers.1.mlp.up_proj contain NaN"):
         quantize(model, tiny_tokenizer, config, cache=False, progress=False)
     assert torch.isnan(model.model.layers[1].mlp.up_proj.weight).sum() == 1  # nothing spread
@@ -264,7 +264,7 @@ def test_mixture_of_experts_is_refused_naming_the_expert_tensors(capsys, tmp_pat
     with pytest.raises(SqlabError, match="experts.gate_up_proj"):
         sqlab.quantize_model(model, QuantConfig(weighted=False), progress=False)
     with pytest.raises(SqlabError, match="experts.gate_up_proj"):
-        sqlab.rtn_quantize_model(model, QuantConfig(method="rtn"))
+        sqlab.rtn_quantize_model(model, RTNConfig())
 
 
 def test_float_qweight_is_refused_on_import_not_cast(tmp_path, base, packed):

@@ -289,7 +289,7 @@ def _cpu_parts(in_features=100, out_features=37, wbits=3, nnz=5):
 
 
 @pytest.mark.parametrize("change, message", [
-    (dict(wbits=5), "wbits must be 3 or 4, got 5"),
+    (dict(wbits=5), r"wbits must be 3 or 4 \(an integer\), got 5"),
     (dict(qweight=lambda q: q.long()), "qweight has dtype int64; accepted: int32"),
     (dict(qweight=lambda q: q[:-1]), r"qweight has shape \(11, 37\); 3-bit packing of 100 inputs needs \(12, out"),
     (dict(lut=lambda t: t[:, :4]), r"lut has shape \(37, 4\), expected \(37, 8\)"),
@@ -347,7 +347,7 @@ def test_spmv_rejects_bad_input_before_needing_cuda(change, message):
 
 
 @pytest.mark.parametrize("change, message", [
-    (dict(wbits=5), "wbits must be 3 or 4, got 5"),
+    (dict(wbits=5), r"wbits must be 3 or 4 \(an integer\), got 5"),
     (dict(dtype=torch.float64), "dtype must be float32, float16 or bfloat16, got torch.float64"),
     (dict(in_features=64), r"3-bit packing of 64 inputs needs \(6, out_features\)"),
     (dict(lut=lambda t: t[:-1]), r"lut has shape \(36, 8\), expected \(37, 8\)"),

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import sqlab
-from sqlab import QuantConfig, SqlabError, experiments, tasks
+from sqlab import QuantConfig, RTNConfig, SqlabError, experiments, tasks
 from tests.conftest import make_llama, run_cli
 
 QUESTIONS = [
@@ -103,12 +103,12 @@ def test_sweep_table_shows_accuracy_beside_perplexity(task_dir, tiny_model_dir, 
     evaluation = experiments.EvalSettings((f"text:{text_file}",), 32, 2, tasks=("sonnet_mc",),
                                           include_path=str(task_dir))
     sweeper = experiments.Sweeper(str(tiny_model_dir), evaluation, progress=False)
-    frame = sweeper.run([QuantConfig(method="rtn", wbits=4)])
+    frame = sweeper.run([RTNConfig(wbits=4)])
     assert "acc:sonnet_mc" in experiments.tidy(frame).columns
     assert frame["acc:sonnet_mc"].between(0, 1).all() and len(frame) == 2
     table = experiments.render(frame)
     assert "acc:sonnet_mc" in table.splitlines()[0] and f"text:{text_file}"[:12] in table
-    again = sweeper.run([QuantConfig(method="rtn", wbits=4)])
+    again = sweeper.run([RTNConfig(wbits=4)])
     assert again["cached"].all()
     assert again["acc:sonnet_mc"].tolist() == frame["acc:sonnet_mc"].tolist()
     # settings without tasks keep the cache keys they had
