@@ -46,9 +46,9 @@ def checkpoint(label: str) -> Path:
     """The packed checkpoint of a variant, quantized once (Fisher and blocks come from sqlab's cache)."""
     import sqlab
     from sqlab import experiments
-    from sqlab.assets import cache_dir
+    from sqlab.assets import cache_path
 
-    out = cache_dir("bench", f"default-{label}")
+    out = cache_path("bench", f"default-{label}")
     if sqlab.checkpoint.is_checkpoint(out):
         return out
     wbits, outliers, sensitive = VARIANTS[label]

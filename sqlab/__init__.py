@@ -12,6 +12,7 @@ from .errors import SqlabError
 from .evaluate import Perplexity, generation_benchmark, perplexity
 from .sensitivity import compute_fisher, fisher_information
 from .tasks import TaskResult, evaluate_tasks
+from .preset import Preset, preset
 from .models import decoder_blocks, family_of, load_model, load_tokenizer, quantizable_linears
 from . import hf
 
@@ -24,5 +25,5 @@ __all__ = [
     "load_quantized", "quantize_model", "rtn_quantize", "rtn_quantize_model", "save_quantized", "weighted_kmeans", "optimal_kmeans",
     "SqlabError", "calibration_windows", "compute_fisher", "fisher_information", "decoder_blocks", "eval_text", "eval_tokens", "family_of",
     "fetch", "generation_benchmark", "load_model", "load_tokenizer", "parse_corpus", "perplexity",
-    "Perplexity", "quantizable_linears", "TaskResult", "evaluate_tasks",
+    "Perplexity", "quantizable_linears", "TaskResult", "evaluate_tasks", "Preset", "preset",
 ]

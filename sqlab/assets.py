@@ -38,6 +38,11 @@ def data_dir() -> Path:
     return Path(os.environ.get("SQLAB_DATA_DIR", REPO_DATA))
 
 
+def cache_path(*parts: str) -> Path:
+    """A path under ``data/cache``, nothing created (the writer of that file or folder makes it)."""
+    return data_dir().joinpath("cache", *parts)
+
+
 def cache_dir(*parts: str) -> Path:
     """A folder under ``data/cache`` (created on demand)."""
     path = data_dir().joinpath("cache", *parts)
@@ -54,11 +59,11 @@ def manifest() -> dict:
 
 def default_model_dir() -> Path:
     """Where ``fetch`` puts the default model, converted to a Hugging Face directory."""
-    return data_dir() / "cache" / "models" / "SmolLM2-135M-Instruct"
+    return cache_path("models", "SmolLM2-135M-Instruct")
 
 
 def shakespeare_dir() -> Path:
-    return data_dir() / "cache" / "corpora" / "shakespeare"
+    return cache_path("corpora", "shakespeare")
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:

@@ -8,20 +8,15 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import shutil
 import sys
 from pathlib import Path
 
 from . import files
 from .errors import SqlabError
+from .preset import fast_mode
 
 log = logging.getLogger("sqlab")
-
-
-def fast_mode() -> bool:
-    """``SQLAB_FAST=1`` shrinks the demo and the notebooks to seconds (for tests)."""
-    return os.environ.get("SQLAB_FAST", "") not in ("", "0")
 
 
 def _positive(text: str) -> int:

@@ -204,7 +204,7 @@ def tokenizer_fingerprint(tokenizer) -> str:
 def tokenize(tokenizer, text: str, *, cache: bool = True) -> torch.Tensor:
     """Token ids of ``text`` as a 1-D int64 tensor, cached on disk by content."""
     key = hashlib.sha256(f"{tokenizer_fingerprint(tokenizer)}\0{text}".encode()).hexdigest()[:24]
-    path = assets.data_dir() / "cache" / "tokens" / f"{key}.pt"
+    path = assets.cache_path("tokens", f"{key}.pt")
     if cache and path.exists():
         try:
             return torch.load(path, weights_only=True)

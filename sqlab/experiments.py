@@ -27,14 +27,11 @@ from tqdm.auto import tqdm
 from . import assets, baselines, data, evaluate, files, models
 from .config import CONFIGS, GPTQConfig, MethodConfig, RTNConfig, SqueezeLLMConfig, config_for
 from .errors import SqlabError
+from .preset import preset
 from .quantize import QuantReport, quantize_model
 from .sensitivity import compute_fisher
 
 log = logging.getLogger(__name__)
-
-
-def _cache(*parts: str) -> Path:
-    return assets.data_dir() / "cache" / Path(*parts)
 
 
 _HANDLERS: dict[type, Callable] = {}
@@ -78,7 +75,7 @@ def _squeezellm(model, tokenizer, config: SqueezeLLMConfig, *, fisher, simulate,
         fisher = compute_fisher(model, tokenizer, config.calib, config.nsamples, config.seqlen, config.seed,
                                 cache=cache, progress=progress)
     if work_dir is None and cache and not simulate:  # simulated points are cached as results instead
-        work_dir = _cache("quant", config.key(models.fingerprint(model)))
+        work_dir = assets.cache_path("quant", config.key(models.fingerprint(model)))
     return quantize_model(model, config, fisher, simulate=simulate, work_dir=work_dir, blocks=blocks,
                           profile=profile, progress=progress)
 
@@ -100,7 +97,7 @@ def _rtn(model, tokenizer, config: RTNConfig, *, fisher, blocks, **_) -> QuantRe
 def _gptq(model, tokenizer, config: GPTQConfig, *, fisher, blocks, cache, progress, **_) -> QuantReport:
     windows = data.calibration_windows(tokenizer, config.calib, config.nsamples, config.seqlen, config.seed)
     key = config.key(models.fingerprint(model), blocks) if cache else None
-    return baselines.gptq_quantize_model(model, windows, config, fisher=fisher, cache_dir=_cache("hessians"),
+    return baselines.gptq_quantize_model(model, windows, config, fisher=fisher, cache_dir=assets.cache_path("hessians"),
                                          cache_key=key, only_blocks=blocks, progress=progress)
 
 
@@ -242,7 +239,7 @@ class Sweeper:
         return result_key(self.fingerprint, point, evaluation)
 
     def cached(self, point: dict) -> dict | None:
-        path = _cache("results", f"{self.key(point)}.json")
+        path = assets.cache_path("results", f"{self.key(point)}.json")
         if self.cache and path.exists():
             try:
                 return json.loads(path.read_text())
@@ -267,7 +264,7 @@ class Sweeper:
         how = {"speed": new_tokens, "repeats": repeats, "device": device, "blocks": self.blocks,
                "timing": SPEED_VERSION, "cpu_kernel": device == "cpu" and cpu_kernels.available()}
         key = result_key(self.fingerprint, point, how)
-        path = _cache("speed", f"{key}.json")
+        path = assets.cache_path("speed", f"{key}.json")
         if self.cache and path.exists():
             return {**json.loads(path.read_text()), "cached": True}
         model = models.load_model(self.spec)
@@ -286,7 +283,7 @@ class Sweeper:
         ``on_estimate(dataset, evaluate.Estimate, row)`` sees every intermediate estimate."""
         result = {}
         for d in self.evaluation.datasets:
-            store = _WindowStore(_cache("windows", result_key(self.fingerprint, point, {
+            store = _WindowStore(assets.cache_path("windows", result_key(self.fingerprint, point, {
                 "dataset": d, "seqlen": self.seqlen, "blocks": self.blocks}) + ".json") if self.cache else None)
             estimate = None
             for estimate in evaluate.perplexity_estimates(
@@ -349,7 +346,7 @@ class Sweeper:
             row.update(self._evaluate(point, on_estimate, row))
         row["seconds"] = time.perf_counter() - start
         if self.cache:
-            files.write_json(_cache("results", f"{self.key(point)}.json"), row)
+            files.write_json(assets.cache_path("results", f"{self.key(point)}.json"), row)
         return {**row, "cached": False}
 
     def run(self, configs: list[MethodConfig], include_reference: bool = True, on_row=None):
@@ -418,12 +415,13 @@ def run_demo(max_windows: int | None = None, seqlen: int | None = None, fast: bo
     two decoder blocks, two evaluation windows, a tiny calibration set.
     Returns ``(frame, settings)``.
     """
-    calib = dict(calib="shakespeare", nsamples=2 if fast else 16, seqlen=128 if fast else 512)
+    size = preset(fast)
+    calib = size.calib
     configs = [RTNConfig(wbits=b) for b in (3, 4)]
     configs += [SqueezeLLMConfig(wbits=b, outlier_pct=o, sensitive_pct=s, **calib)
                 for b in (3, 4) for o, s in ((0.0, 0.0), (0.45, 0.05))]
-    evaluation = EvalSettings(("shakespeare",), seqlen, max_windows or (2 if fast else 32))
-    sweeper = Sweeper("default", evaluation, progress=progress, blocks=[0, 1] if fast else None)
+    evaluation = EvalSettings(("shakespeare",), seqlen, max_windows or size.windows)
+    sweeper = Sweeper("default", evaluation, progress=progress, blocks=size.blocks)
     frame = sweeper.run(configs)
     blocks = "0-1 (fast mode)" if fast else f"all {len(models.decoder_blocks(sweeper.model))}"
     settings = {"model": "default (SmolLM2-135M-Instruct)", "dataset": "shakespeare",

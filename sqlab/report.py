@@ -22,6 +22,7 @@ import torch
 
 from . import assets, baselines, evaluate, experiments, models, viz
 from .config import MethodConfig, RTNConfig, SqueezeLLMConfig
+from .preset import preset
 
 MODEL_NOTE = ("SmolLM2-135M-Instruct (LLaMA architecture, 30 blocks, hidden 576) instead of LLaMA-7B/13B/30B/65B; "
               "reference weights are the dequantized values of its published Q4_1 GGUF")
@@ -40,23 +41,6 @@ class Section:
     figures: list = field(default_factory=list)  # plotly figures (sqlab.viz)
     notes: list[str] = field(default_factory=list)
     table: pd.DataFrame | None = None
-
-
-@dataclass
-class Settings:
-    fast: bool = False
-
-    @property
-    def windows(self) -> int:
-        return 2 if self.fast else 32
-
-    @property
-    def blocks(self) -> list[int] | None:
-        return [0, 1] if self.fast else None
-
-    @property
-    def calib(self) -> dict:
-        return dict(calib="shakespeare", nsamples=2 if self.fast else 16, seqlen=128 if self.fast else 512)
 
 
 def _gap_notes(ppl: dict[str, float], bits: list[int]) -> list[str]:
@@ -83,7 +67,7 @@ class PaperReport:
     """Computes the sections; one model, one sweeper, everything cached."""
 
     def __init__(self, fast: bool = False, progress: bool = True):
-        self.settings = Settings(fast)
+        self.settings = preset(fast)
         self.progress = progress
         evaluation = experiments.EvalSettings(("shakespeare",), None, self.settings.windows)
         self.sweeper = experiments.Sweeper("default", evaluation, progress=progress, blocks=self.settings.blocks)
@@ -208,7 +192,7 @@ class PaperReport:
         if gpu_results:
             return gpu_latency(gpu_results)
         fast = self.settings.fast
-        rows = [{**self.sweeper.speed(config, new_tokens=8 if fast else 32, repeats=2 if fast else 5),
+        rows = [{**self.sweeper.speed(config, new_tokens=self.settings.tokens, repeats=self.settings.repeats),
                  "label": label}
                 for label, config in (("unquantized", None), ("3-bit", self.config(3)), ("4-bit", self.config(4)),
                                       ("3-bit + 0.45% sparse", self.config(3, outlier_pct=0.45, sensitive_pct=0.05)))]

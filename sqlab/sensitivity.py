@@ -61,7 +61,7 @@ def fisher_information(model: nn.Module, windows: torch.Tensor, *, progress: boo
 
 def fisher_cache_path(model: nn.Module, corpus: str, nsamples: int, seqlen: int, seed: int) -> Path:
     key = f"{fingerprint(model)}-{corpus.replace('/', '_').replace(':', '_')}-n{nsamples}-l{seqlen}-s{seed}"
-    return assets.data_dir() / "cache" / "fisher" / f"{key}.safetensors"
+    return assets.cache_path("fisher", f"{key}.safetensors")
 
 
 def load_fisher(path: Path, model: nn.Module | None = None) -> dict[str, torch.Tensor]:
