@@ -24,13 +24,12 @@ import os
 import platform
 import shutil
 import subprocess
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from . import kernels
+from . import files, kernels
 from .assets import cache_dir
 from .errors import SqlabError
 from .packing import CSR, GROUP
@@ -87,16 +86,10 @@ def library(flags: tuple[str, ...] = FLAGS, source_name: str = SOURCE) -> ctypes
     folder.mkdir(parents=True, exist_ok=True)
     target = folder / f"{source.stem}-{key.hexdigest()[:20]}.so"
     if not target.exists():
-        fd, tmp = tempfile.mkstemp(dir=folder, suffix=".so.tmp")
-        os.close(fd)
-        try:
-            done = subprocess.run([cxx, *flags, "-o", tmp, str(source)], capture_output=True, text=True)
+        with files.atomic_path(target) as tmp:  # another process may be compiling the same source
+            done = subprocess.run([cxx, *flags, "-o", str(tmp), str(source)], capture_output=True, text=True)
             if done.returncode:
                 raise SqlabError(f"{cxx} could not compile {source}:\n{done.stderr[-3000:]}")
-            os.replace(tmp, target)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
     lib = ctypes.CDLL(str(target))
     if source_name == SOURCE:
         lib.sq_gemv.argtypes = [ctypes.c_void_p]

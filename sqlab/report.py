@@ -191,7 +191,6 @@ class PaperReport:
     def latency(self, gpu_results: dict | None = None) -> Section:
         if gpu_results:
             return gpu_latency(gpu_results)
-        fast = self.settings.fast
         rows = [{**self.sweeper.speed(config, new_tokens=self.settings.tokens, repeats=self.settings.repeats),
                  "label": label}
                 for label, config in (("unquantized", None), ("3-bit", self.config(3)), ("4-bit", self.config(4)),

@@ -206,8 +206,7 @@ def bits_budget(budgets: dict[str, dict[str, float]]) -> go.Figure:
                    legend="part")
 
 
-def _family(label: str) -> str:
-    return label.split()[0] if label else "none"
+FAMILIES = {"squeezellm": "SqueezeLLM", "rtn": "RTN", "gptq": "GPTQ", "none": "none"}  # method -> name shown
 
 
 def ppl_vs_size(frame, highlight: str | None = None, dataset: str | None = None,
@@ -222,7 +221,7 @@ def ppl_vs_size(frame, highlight: str | None = None, dataset: str | None = None,
     reference = frame[frame["method"] == "none"]
     quantized = frame[frame["method"] != "none"].sort_values("size_mb")
     for (method, wbits), part in quantized.groupby(["method", "wbits"], sort=False):
-        family = _family(part["label"].iloc[0])
+        family = FAMILIES.get(method, method)
         fig.add_trace(go.Scatter(x=part["size_mb"], y=part[column], mode="lines+markers",
                                  name=f"{family} {int(wbits)}-bit", text=part["label"],
                                  marker=dict(symbol="circle" if wbits == 3 else "diamond", size=9,

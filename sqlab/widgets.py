@@ -178,7 +178,9 @@ class SweepPanel(Panel):
         frame = self.frame()
         refresh(self.size_plot, viz.ppl_vs_size(frame, highlight=label))
         errors = {r["label"]: pd.DataFrame(r["layers"]) for r in self.rows if r.get("layers")}
+        wbits = next(r["wbits"] for r in self.rows if r["label"] == label)
+        same_bits = {r["label"] for r in self.rows if r.get("wbits") == wbits}
         shown = {label: errors[label]} if label in errors else {}
-        shown.update({k: v for k, v in errors.items() if k != label and k.split()[1] == label.split()[1]})
+        shown.update({k: v for k, v in errors.items() if k != label and k in same_bits})
         if shown:
             refresh(self.layer_plot, viz.per_layer_error(dict(list(shown.items())[:4])))
