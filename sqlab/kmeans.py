@@ -4,8 +4,13 @@ For each row (one output channel) find ``k = 2**wbits`` centroids ``c`` that
 minimise ``sum_j F_j (w_j - c(w_j))**2``. In one dimension the clusters of any
 Lloyd-stable solution are contiguous intervals of the sorted row. So after one
 sort per row and prefix sums of ``F``, ``F·w`` and ``F·w²``, a cluster's weight,
-mean and weighted SSE are O(1) differences, and everything below works on the
-``k + 1`` interval edges of each row instead of its ``n`` points:
+mean and weighted SSE are O(1) differences.
+
+``optimal_kmeans`` (the quantizer's default, ``cluster`` picks by config) finds the
+exact optimum with a dynamic program over those prefix sums
+(``kernels/kmeans_dp.cpp``). ``weighted_kmeans`` is the faster-to-set-up batched
+heuristic (torch code, so it also runs on a GPU) working on the ``k + 1`` interval
+edges of each row instead of its ``n`` points:
 
 1. **Divisive seeding** — start from one cluster and, in rounds, split the
    clusters whose best two-way split (found by a 2-means Lloyd on the interval,
@@ -309,29 +314,32 @@ def _bounds(edges: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _two_split(data: _Row, lo: Tensor, hi: Tensor, iters: int = 2) -> Tensor:
-    """Split point ``p`` (``lo < p < hi`` where ``hi - lo >= 2``) of a 2-means Lloyd in each interval."""
+    """Split point (``lo < split < hi`` where ``hi - lo >= 2``) of a 2-means Lloyd in each interval.
 
-    def inside(p: Tensor) -> Tensor:
-        return torch.minimum(torch.maximum(torch.minimum(p, hi - 1), lo + 1), hi)
+    ``lo``, ``hi``: (rows, c) interval bounds; returns (rows, c).
+    """
 
-    m = lo.shape[1]
-    centre = data.mean(lo, hi, data.xs.gather(1, lo.clamp_max(data.xs.shape[1] - 1)))
-    p = inside(torch.searchsorted(data.xs, centre.contiguous(), right=True))
+    def inside(split: Tensor) -> Tensor:  # keep at least one point on each side
+        return torch.minimum(torch.maximum(torch.minimum(split, hi - 1), lo + 1), hi)
+
+    count = lo.shape[1]
+    centre = data.mean(lo, hi, data.xs.gather(1, lo.clamp_max(data.xs.shape[1] - 1)))  # (rows, c)
+    split = inside(torch.searchsorted(data.xs, centre.contiguous(), right=True))  # (rows, c)
     for _ in range(iters):
-        s0, s1 = data.sums(torch.cat([lo, p], 1), torch.cat([p, hi], 1))
-        means = s1 / s0.clamp_min(TINY)
-        mid = (means[:, :m] + means[:, m:]) * 0.5
-        p = inside(torch.searchsorted(data.xs, mid.contiguous(), right=True))
-    return p
+        weight, moment = data.sums(torch.cat([lo, split], 1), torch.cat([split, hi], 1))  # (rows, 2c) each
+        means = moment / weight.clamp_min(TINY)  # (rows, 2c): left halves, then right halves
+        midpoint = (means[:, :count] + means[:, count:]) * 0.5  # (rows, c)
+        split = inside(torch.searchsorted(data.xs, midpoint.contiguous(), right=True))
+    return split
 
 
 def _split_gains(data: _Row, lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor]:
-    """For every interval: its best two-way split point and the SSE that split saves."""
-    m = lo.shape[1]
-    p = _two_split(data, lo, hi)
-    cost = data.cost(torch.cat([lo, lo, p], 1), torch.cat([hi, p, hi], 1))
-    gain = cost[:, :m] - cost[:, m : 2 * m] - cost[:, 2 * m :]
-    return p, torch.where(hi - lo >= 2, gain, -1.0)
+    """For every interval: its best two-way split point and the SSE that split saves (both (rows, c))."""
+    count = lo.shape[1]
+    split = _two_split(data, lo, hi)  # (rows, c)
+    cost = data.cost(torch.cat([lo, lo, split], 1), torch.cat([hi, split, hi], 1))  # (rows, 3c): whole, left, right
+    gain = cost[:, :count] - cost[:, count : 2 * count] - cost[:, 2 * count :]  # (rows, c)
+    return split, torch.where(hi - lo >= 2, gain, -1.0)
 
 
 def _interval_means(data: _Row, edges: Tensor) -> Tensor:
@@ -363,67 +371,68 @@ def _divisive(data: _Row, k: int) -> Tensor:
     return _interval_means(data, edges)
 
 
-def _lloyd(data: _Row, c: Tensor, iters: int) -> Tensor:
-    """Lloyd iterations until the partition stops changing (per row).
+def _lloyd(data: _Row, centroids: Tensor, iters: int) -> Tensor:
+    """Lloyd iterations until the partition stops changing (per row); (rows, k) in and out.
 
     Rows whose partition is stable drop out of the working set, so the many rows
     that settle in a few steps don't pay for the few that take fifty. A cluster
     left without weight keeps its centroid, which stays between its neighbours.
     """
-    c = c.clone()
-    active = torch.arange(data.xs.shape[0], device=c.device)
-    part, ca, prev = data, c, None
+    centroids = centroids.clone()
+    active = torch.arange(data.xs.shape[0], device=centroids.device)  # rows of the working set
+    part, current, previous = data, centroids, None
     for _ in range(iters):
-        edges = part.edges(ca)
-        if prev is not None:
-            moving = (edges != prev).any(1)
+        edges = part.edges(current)  # (a, k + 1)
+        if previous is not None:
+            moving = (edges != previous).any(1)  # (a,)
             count = int(moving.sum())
             if count == 0:
                 break
             if count < moving.shape[0] // 2:  # compact the working set
-                c[active] = ca
+                centroids[active] = current
                 keep = moving.nonzero().squeeze(1)
-                active, ca, edges = active[keep], ca[keep], edges[keep]
+                active, current, edges = active[keep], current[keep], edges[keep]
                 part = part.select(keep, f2=False)
-        ca = part.mean(*_bounds(edges), ca)  # means of ordered intervals are ordered
-        prev = edges
-    c[active] = ca
-    return c
+        current = part.mean(*_bounds(edges), current)  # means of ordered intervals are ordered
+        previous = edges
+    centroids[active] = current
+    return centroids
 
 
-def _refine(data: _Row, c: Tensor, iters: int, moves: int = 4) -> Tensor:
+def _refine(data: _Row, centroids: Tensor, iters: int, moves: int = 4) -> Tensor:
     """Lloyd, then merge-split moves while they pay, each followed by Lloyd again.
 
-    A row whose move did not pay is left as it is: the next round would find the same.
+    ``centroids``: (rows, k) starts; returns (rows, k). A row whose move did not pay is
+    left as it is: the next round would find the same.
     """
-    c = _lloyd(data, c, iters)
-    k = c.shape[1]
-    rows = torch.arange(c.shape[0], device=c.device)
+    centroids = _lloyd(data, centroids, iters)
+    k = centroids.shape[1]
+    rows = torch.arange(centroids.shape[0], device=centroids.device)  # the rows still moving
     part = data
     for _ in range(moves if k > 2 else 0):  # with two clusters there is nothing else to split
-        edges = part.edges(c[rows])
-        lo, hi = _bounds(edges)
-        cost = part.cost(lo, hi)
+        edges = part.edges(centroids[rows])  # (r, k + 1)
+        lo, hi = _bounds(edges)  # (r, k) each
+        cost = part.cost(lo, hi)  # (r, k)
         # the cheapest merge of two neighbours ...
-        merged = part.cost(lo[:, :-1], hi[:, 1:]) - cost[:, :-1] - cost[:, 1:]
-        m = merged.argmin(1, keepdim=True)
+        merge_cost = part.cost(lo[:, :-1], hi[:, 1:]) - cost[:, :-1] - cost[:, 1:]  # (r, k - 1)
+        merge_at = merge_cost.argmin(1, keepdim=True)  # (r, 1): merges clusters merge_at, merge_at + 1
         # ... paid for by the best split of a cluster not involved in it; the best split
         # is nearly always found among the costliest few clusters
-        j = torch.arange(k, device=c.device)[None, :]
-        others = torch.where((j == m) | (j == m + 1), -1.0, cost)
-        pool = others.topk(min(SPLIT_CANDIDATES, k - 2), 1).indices
-        p, gain = _split_gains(part, lo.gather(1, pool), hi.gather(1, pool))
-        s = gain.argmax(1, keepdim=True)
-        better = gain.gather(1, s)[:, 0] > merged.gather(1, m)[:, 0] * (1 + 1e-12) + 1e-18
-        keep = better.nonzero().squeeze(1)
+        cluster = torch.arange(k, device=centroids.device)[None, :]
+        others = torch.where((cluster == merge_at) | (cluster == merge_at + 1), -1.0, cost)  # (r, k)
+        pool = others.topk(min(SPLIT_CANDIDATES, k - 2), 1).indices  # (r, candidates)
+        split, gain = _split_gains(part, lo.gather(1, pool), hi.gather(1, pool))  # (r, candidates) each
+        best = gain.argmax(1, keepdim=True)  # (r, 1)
+        pays = gain.gather(1, best)[:, 0] > merge_cost.gather(1, merge_at)[:, 0] * (1 + 1e-12) + 1e-18
+        keep = pays.nonzero().squeeze(1)
         if keep.numel() == 0:
             break
         # new edges: drop the edge between the merged pair, add the split point
-        drop = torch.ones_like(edges, dtype=torch.bool).scatter(1, m + 1, False)
-        moved = torch.cat([edges[drop].reshape(edges.shape[0], k), p.gather(1, s)], 1)[keep].sort(1).values
+        drop = torch.ones_like(edges, dtype=torch.bool).scatter(1, merge_at + 1, False)
+        moved = torch.cat([edges[drop].reshape(edges.shape[0], k), split.gather(1, best)], 1)[keep].sort(1).values
         rows, part = rows[keep], part.select(keep)
-        c[rows] = _lloyd(part, _interval_means(part, moved), iters)
-    return c
+        centroids[rows] = _lloyd(part, _interval_means(part, moved), iters)
+    return centroids
 
 
 def _kmeans_plus_plus(data: _Row, k: int, gen: torch.Generator, candidates: int = 3) -> Tensor:
