@@ -45,6 +45,8 @@ struct Layer {
   const std::vector<double>& prev;  // D[c-1][.]
   std::vector<double>& cur;          // D[c][.]
   int* opt;                          // argmin i of D[c][j]
+  const int* below;                  // argmin of D[c-1][j] (null for c = 2): D[c][j]'s is no smaller
+  int below_hi;                      // the last j that argmin was computed for
 
   // min over i in [lo, hi] of prev[i] + cost(i, j): the value and the smallest i reaching it
   std::pair<double, int> best_split(int j, int lo, int hi) const {
@@ -89,7 +91,9 @@ struct Layer {
   void solve(int jlo, int jhi, int ilo, int ihi) {
     while (jlo <= jhi) {
       const int j = (jlo + jhi) / 2;
-      const auto [best, arg] = best_split(j, ilo, std::min(ihi, j - 1));
+      // with one cluster more the last one starts no earlier: a second lower bound
+      const int from = below != nullptr && j <= below_hi ? std::max(ilo, below[j]) : ilo;
+      const auto [best, arg] = best_split(j, from, std::max(from, std::min(ihi, j - 1)));
       cur[j] = best;
       opt[j] = arg;
       // the left half recursively, the right half by looping (keeps the stack shallow)
@@ -170,7 +174,8 @@ double solve_row(const float* x, const float* f, int n, int k, float* centroids)
   for (int c = 2; c <= k; ++c) {
     // D[c][j] needs j >= c points; only j <= m - (k - c) can lead to the answer D[k][m]
     const int jlo = c, jhi = m - (k - c);
-    Layer{sums, prev, cur, opt.data() + (size_t)c * (m + 1)}.solve(jlo, jhi, c - 1, jhi - 1);
+    const int* below = c > 2 ? opt.data() + (size_t)(c - 1) * (m + 1) : nullptr;
+    Layer{sums, prev, cur, opt.data() + (size_t)c * (m + 1), below, jhi - 1}.solve(jlo, jhi, c - 1, jhi - 1);
     std::swap(prev, cur);
   }
   const double sse = prev[m];
