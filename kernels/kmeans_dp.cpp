@@ -54,7 +54,8 @@ struct Layer {
     int arg = lo, i = lo;
 #if defined(__AVX512F__)
     // every candidate in vectors of 8 (the last one masked), then the smallest i among the
-    // lanes holding the minimum
+    // lanes holding the minimum; a short search is cheaper one candidate at a time
+    if (hi - lo >= 24) {
     const double* s0 = sums.s0.data();
     const double* s1 = sums.s1.data();
     const double* s2 = sums.s2.data();
@@ -79,6 +80,7 @@ struct Layer {
     best = _mm512_reduce_min_pd(vbest);
     if (best < std::numeric_limits<double>::infinity())
       arg = (int)_mm512_mask_reduce_min_epi64(_mm512_cmp_pd_mask(vbest, _mm512_set1_pd(best), _CMP_EQ_OQ), varg);
+    }
 #endif
     for (; i <= hi; ++i) {
       const double v = prev[i] + sums.cost(i, j);
@@ -104,6 +106,13 @@ struct Layer {
   }
 };
 
+struct Buffers {
+  std::vector<uint64_t> items, spare;
+  std::vector<double> xs, ws, prev, cur;
+  Sums sums;
+  std::vector<int> opt;
+};
+
 // A float's bits as an unsigned key in the same order (negatives flipped).
 inline uint32_t sortable(float v) {
   uint32_t u;
@@ -111,24 +120,33 @@ inline uint32_t sortable(float v) {
   return u & 0x80000000u ? ~u : u | 0x80000000u;
 }
 
-// Sort the row's values, least significant digit first (three passes of 11 bits): each
-// item is the value's key (high 32 bits) and its position (low), so the weights follow.
+// Sort the row's values, least significant digit first: each item is the value's key (high
+// 32 bits) and its position (low), so the weights follow. Short rows take four passes of 8
+// bits (small counting tables), long ones three of 11; a pass whose digit is the same for
+// every item is skipped.
 void sort_row(const float* x, int n, std::vector<uint64_t>& items, std::vector<uint64_t>& spare) {
   items.resize(n), spare.resize(n);
   for (int j = 0; j < n; ++j) items[j] = (uint64_t)sortable(x[j]) << 32 | (uint32_t)j;
-  for (int shift = 32; shift < 64; shift += 11) {
-    uint32_t count[2049] = {};
-    for (int j = 0; j < n; ++j) ++count[((items[j] >> shift) & 2047) + 1];
-    for (int d = 0; d < 2048; ++d) count[d + 1] += count[d];
-    for (int j = 0; j < n; ++j) spare[count[(items[j] >> shift) & 2047]++] = items[j];
+  const int bits = n < 4096 ? 8 : 11, buckets = 1 << bits;
+  uint32_t count[2049];
+  for (int shift = 32; shift < 64; shift += bits) {
+    std::fill(count, count + buckets + 1, 0u);
+    for (int j = 0; j < n; ++j) ++count[((items[j] >> shift) & (buckets - 1)) + 1];
+    if (count[((items[0] >> shift) & (buckets - 1)) + 1] == (uint32_t)n) continue;  // one digit: no move
+    for (int d = 0; d < buckets; ++d) count[d + 1] += count[d];
+    for (int j = 0; j < n; ++j) spare[count[(items[j] >> shift) & (buckets - 1)]++] = items[j];
     items.swap(spare);
   }
 }
 
 // One row: n values x with weights f -> k ascending centroids, and the optimal weighted SSE.
 double solve_row(const float* x, const float* f, int n, int k, float* centroids) {
-  thread_local std::vector<uint64_t> items, spare;
-  thread_local std::vector<double> xs, ws;  // distinct values of positive weight, merged
+  // per-thread buffers, reached once through references: in a shared library every
+  // direct use of a thread_local is a call to find it
+  thread_local Buffers tls;
+  Buffers& buf = tls;
+  std::vector<uint64_t>&items = buf.items, &spare = buf.spare;
+  std::vector<double>&xs = buf.xs, &ws = buf.ws;  // distinct values of positive weight, merged
   double total = 0.0;
   if (f != nullptr)
     for (int j = 0; j < n; ++j) total += std::max(0.0, (double)f[j]);
@@ -158,9 +176,9 @@ double solve_row(const float* x, const float* f, int n, int k, float* centroids)
   double centre = 0.0, wsum = 0.0;
   for (int j = 0; j < m; ++j) centre += ws[j] * xs[j], wsum += ws[j];
   centre /= wsum;
-  thread_local Sums sums;
-  thread_local std::vector<double> prev, cur;
-  thread_local std::vector<int> opt;
+  Sums& sums = buf.sums;
+  std::vector<double>&prev = buf.prev, &cur = buf.cur;
+  std::vector<int>& opt = buf.opt;
   sums.s0.resize(m + 1), sums.s1.resize(m + 1), sums.s2.resize(m + 1);
   prev.resize(m + 1), cur.resize(m + 1), opt.resize((size_t)(k + 1) * (m + 1));
   sums.s0[0] = sums.s1[0] = sums.s2[0] = 0.0;
