@@ -17,6 +17,7 @@ GPU time of one token's decoder linears alone (a CUDA graph of them), which is w
 kernels change.
 
     .venv/bin/python benchmarks/generate.py [--layers 32] [--tokens 128] [--json out/generate.json]
+        [--profile out/generate-profile.txt]
 """
 
 from __future__ import annotations
@@ -131,6 +132,20 @@ def linears_ms(model, repeat: int = 20) -> float:
     return cuda_graph_ms([lambda m=m, x=x: m(x) for m, x in zip(modules, inputs)], repeat, warmup=1)
 
 
+def profile_step(model, label: str, path: Path) -> None:
+    """Append where one eager decoding token's time goes (torch profiler, kernels by GPU time) to ``path``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    ids = torch.randint(3, 32000, (1, 16), generator=torch.Generator().manual_seed(1)).cuda()
+    greedy(model, ids, 2)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        greedy(model, ids, 9)  # the prompt and 8 decoded tokens
+        torch.cuda.synchronize()
+    table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=25, max_name_column_width=70)
+    with path.open("a") as f:
+        f.write(f"== {label}: generate() of 9 tokens after a 16-token prompt (eager) ==\n{table}\n\n")
+
+
 @torch.inference_mode()
 def measure(model, label: str, args, fp16_linear_bytes: int) -> dict:
     ids = torch.randint(3, 32000, (1, args.prompt), generator=torch.Generator().manual_seed(0)).cuda()
@@ -150,6 +165,8 @@ def measure(model, label: str, args, fp16_linear_bytes: int) -> dict:
         print(f"  ({label}: CUDA graph of the linears failed: {error})", file=sys.stderr)
         lin = float("nan")
     weights = linear_bytes(model)
+    if args.profile:
+        profile_step(model, label, args.profile)
     return dict(label=label, device=torch.cuda.get_device_name(), layers=model.config.num_hidden_layers,
                 prompt_tokens=args.prompt, new_tokens=args.tokens, prefill_ms=t1 * 1e3,
                 decode_ms_per_token=per_token * 1e3, tokens_per_s=1 / per_token,
@@ -167,7 +184,11 @@ def main() -> int:
     parser.add_argument("--prompt", type=int, default=16, help="prompt tokens (random ids)")
     parser.add_argument("--repeat", type=int, default=3, help="timed generations per length (median)")
     parser.add_argument("--json", type=Path, help="write the rows here (e.g. out/generate.json)")
+    parser.add_argument("--profile", type=Path, help="write each variant's torch-profiler table of a few eager "
+                        "decoding tokens here (kernels sorted by GPU time)")
     args = parser.parse_args()
+    if args.profile:
+        args.profile.write_text("")
     if args.layers < 1 or args.tokens < 2 or args.prompt < 1 or args.repeat < 1:
         parser.error("--layers, --prompt and --repeat must be >= 1 and --tokens >= 2")
     from sqlab import kernels

@@ -12,8 +12,9 @@
 // loads of its first groups before the staging below, so they are in flight during it.
 //
 // Staging. Each column's centroids go to shared memory as a table indexed by TUPLE
-// consecutive indices at once (3-bit with 16-bit activations: the 64 pairs, so one shared
-// load yields two weights; otherwise the 2^WBITS centroids as fp32), laid out
+// consecutive indices at once (16-bit activations: the 64 pairs of 3-bit or the 256 pairs
+// of 4-bit indices, so one shared load yields two weights; fp32 activations: the 2^WBITS
+// centroids as fp32), laid out
 // [entry][column] so a warp's lookups never conflict. Every centroid is staged as W_hat
 // holds it in x's dtype (through the sparse values' dtype, as the dequantization and the
 // CPU reference round it), so decoding, prefill and the CPU agree on the weights.
@@ -21,9 +22,10 @@
 // Arithmetic. With fp16 activations and pairs (HALF2), x's slice is staged as fp16 and a
 // pair of weights costs one lookup and one HFMA2 per token; each group's 32 products are
 // summed in fp16 (16 per lane) and added to the fp32 sum once per group. Otherwise x's
-// slice is staged as fp32 and every weight is one fp32 FMA: 4-bit pairs would need a
-// 256-entry table (64 KB at BN = 64), and single fp16 lookups would need a permute per
-// pair, as many instructions as fp32 FMAs without their precision.
+// slice is staged as fp32 and every weight (of a pair, with bf16) is one fp32 FMA. The
+// 4-bit pair table is 1 KB per column, so 4-bit blocks take 32 columns (BN = 32: 32 KB).
+// On an H100 one shared load per weight, not the bytes, bounded the 4-bit kernel; pairs
+// halve the loads (benchmarks/results/README.md).
 //
 // Combining. Partial sums are fp32: the block sums its thread rows in shared memory; with
 // several K slices each block writes its partial, and the last block of a column range to
@@ -51,14 +53,14 @@
 #ifndef BIAS_KIND
 #define BIAS_KIND 1
 #endif
-#ifndef BN  // output columns per block (a multiple of 32)
-#define BN 64
-#endif
 #ifndef KY  // thread rows per block sharing the dense work
 #define KY 4
 #endif
-#ifndef TUPLE  // indices resolved by one table lookup: pairs of 16-bit values for 3 bits
-#define TUPLE (WBITS == 3 && X_KIND != 0 ? 2 : 1)
+#ifndef TUPLE  // indices resolved by one table lookup: pairs of 16-bit values
+#define TUPLE (X_KIND != 0 ? 2 : 1)
+#endif
+#ifndef BN  // output columns per block (a power of two, at least 32): a 4-bit pair table is 1 KB per column
+#define BN (WBITS == 4 && TUPLE == 2 ? 32 : 64)
 #endif
 #ifndef DEPTH  // groups per thread whose words are loaded ahead of their decoding
 #define DEPTH 2

@@ -42,11 +42,8 @@ from .packing import CSR, GROUP, check_csr, packed_rows
 KERNEL_DIR = Path(os.environ.get("SQLAB_KERNEL_DIR", Path(__file__).resolve().parents[1] / "kernels"))
 
 MAX_GEMV_TOKENS = 8  # more tokens (a prompt) dequantize once and use cuBLAS
-BN, KY = 64, 4  # output columns per block, thread rows sharing the dense work (see lut_gemv.cu)
 SHARED_LIMIT = 48 * 1024  # per block, static + dynamic, without an opt-in attribute
 STATIC_EXTRA = 16  # lut_gemv.cu's `last` flag beside the table, padded to the dynamic part's alignment
-BLOCKS_PER_SM = 4  # split K until the grid gives about this many blocks per SM ...
-MIN_GROUPS_PER_BLOCK = 2 * KY  # ... but leave every dense thread row two groups or more
 DQ_ROWS, DQ_GROUPS = 32, 8  # lut_gemv.cu's dequantization tile: W_hat rows x groups of 32 inputs
 SPMV_THREADS = 256
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -280,30 +277,75 @@ def _tokens_2d(x: Tensor, in_features: int, name: str = "x") -> Tensor:
 
 # --- LUT-GEMV plans ------------------------------------------------------------------------------
 
-def _tuple(wbits: int, x_dtype: torch.dtype) -> int:
-    """Indices per table lookup: 3-bit weights with 16-bit activations look up pairs."""
-    return 2 if wbits == 3 and x_dtype != torch.float32 else 1
+@dataclass(frozen=True)
+class GemvConfig:
+    """The LUT-GEMV's tile: compile-time constants of lut_gemv.cu and how far K is split.
+
+    ``tuple``: indices resolved by one table lookup (2: pairs of 16-bit weights, a table
+    of ``2**(2*wbits)`` entries per column; 1: single fp32 weights). ``depth``: groups per
+    thread whose words are loaded before the first of them is decoded. The grid's K
+    slices grow until it has about ``blocks_per_sm`` blocks per SM, leaving every dense
+    thread row at least ``min_groups`` groups.
+    """
+
+    bn: int  # output columns per block (a power of two, at least 32)
+    ky: int  # thread rows per block sharing the dense work
+    tuple: int
+    depth: int
+    blocks_per_sm: int
+    min_groups: int
+
+    def table_bytes(self, wbits: int) -> int:
+        return (1 << wbits * self.tuple) * self.bn * 4
 
 
-def _x_bytes(wbits: int, x_dtype: torch.dtype) -> int:
-    """Bytes per staged input: fp16 pairs (HFMA2) keep x as fp16, every other path as fp32."""
-    return 2 if _tuple(wbits, x_dtype) == 2 and x_dtype == torch.float16 else 4
+# Measured on an H100 (benchmarks/tune_gemv.py): 16-bit activations look weights up in
+# pairs, 4-bit ones from a 256-entry table per column (32 KB at 32 columns per block).
+_PAIRS = {3: GemvConfig(bn=64, ky=4, tuple=2, depth=2, blocks_per_sm=4, min_groups=8),
+          4: GemvConfig(bn=32, ky=4, tuple=2, depth=2, blocks_per_sm=4, min_groups=8)}
+_SINGLES = GemvConfig(bn=64, ky=4, tuple=1, depth=2, blocks_per_sm=4, min_groups=8)
+_OVERRIDE: contextvars.ContextVar[GemvConfig | None] = contextvars.ContextVar("sqlab_gemv_config", default=None)
+
+
+def gemv_config(wbits: int, x_dtype: torch.dtype) -> GemvConfig:
+    """The tile the LUT-GEMV uses for ``wbits`` weights and ``x_dtype`` activations."""
+    override = _OVERRIDE.get()
+    if override is not None:
+        return override
+    return _SINGLES if x_dtype == torch.float32 else _PAIRS[wbits]
+
+
+@contextlib.contextmanager
+def gemv_config_override(config: GemvConfig):
+    """Layers prepared inside use ``config`` (benchmarks/tune_gemv.py sweeps tiles with it)."""
+    token = _OVERRIDE.set(config)
+    try:
+        yield config
+    finally:
+        _OVERRIDE.reset(token)
+
+
+def _x_bytes(config: GemvConfig, x_dtype: torch.dtype) -> int:
+    """Bytes per staged input: fp16 pairs (HALF2) keep x as fp16, every other path as fp32."""
+    return 2 if config.tuple == 2 and x_dtype == torch.float16 else 4
 
 
 def _gemv_defines(wbits: int, dtype: torch.dtype, lut: Tensor, csr: CSR | None, bias: Tensor | None) -> tuple:
     """lut_gemv.cu's compile-time constants; absent parts take x's kind (one module serves all)."""
     vals = csr.vals.dtype if csr is not None and csr.nnz else dtype
+    config = gemv_config(wbits, dtype)
     return (("WBITS", wbits), ("X_KIND", _KIND[dtype]), ("LUT_KIND", _KIND[lut.dtype]), ("VAL_KIND", _KIND[vals]),
-            ("BIAS_KIND", _KIND[dtype if bias is None else bias.dtype]), ("BN", BN), ("KY", KY),
-            ("TUPLE", _tuple(wbits, dtype)))
+            ("BIAS_KIND", _KIND[dtype if bias is None else bias.dtype]), ("BN", config.bn), ("KY", config.ky),
+            ("TUPLE", config.tuple), ("DEPTH", config.depth))
 
 
 @dataclass(frozen=True)
 class GemvPlan:
     """Launch geometry of one LUT-GEMV call."""
 
+    config: GemvConfig
     grid: tuple[int, int]  # (column blocks, K slices)
-    block: tuple[int, int]  # (BN, KY [+ 1 sparse row])
+    block: tuple[int, int]  # (bn, ky [+ 1 sparse row])
     groups_per_block: int  # groups of 32 inputs in each K slice
     shared: int  # dynamic shared memory, bytes
     static_shared: int  # the kernel's static shared memory (the table and a flag), bytes
@@ -317,7 +359,7 @@ def gemv_plan(in_features: int, out_features: int, wbits: int, tokens: int, x_dt
               sparse: bool, sm_count: int, splits: int | None = None) -> GemvPlan:
     """Grid, block and shared memory for ``lut_gemv`` (mirrors lut_gemv.cu's layout).
 
-    K is split into slices until the grid has about ``BLOCKS_PER_SM`` blocks per SM
+    K is split into slices until the grid has about ``config.blocks_per_sm`` blocks per SM
     (``splits`` overrides this), within the shared-memory budget for x's slice.
     """
     if not 1 <= tokens <= MAX_GEMV_TOKENS:
@@ -327,16 +369,17 @@ def gemv_plan(in_features: int, out_features: int, wbits: int, tokens: int, x_dt
                          f"{out_features}")
     # static shared: one 32-bit word per table entry and column, and the flag; both count
     # towards the limit, so a plan that filled it with x alone would fail to launch
-    table = (1 << wbits * _tuple(wbits, x_dtype)) * BN * 4 + STATIC_EXTRA
-    rows = KY + int(sparse)
-    sums = rows * tokens * BN * 4
-    x_group = tokens * GROUP * _x_bytes(wbits, x_dtype)
+    config = gemv_config(wbits, x_dtype)
+    table = config.table_bytes(wbits) + STATIC_EXTRA
+    rows = config.ky + int(sparse)
+    sums = rows * tokens * config.bn * 4
+    x_group = tokens * GROUP * _x_bytes(config, x_dtype)
     max_groups = (SHARED_LIMIT - table - sums) // x_group
     groups = -(-in_features // GROUP)
-    col_blocks = -(-out_features // BN)
+    col_blocks = -(-out_features // config.bn)
     if splits is None:
-        want = -(-BLOCKS_PER_SM * sm_count // col_blocks)
-        per_block = max(-(-groups // want), MIN_GROUPS_PER_BLOCK)
+        want = -(-config.blocks_per_sm * sm_count // col_blocks)
+        per_block = max(-(-groups // want), config.min_groups)
     else:
         if not isinstance(splits, int) or splits < 1:
             raise SqlabError(f"splits must be a positive integer, got {splits!r}")
@@ -344,7 +387,7 @@ def gemv_plan(in_features: int, out_features: int, wbits: int, tokens: int, x_dt
     per_block = max(1, min(per_block, max_groups, groups))
     splits = -(-groups // per_block)
     per_block = -(-groups // splits)  # even out the slices
-    return GemvPlan((col_blocks, splits), (BN, rows), per_block, per_block * x_group + sums, table)
+    return GemvPlan(config, (col_blocks, splits), (config.bn, rows), per_block, per_block * x_group + sums, table)
 
 
 @functools.lru_cache(maxsize=None)

@@ -234,7 +234,9 @@ def gpu_memory_wall(results: dict) -> tuple[list, list[str]]:
     for kernel, part in rows[rows["wbits"] < 16].groupby("kernel", sort=False):
         notes.append(f"{device}: {kernel} at 1 token is {part['speedup_vs_fp16'].min():.2f}-"
                      f"{part['speedup_vs_fp16'].max():.2f}x faster than the torch fp16 matmul"
-                     + (f", at {part['pct_peak'].max():.0f}% of peak bandwidth" if peak else "") + ".")
+                     + (f", at {part['pct_peak'].max():.0f}% of peak bandwidth" if peak else "")
+                     + (f" ({part['pct_measured_peak'].max():.0f}% of the measured device-to-device copy)"
+                        if "pct_measured_peak" in part else "") + ".")
     return [fig, table], notes
 
 
@@ -261,9 +263,14 @@ def gpu_latency(results: dict) -> Section:
 
 
 def gpu_results(name: str) -> dict | None:
-    """A GPU benchmark's JSON (``benchmarks/NAME.py --json out/NAME.json``), if one was written."""
-    path = assets.REPO_DATA.parent / "out" / f"{name}.json"
-    return json.loads(path.read_text()) if path.exists() else None
+    """A GPU benchmark's JSON: your own run (``benchmarks/NAME.py --json out/NAME.json``) if
+    there is one, else the committed ``benchmarks/results/<device>-NAME.json`` (the first by
+    name when several devices were measured); None when neither exists."""
+    root = assets.REPO_DATA.parent
+    own = root / "out" / f"{name}.json"
+    committed = sorted((root / "benchmarks" / "results").glob(f"*-{name}.json"))
+    path = own if own.exists() else (committed[0] if committed else None)
+    return json.loads(path.read_text()) if path is not None else None
 
 
 def paper_sections(fast: bool = False, progress: bool = True) -> list[Section]:

@@ -218,20 +218,23 @@ ODD_SHAPES = [(100, 37), (48, 96), (33, 1), (1, 1), (32, 64), (65, 4097), (70000
 @pytest.mark.parametrize("x_dtype", [F16, F32, BF16])
 def test_gemv_plan_fits_shared_memory_and_covers_all_groups(in_features, out_features, wbits, x_dtype):
     groups = -(-in_features // 32)
-    # fp16 pairs (3-bit, HALF2) stage x as fp16, every other path as fp32
-    x_bytes = 2 if wbits == 3 and x_dtype == F16 else 4
+    config = kernels.gemv_config(wbits, x_dtype)
+    # 16-bit activations look weights up in pairs; fp16 pairs (HALF2) stage x as fp16, the rest as fp32
+    assert config.tuple == (1 if x_dtype == F32 else 2)
+    x_bytes = 2 if x_dtype == F16 else 4
+    bn = config.bn
     for tokens in range(1, 9):
         for sparse in (False, True):
             for sm_count in (1, 108, 132):
                 plan = kernels.gemv_plan(in_features, out_features, wbits, tokens, x_dtype, sparse, sm_count)
-                entries = 1 << (wbits * kernels._tuple(wbits, x_dtype))
-                assert plan.static_shared == entries * kernels.BN * 4 + kernels.STATIC_EXTRA
+                entries = 1 << (wbits * config.tuple)
+                assert plan.static_shared == entries * bn * 4 + kernels.STATIC_EXTRA
                 assert plan.static_shared + plan.shared <= 48 * 1024
-                assert plan.block == (kernels.BN, kernels.KY + sparse)
+                assert plan.block == (bn, config.ky + sparse)
                 assert plan.shared == (plan.groups_per_block * 32 * tokens * x_bytes
-                                       + plan.block[1] * tokens * kernels.BN * 4)
+                                       + plan.block[1] * tokens * bn * 4)
                 cols, splits = plan.grid
-                assert (cols - 1) * kernels.BN < out_features <= cols * kernels.BN
+                assert (cols - 1) * bn < out_features <= cols * bn
                 # the slices cover every group and none is empty
                 assert (splits - 1) * plan.groups_per_block < groups <= splits * plan.groups_per_block
                 assert plan.splits == splits >= 1
@@ -241,7 +244,7 @@ def test_gemv_plan_fills_a_large_gpu_for_llama_shapes():
     for in_features, out_features in LLAMA_SHAPES:
         plan = kernels.gemv_plan(in_features, out_features, 3, 1, F16, False, sm_count=132)
         assert plan.grid[0] * plan.grid[1] >= 132  # every SM has a block
-        assert plan.groups_per_block >= kernels.MIN_GROUPS_PER_BLOCK or plan.splits == 1
+        assert plan.groups_per_block >= plan.config.min_groups or plan.splits == 1
 
 
 def test_gemv_plan_splits_override_and_errors():
@@ -262,11 +265,13 @@ def test_gemv_plan_splits_override_and_errors():
 
 def test_gemv_defines_follow_the_dtypes():
     d = dict(_defines(3, (F16, F16, F32, F32)))
-    assert d == {"WBITS": 3, "X_KIND": 1, "LUT_KIND": 1, "VAL_KIND": 0, "BIAS_KIND": 0, "BN": kernels.BN,
-                 "KY": kernels.KY, "TUPLE": 2}
+    config = kernels.gemv_config(3, F16)
+    assert d == {"WBITS": 3, "X_KIND": 1, "LUT_KIND": 1, "VAL_KIND": 0, "BIAS_KIND": 0, "BN": config.bn,
+                 "KY": config.ky, "TUPLE": 2, "DEPTH": config.depth}
     assert dict(_defines(3, (F32, F16, F16, None)))["TUPLE"] == 1  # fp32 activations: no 16-bit pairs
     assert dict(_defines(3, (BF16, F32, F32, None)))["TUPLE"] == 2  # an fp32 LUT staged as bf16 pairs
-    assert dict(_defines(4, (F16, F16, F32, F32)))["TUPLE"] == 1  # 4-bit pairs would not fit
+    assert dict(_defines(4, (F16, F16, F32, F32)))["TUPLE"] == 2  # 4-bit pairs: a 256-entry table per column
+    assert dict(_defines(4, (F32, F16, F32, F32)))["TUPLE"] == 1
     absent = dict(kernels._gemv_defines(4, BF16, torch.zeros(1, 16, dtype=F16), None, None))
     assert absent["VAL_KIND"] == absent["BIAS_KIND"] == absent["X_KIND"] == 2  # absent parts take x's kind
 

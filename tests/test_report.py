@@ -42,9 +42,22 @@ def _generate_rows():
 def test_gpu_results_are_read_from_the_benchmarks_output(tmp_path, monkeypatch):
     monkeypatch.setattr(report.assets, "REPO_DATA", tmp_path / "data")
     assert report.gpu_results("kernels") is None
+    results = tmp_path / "benchmarks" / "results"
+    results.mkdir(parents=True)
+    (results / "NVIDIA-H200-kernels.json").write_text(json.dumps({**_kernel_rows(), "device": "NVIDIA H200"}))
+    assert report.gpu_results("kernels")["device"] == "NVIDIA H200"  # the committed results
+    assert report.gpu_results("generate") is None
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "kernels.json").write_text(json.dumps(_kernel_rows()))
-    assert report.gpu_results("kernels")["device"] == "NVIDIA H100 80GB HBM3"
+    assert report.gpu_results("kernels")["device"] == "NVIDIA H100 80GB HBM3"  # your own run first
+
+
+def test_the_committed_gpu_results_render():
+    kernels, generate = report.gpu_results("kernels"), report.gpu_results("generate")
+    assert kernels is not None and generate is not None, "benchmarks/results/ should hold a GPU's results"
+    figures, notes = report.gpu_memory_wall(kernels)
+    assert figures and notes
+    assert report.gpu_latency(generate).figures
 
 
 def test_gpu_sections_plot_and_state_the_measurements():
