@@ -1,4 +1,4 @@
-"""The ``sqlab`` command: fetch, eval, bench, quantize, export, import, sweep, report, demo.
+"""The ``sqlab`` command: fetch, eval, bench, quantize, export, import, sweep, plan, report, demo.
 
 Every subcommand is a thin wrapper over the public API; bad input ends in one
 ``sqlab: error: ...`` line and exit status 2, never a traceback.
@@ -7,6 +7,7 @@ Every subcommand is a thin wrapper over the public API; bad input ends in one
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import shutil
 import sys
@@ -245,6 +246,32 @@ def cmd_sweep(args) -> int:
     return 0
 
 
+def cmd_plan(args) -> int:
+    from . import plan
+
+    if args.json not in (None, "-"):
+        files.writable_file(args.json, "--json")
+    found = plan.plan(args.model, gpus=args.gpus, gpu_mem_gb=args.gpu_mem, cpu_mem_gb=args.cpu_mem,
+                      seqlen=args.seqlen, nsamples=args.nsamples, wbits=args.wbits)
+    if args.json == "-":
+        print(json.dumps(found.as_dict(), indent=1))
+        return 0
+    print(plan.render(found))
+    if args.json:
+        files.write_json(args.json, found.as_dict())
+    return 0
+
+
+def _gigabytes(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number of GB, got {text!r}")
+    return value
+
+
 def cmd_report(args) -> int:
     from .report import write_report
 
@@ -384,6 +411,22 @@ def build_parser() -> argparse.ArgumentParser:
     _add_calib_args(p)
     p.add_argument("--out", required=True, help="directory for results.csv and results.json")
     p.set_defaults(run=cmd_sweep)
+
+    p = sub.add_parser("plan", help="memory per stage and the strategy for a model, from its "
+                       "config alone (no weights loaded)")
+    p.add_argument("--model", default="default", help="a model or checkpoint directory, a "
+                   "config.json, a .gguf file, default, or a hub id")
+    p.add_argument("--gpus", type=int, default=0, help="GPUs to plan for (default 0: the CPU)")
+    p.add_argument("--gpu-mem", type=_gigabytes, help="memory of each GPU in GB, e.g. 80")
+    p.add_argument("--cpu-mem", type=_gigabytes, help="host memory in GB (default: this machine's)")
+    p.add_argument("--seqlen", type=_positive, help="calibration window (default 2048 with GPUs, "
+                   "512 without)")
+    p.add_argument("--nsamples", type=_positive, help="calibration windows (default 100 with "
+                   "GPUs, 16 without)")
+    p.add_argument("--wbits", type=int, choices=(3, 4), default=3)
+    p.add_argument("--json", nargs="?", const="-", metavar="FILE",
+                   help="the plan as JSON: on stdout, or into FILE")
+    p.set_defaults(run=cmd_plan)
 
     p = sub.add_parser("report", help="the paper's figures and tables on the default model, as one HTML file")
     p.add_argument("--out", required=True, help="directory for report.html and report.json")
