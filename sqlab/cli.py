@@ -154,9 +154,14 @@ def cmd_quantize(args) -> int:
 
 
 def _quantize_into(args, config, out: Path, work: Path | None):
-    from . import checkpoint, models
+    from . import checkpoint, models, streaming
     from .experiments import quantize
 
+    if config.method == "squeezellm" and not args.in_memory:
+        reason = streaming.unstreamable(args.model)
+        if reason is None:
+            return _quantize_streamed(args, config, out, work)
+        log.debug("loading the whole model: %s", reason)
     tokenizer = models.load_tokenizer(args.model)
     model = models.load_model(args.model)
     report = quantize(model, tokenizer, config, work_dir=work)
@@ -168,6 +173,44 @@ def _quantize_into(args, config, out: Path, work: Path | None):
     else:
         checkpoint.save_simulated(model, out, meta, tokenizer, overwrite=args.overwrite,
                                   report=report.as_dict())
+    return report
+
+
+def _quantize_streamed(args, config, out: Path, work: Path):
+    """SqueezeLLM streamed block by block from the model's safetensors shards (sqlab.streaming):
+    the model is never in memory whole; the Fisher, if not cached yet, is computed first on the
+    loaded model, which is freed before quantizing."""
+    import gc
+
+    from . import checkpoint, models, streaming
+    from .sensitivity import compute_fisher, fisher_cache_path
+
+    tokenizer = models.load_tokenizer(args.model)
+    source = streaming.ShardedModel(args.model)
+    models.check_seqlen(source.meta, config.seqlen)
+    digest = source.fingerprint()
+    fisher = None
+    if config.weighted or config.sensitive_pct > 0:
+        path = fisher_cache_path(digest, config.calib, config.nsamples, config.seqlen, config.seed)
+        shapes = {n: s for _, block in source.blocks() for n, s in block.items()}
+        try:
+            fisher = streaming.fisher_file(path, shapes) if path.exists() else None
+        except SqlabError as exc:  # a damaged cache entry is computed again, not trusted
+            log.warning("%s; computing the Fisher information again", exc)
+        if fisher is None:
+            model = models.load_model(args.model)
+            compute_fisher(model, tokenizer, config.calib, config.nsamples, config.seqlen,
+                           config.seed)
+            del model
+            gc.collect()
+            fisher = streaming.fisher_file(path, shapes)
+    log.info("quantizing %s block by block from its weight files (k-means: %s)", args.model,
+             config.kmeans)
+    report, blocks = streaming.quantize_streamed(source, config, fisher, work, fingerprint=digest)
+    meta = {**config.relevant(), "label": config.label(), "outlier_range": report.outlier_range,
+            "bits_per_weight": report.bits_per_weight, "base_model": args.model}
+    checkpoint.save_streamed(source, blocks, out, meta, tokenizer, overwrite=args.overwrite,
+                             report=report.as_dict(), dtype=args.dtype)
     return report
 
 
@@ -372,6 +415,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="checkpoint directory to write (new, or empty)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace the checkpoint in --out (files sqlab did not write are kept)")
+    p.add_argument("--in-memory", action="store_true", help="SqueezeLLM: load the whole model "
+                   "instead of streaming a local model directory block by block (same result)")
     _add_dtype_arg(p)
     p.set_defaults(run=cmd_quantize)
 

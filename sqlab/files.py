@@ -177,6 +177,59 @@ def save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path,
     return write_safetensors(path, specs, lambda spec: [tensors[spec.name]], metadata)
 
 
+class SafetensorsReader:
+    """One safetensors file read a tensor, or some rows of one, at a time, without mapping it.
+
+    ``safe_open`` maps the whole file, and every page it reads stays in the process's
+    resident memory while the file is open; reading with ``readinto`` into a fresh
+    tensor keeps only what the caller holds. ``SqlabError`` for an unreadable file.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        names = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+        try:
+            with open(self.path, "rb") as f:
+                size = int.from_bytes(f.read(8), "little")
+                header = json.loads(f.read(size))
+            self.metadata = header.pop("__metadata__", None) or {}
+            self.entries = {k: (names[v["dtype"]], tuple(v["shape"]), 8 + size + v["data_offsets"][0])
+                            for k, v in header.items()}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise SqlabError(f"cannot read {str(self.path)!r}: missing, truncated or not a "
+                             f"safetensors file ({type(exc).__name__}: {exc})") from exc
+
+    def keys(self):
+        return self.entries.keys()
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.entries
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.entries[name][1]
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self.entries[name][0]
+
+    def get(self, name: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """Tensor ``name``, or its rows ``start:stop`` (along the first dimension)."""
+        dtype, shape, offset = self.entries[name]
+        rows = shape[0] if shape else 1
+        stop = rows if stop is None else min(stop, rows)
+        row = math.prod(shape[1:]) * torch.empty(0, dtype=dtype).element_size()
+        out = torch.empty((stop - start, *shape[1:]) if shape else (), dtype=dtype)
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(offset + start * row)
+                view = out.reshape(-1).view(torch.uint8).numpy()
+                if f.readinto(memoryview(view)) != view.nbytes:
+                    raise OSError("the file ends early")
+        except OSError as exc:
+            raise SqlabError(f"cannot read {name} from {str(self.path)!r}: "
+                             f"{_why(exc) if exc.strerror else exc}") from exc
+        return out
+
+
 def load_safetensors(path: str | Path, *,
                      verify: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Tensors and metadata of a safetensors file.

@@ -68,10 +68,12 @@ class OutlierProfile:
 
     def __init__(self, weights: dict[str, Tensor], *, seed: int = 0):
         gen = torch.Generator().manual_seed(seed)
-        self.weights = weights
+        self.weights = weights  # read again only for exact counts (a lazy mapping works)
         self.matrices: dict[str, _MatrixProfile] = {}
+        self.total = 0
         for name, w in weights.items():
             flat = w.detach().reshape(-1).float().cpu()
+            self.total += flat.numel()
             if not torch.isfinite(flat).all():
                 raise SqlabError(f"weights of {name} contain NaN or Inf")
             q1, q3 = quartiles(flat)
@@ -80,7 +82,6 @@ class OutlierProfile:
                 scale = flat.numel() / SAMPLE
                 flat = flat[torch.randint(flat.numel(), (SAMPLE,), generator=gen)]
             self.matrices[name] = _MatrixProfile(q1, q3, flat.abs().sort().values, scale)
-        self.total = sum(w.numel() for w in weights.values())
         # every matrix's sorted |w| side by side (padded with +inf), so the share at any r is
         # one batched searchsorted
         profiles = list(self.matrices.values())
@@ -88,6 +89,7 @@ class OutlierProfile:
         self._sorted = torch.full((len(profiles), width), float("inf"))
         for row, m in enumerate(profiles):
             self._sorted[row, : m.sorted_abs.numel()] = m.sorted_abs
+            m.sorted_abs = self._sorted[row, : m.sorted_abs.numel()]  # one copy, not two
         self._q = torch.tensor([[m.q1, m.q3] for m in profiles], dtype=torch.float64).reshape(-1, 2)
         self._length = torch.tensor([m.sorted_abs.numel() for m in profiles], dtype=torch.float64)
         self._scale = torch.tensor([m.scale for m in profiles], dtype=torch.float64)

@@ -188,8 +188,11 @@ def fisher_information(model: nn.Module, windows: torch.Tensor, *, progress: boo
     return fisher
 
 
-def fisher_cache_path(model: nn.Module, corpus: str, nsamples: int, seqlen: int, seed: int) -> Path:
-    key = f"{fingerprint(model)}-{corpus.replace('/', '_').replace(':', '_')}-n{nsamples}-l{seqlen}-s{seed}"
+def fisher_cache_path(model: nn.Module | str, corpus: str, nsamples: int, seqlen: int,
+                      seed: int) -> Path:
+    """The cache file of a Fisher run; ``model`` is the model or its ``fingerprint``."""
+    digest = model if isinstance(model, str) else fingerprint(model)
+    key = f"{digest}-{corpus.replace('/', '_').replace(':', '_')}-n{nsamples}-l{seqlen}-s{seed}"
     return assets.cache_path("fisher", f"{key}.safetensors")
 
 
