@@ -183,9 +183,10 @@ def _quantize_streamed(args, config, out: Path, work: Path):
     import gc
 
     from . import checkpoint, models, streaming
+    from .memory import release_freed_tensors
     from .sensitivity import compute_fisher, fisher_cache_path
 
-    tokenizer = models.load_tokenizer(args.model)
+    release_freed_tensors()  # so the resident memory follows the tensors alive
     source = streaming.ShardedModel(args.model)
     models.check_seqlen(source.meta, config.seqlen)
     digest = source.fingerprint()
@@ -199,7 +200,7 @@ def _quantize_streamed(args, config, out: Path, work: Path):
             log.warning("%s; computing the Fisher information again", exc)
         if fisher is None:
             model = models.load_model(args.model)
-            compute_fisher(model, tokenizer, config.calib, config.nsamples, config.seqlen,
+            compute_fisher(model, models.load_tokenizer(args.model), config.calib, config.nsamples, config.seqlen,
                            config.seed)
             del model
             gc.collect()
@@ -209,6 +210,7 @@ def _quantize_streamed(args, config, out: Path, work: Path):
     report, blocks = streaming.quantize_streamed(source, config, fisher, work, fingerprint=digest)
     meta = {**config.relevant(), "label": config.label(), "outlier_range": report.outlier_range,
             "bits_per_weight": report.bits_per_weight, "base_model": args.model}
+    tokenizer = models.load_tokenizer(args.model)  # only now: it holds ~100 MB for its files
     checkpoint.save_streamed(source, blocks, out, meta, tokenizer, overwrite=args.overwrite,
                              report=report.as_dict(), dtype=args.dtype)
     return report
@@ -261,7 +263,7 @@ def _names(text: str) -> list[str]:
 
 
 def cmd_sweep(args) -> int:
-    from . import experiments
+    from . import data, experiments
 
     common = _common(args)
     if args.preset == "paper":
@@ -278,8 +280,15 @@ def cmd_sweep(args) -> int:
                                           include_path=args.include_path)
     if args.tasks and not args.verbose:
         logging.getLogger("lm_eval").setLevel(logging.ERROR)
-    sweeper = experiments.Sweeper(args.model, evaluation)
-    frame = sweeper.run(configs)
+    if args.ray is not None:
+        from .cluster import run_on_ray
+
+        for name in evaluation.datasets:  # bad names fail here, not on every worker
+            data.parse_corpus(name)
+        frame = run_on_ray(args.model, configs, evaluation, address=args.ray or None,
+                           workers=args.workers)
+    else:
+        frame = experiments.Sweeper(args.model, evaluation).run(configs)
     table = experiments.tidy(frame)
     out = Path(args.out)
     files.write_text(out / "results.csv", table.to_csv(index=False))
@@ -454,6 +463,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-windows", type=_positive, default=32, help="evaluation windows per dataset (default 32)")
     _add_task_args(p, "whose accuracy goes beside perplexity")
     _add_calib_args(p)
+    p.add_argument("--ray", nargs="?", const="", metavar="ADDRESS", help="run the points on a Ray "
+                   "cluster (the ray extra): at ADDRESS, or a local one without it")
+    p.add_argument("--workers", type=_positive, default=2, help="Ray workers, each with the model "
+                   "loaded once (default 2)")
     p.add_argument("--out", required=True, help="directory for results.csv and results.json")
     p.set_defaults(run=cmd_sweep)
 

@@ -111,3 +111,63 @@ def reset_peak_rss() -> bool:
     except OSError:
         return False
     return True
+
+
+# what a command imports before it reads a model: measured as the baseline, not the command
+_PRELUDE = """
+import json, sys
+import torch, transformers, accelerate, safetensors, tokenizers
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers.models.llama import modeling_llama
+import sqlab, sqlab.cli, sqlab.streaming, sqlab.checkpoint, sqlab.experiments, sqlab.kmeans
+from sqlab import memory
+baseline = memory.rss_bytes()
+memory.reset_peak_rss()
+status = sqlab.cli.main(sys.argv[1:])
+print(json.dumps({"status": status, "baseline": baseline, "peak": memory.peak_rss_bytes()}))
+"""
+
+
+def command_peak_rss(argv: list[str], env: dict | None = None) -> dict:
+    """Run ``sqlab ARGV`` in a fresh process and measure its resident memory.
+
+    ``baseline``: the resident set after importing torch, transformers and sqlab (before
+    the command starts); ``peak``: ``VmHWM`` during the command, counted from the
+    baseline; ``above_baseline = peak - baseline``: what the command itself needed.
+    Bytes; ``status`` the command's exit status; ``stderr`` its messages.
+    """
+    import json
+    import os
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", _PRELUDE, *argv], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})})
+    try:
+        found = json.loads(proc.stdout.strip().splitlines()[-1])
+    except (IndexError, ValueError):
+        return {"status": proc.returncode, "stderr": proc.stderr, "stdout": proc.stdout}
+    found.update(above_baseline=found["peak"] - found["baseline"], stderr=proc.stderr,
+                 stdout=proc.stdout)
+    return found
+
+
+def release_freed_tensors(threshold: int = 1 << 20) -> bool:
+    """Make freed tensors of ``threshold`` bytes or more go back to the operating system.
+
+    glibc serves blocks below its mmap threshold from its heap, and raises that threshold
+    (up to 32 MB) each time a mapped block is freed; so a process that reads tensor after
+    tensor keeps the freed ones resident. A fixed threshold maps each large tensor on its
+    own and unmaps it when freed. Process-wide; ``False`` where the C library is not glibc.
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        set_option = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    return bool(set_option(m_mmap_threshold, threshold)) and \
+        bool(set_option(m_trim_threshold, threshold))

@@ -109,7 +109,6 @@ def _config(spec: str):
 
 def model_shape(spec_or_config, name: str | None = None) -> ModelShape:
     """Count a model's parameters per stage from its config, on the meta device."""
-    from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
     from .models import _find_blocks, block_linears, decoder_blocks
@@ -117,7 +116,7 @@ def model_shape(spec_or_config, name: str | None = None) -> ModelShape:
     config = spec_or_config if not isinstance(spec_or_config, (str, Path)) \
         else _config(spec_or_config)
     try:
-        with init_empty_weights():
+        with torch.device("meta"):  # no tensor is ever allocated
             model = AutoModelForCausalLM.from_config(config)
     except Exception as exc:  # an unknown architecture, a config missing its fields
         raise SqlabError(f"cannot build model {name or spec_or_config!r} from its config: "

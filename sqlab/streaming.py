@@ -48,7 +48,6 @@ class ShardedModel:
     """
 
     def __init__(self, spec: str, dtype: torch.dtype | None = None):
-        from accelerate import init_empty_weights
         from transformers import AutoConfig, AutoModelForCausalLM
 
         reason = unstreamable(spec)
@@ -57,7 +56,7 @@ class ShardedModel:
         self.spec, self.path = spec, Path(resolve(spec).path)
         self.dtype = dtype or default_dtype(default_device())
         self.config = AutoConfig.from_pretrained(self.path)
-        with init_empty_weights():
+        with torch.device("meta"):  # no tensor is ever allocated
             self.meta = AutoModelForCausalLM.from_config(self.config)
         self.meta.tie_weights()  # as from_pretrained does: tied tensors become one parameter
         index = self.path / INDEX
