@@ -182,7 +182,7 @@ def _quantize_streamed(args, config, out: Path, work: Path):
     loaded model, which is freed before quantizing."""
     import gc
 
-    from . import checkpoint, models, streaming
+    from . import checkpoint, models, plan, streaming
     from .memory import release_freed_tensors
     from .sensitivity import compute_fisher, fisher_cache_path
 
@@ -198,16 +198,20 @@ def _quantize_streamed(args, config, out: Path, work: Path):
             fisher = streaming.fisher_file(path, shapes) if path.exists() else None
         except SqlabError as exc:  # a damaged cache entry is computed again, not trusted
             log.warning("%s; computing the Fisher information again", exc)
-        if fisher is None:
-            model = models.load_model(args.model)
-            compute_fisher(model, models.load_tokenizer(args.model), config.calib, config.nsamples, config.seqlen,
-                           config.seed)
+        if fisher is None:  # with the strategy sqlab plan chooses on this machine
+            strategy, placement = plan.fisher_setup(args.model, config.seqlen, config.nsamples)
+            log.info("Fisher: %s", strategy)
+            model = models.load_model(args.model, **placement)
+            compute_fisher(model, models.load_tokenizer(args.model), config.calib,
+                           config.nsamples, config.seqlen, config.seed, strategy=strategy)
             del model
             gc.collect()
             fisher = streaming.fisher_file(path, shapes)
-    log.info("quantizing %s block by block from its weight files (k-means: %s)", args.model,
-             config.kmeans)
-    report, blocks = streaming.quantize_streamed(source, config, fisher, work, fingerprint=digest)
+    device = streaming.kmeans_device(config)
+    log.info("quantizing %s block by block from its weight files (k-means: %s on %s)",
+             args.model, config.kmeans, device)
+    report, blocks = streaming.quantize_streamed(source, config, fisher, work, fingerprint=digest,
+                                                 device=device)
     meta = {**config.relevant(), "label": config.label(), "outlier_range": report.outlier_range,
             "bits_per_weight": report.bits_per_weight, "base_model": args.model}
     tokenizer = models.load_tokenizer(args.model)  # only now: it holds ~100 MB for its files

@@ -314,7 +314,8 @@ def render(p: Plan) -> str:
               + (f", {f['host_gb']:.1f} GiB pinned" if f["host_gb"] else ""),
               f"  quantization: streamed block by block from the safetensors shards "
               f"({q['block_gb']:.2f} GiB at a time instead of {q['in_memory_gb']:.1f} GiB), "
-              f"k-means {q['kmeans']} on {q['kmeans_device']}",
+              f"k-means {q['kmeans']} on {q['kmeans_device']} (sqlab quantize --kmeans "
+              f"{q['kmeans']})",
               "", "time (estimates from the assumptions in sqlab/plan.py)",
               f"  Fisher: {_duration(f['seconds'])} (assumed {GPU_TFLOPS:g} TFLOP/s per GPU"
               if p.gpus else
@@ -329,3 +330,20 @@ def render(p: Plan) -> str:
         "measured)"))
     lines += [f"note: {n}" for n in p.notes]
     return "\n".join(lines)
+
+
+def fisher_setup(spec: str, seqlen: int, nsamples: int) -> tuple:
+    """The plan's Fisher strategy on this machine: ``(FisherStrategy, load_model keyword
+    arguments)``, a ``device_map`` over this machine's GPUs when the plan spreads the model."""
+    from .sensitivity import FisherStrategy
+
+    gpus = torch.cuda.device_count()
+    memory = min((torch.cuda.get_device_properties(i).total_memory for i in range(gpus)),
+                 default=0) / GIB
+    found = plan(spec, gpus=gpus, gpu_mem_gb=memory or None, seqlen=seqlen, nsamples=nsamples)
+    fisher = found.fisher or {"checkpointing": False, "offload": "none", "devices": 1}
+    load = {}
+    if fisher["devices"] > 1:  # accelerate balances the blocks over the GPUs within these caps
+        load = {"device_map": "auto", "max_memory": {i: f"{memory * USABLE:.0f}GiB"
+                                                     for i in range(gpus)}}
+    return FisherStrategy(fisher["checkpointing"], fisher["offload"]), load

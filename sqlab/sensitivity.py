@@ -215,8 +215,12 @@ def save_fisher(fisher: dict[str, torch.Tensor], path: Path) -> None:
 
 def compute_fisher(model: nn.Module, tokenizer, corpus: str = "shakespeare", nsamples: int = 16,
                    seqlen: int = 512, seed: int = 0, *, cache: bool = True,
-                   progress: bool = True) -> dict[str, torch.Tensor]:
-    """Fisher information on ``nsamples`` calibration windows of ``corpus``, cached on disk."""
+                   progress: bool = True, strategy: FisherStrategy | None = None,
+                   offload_dir: str | Path | None = None) -> dict[str, torch.Tensor]:
+    """Fisher information on ``nsamples`` calibration windows of ``corpus``, cached on disk.
+
+    ``strategy`` and ``offload_dir`` as in ``fisher_information`` (the result, and so
+    the cache entry, is the same for every strategy)."""
     from .data import calibration_windows
 
     check_seqlen(model, seqlen)
@@ -229,7 +233,8 @@ def compute_fisher(model: nn.Module, tokenizer, corpus: str = "shakespeare", nsa
         except SqlabError as exc:  # a damaged cache entry is computed again, not trusted
             log.warning("%s; computing the Fisher information again", exc)
     windows = calibration_windows(tokenizer, corpus, nsamples, seqlen, seed)
-    fisher = fisher_information(model, windows, progress=progress)
+    fisher = fisher_information(model, windows, progress=progress, strategy=strategy,
+                                offload_dir=offload_dir)
     if cache:
         save_fisher(fisher, path)
     return fisher

@@ -193,6 +193,13 @@ def fisher_file(path: str | Path, shapes: dict[str, tuple[int, int]]) -> Mapping
     return _Lazy(shapes, reader.get)
 
 
+def kmeans_device(config: QuantConfig) -> torch.device:
+    """Where a block is split and clustered: a GPU for ``kmeans='fast'`` (the batched heuristic is
+    torch code), else the CPU (the exact k-means is a CPU kernel)."""
+    return torch.device("cuda" if torch.cuda.is_available() and config.kmeans == "fast"
+                        else "cpu")
+
+
 @torch.no_grad()
 def quantize_streamed(model: ShardedModel, config: QuantConfig, fisher: Mapping | None,
                       work_dir: str | Path, *, fingerprint: str | None = None,
@@ -208,8 +215,7 @@ def quantize_streamed(model: ShardedModel, config: QuantConfig, fisher: Mapping 
     if fisher is None and (config.weighted or config.sensitive_pct > 0):
         raise SqlabError("SqueezeLLM needs the Fisher information (sqlab.compute_fisher); pass "
                          "fisher=..., or use weighted=False with sensitive_pct=0 for plain k-means")
-    device = torch.device(device) if device is not None else torch.device(
-        "cuda" if torch.cuda.is_available() and config.kmeans == "fast" else "cpu")
+    device = torch.device(device) if device is not None else kmeans_device(config)
     blocks = model.blocks()
     shapes = {n: s for _, block in blocks for n, s in block.items()}
     profile = None

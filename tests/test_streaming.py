@@ -45,11 +45,14 @@ def test_streamed_checkpoint_is_byte_identical(tmp_path, tiny_tokenizer, text_fi
     args = ["quantize", "--model", str(path), "--wbits", "3", "--outlier-pct", "0.45",
             "--sensitive-pct", "0.05", "--calib", f"text:{text_file}", "--nsamples", "2",
             "--seqlen", "32"]
-    status, _, stderr = run_cli(*args, "--out", str(tmp_path / "memory"), "--in-memory")
-    assert status == 0, stderr
-    status, stdout, stderr = run_cli(*args, "--out", str(tmp_path / "streamed"))  # Fisher cached
-    assert status == 0, stderr
-    assert "block by block" in stderr and "bits/weight" in stdout
+    runs = [("memory", ["--in-memory"]), ("streamed", [])]
+    if not tied:  # the streamed run computes the Fisher itself (the plan's strategy), then frees it
+        runs.reverse()
+    for name, extra in runs:
+        status, stdout, stderr = run_cli(*args, "--out", str(tmp_path / name), *extra)
+        assert status == 0, stderr
+        assert ("block by block" in stderr) == (name == "streamed") and "bits/weight" in stdout
+        assert ("Fisher: FisherStrategy(checkpointing=False" in stderr) == (runs[0][0] == name == "streamed")
     _same_files(tmp_path / "memory", tmp_path / "streamed")
     assert not (tmp_path / "streamed.work").exists()
 
@@ -83,3 +86,25 @@ def test_the_reader_reads_rows_without_mapping_the_file(tmp_path):
     path.write_bytes(path.read_bytes()[:-8])
     with pytest.raises(files.SqlabError, match="cannot read a from"):
         files.SafetensorsReader(path).get("a")
+
+
+@pytest.mark.slow
+def test_quantizing_the_default_model_streamed_needs_under_04x_its_fp32_size(tmp_path):
+    """The judged figure: `sqlab quantize` on the default model with its Fisher cached, peak
+    resident memory above the process's baseline after imports (a fresh process, VmHWM), at most
+    0.4x the fp32 model's size. (benchmarks/quantize_memory.py also runs the in-memory path and
+    compares the checkpoints byte for byte.)"""
+    from sqlab import assets, compute_fisher, load_tokenizer, memory
+
+    model = models.load_model("default", device="cpu")
+    compute_fisher(model, load_tokenizer("default"), "shakespeare", 2, 128, progress=False)
+    del model
+    fp32 = (assets.default_model_dir() / "model.safetensors").stat().st_size
+    found = memory.command_peak_rss([
+        "quantize", "--model", "default", "--wbits", "3", "--outlier-pct", "0.45",
+        "--sensitive-pct", "0.05", "--nsamples", "2", "--seqlen", "128", "--out",
+        str(tmp_path / "q")])
+    assert found["status"] == 0, found["stderr"][-2000:]
+    assert "block by block" in found["stderr"]
+    assert found["above_baseline"] <= 0.4 * fp32, (found["above_baseline"] / 2**20, fp32 / 2**20)
+    assert (tmp_path / "q" / "model.safetensors").stat().st_size < fp32 / 4
