@@ -67,7 +67,8 @@ def main() -> int:
     print(f"sqlab quantize on the default model ({fp32 / MIB:.0f} MiB in fp32), {args.wbits}-bit "
           f"{args.outlier_pct}% + {args.sensitive_pct}%, Fisher cached; resident memory above the "
           "process's baseline after imports")
-    print(f"{'mode':<10} {'baseline MiB':>12} {'peak MiB':>9} {'above MiB':>10} {'x fp32':>7} {'s':>6}")
+    print(f"{'mode':<10} {'baseline MiB':>12} {'peak MiB':>9} {'above MiB':>10} {'x fp32':>7} "
+          f"{'s':>6}")
     for r in rows:
         print(f"{r['mode']:<10} {r['baseline_mib']:>12.0f} {r['peak_mib']:>9.0f} "
               f"{r['above_baseline_mib']:>10.0f} {r['vs_fp32_model']:>7.2f} {r['seconds']:>6.0f}")

@@ -193,8 +193,8 @@ class SafetensorsReader:
                 size = int.from_bytes(f.read(8), "little")
                 header = json.loads(f.read(size))
             self.metadata = header.pop("__metadata__", None) or {}
-            self.entries = {k: (names[v["dtype"]], tuple(v["shape"]), 8 + size + v["data_offsets"][0])
-                            for k, v in header.items()}
+            self.entries = {k: (names[v["dtype"]], tuple(v["shape"]),
+                                8 + size + v["data_offsets"][0]) for k, v in header.items()}
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
             raise SqlabError(f"cannot read {str(self.path)!r}: missing, truncated or not a "
                              f"safetensors file ({type(exc).__name__}: {exc})") from exc

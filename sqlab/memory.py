@@ -172,4 +172,5 @@ def release_freed_tensors(threshold: int = 4 << 20, keep: int = 64 << 20) -> boo
     except (OSError, AttributeError):
         return False
     m_trim_threshold, m_mmap_threshold = -1, -3
-    return bool(set_option(m_mmap_threshold, threshold)) and bool(set_option(m_trim_threshold, keep))
+    return bool(set_option(m_mmap_threshold, threshold)) and \
+        bool(set_option(m_trim_threshold, keep))

@@ -39,7 +39,7 @@ from .errors import SqlabError
 
 GIB = 2**30
 USABLE = 0.9  # of each device's memory; the rest for the allocator, CUDA context, fragmentation
-GPU_TFLOPS = 150.0  # assumed sustained fp16 throughput of one A100/H100-class GPU in the Fisher pass
+GPU_TFLOPS = 150.0  # assumed sustained fp16 rate of one A100/H100-class GPU in the Fisher pass
 CPU_GFLOPS = 30.0  # assumed fp32 throughput of the CPU per core
 PCIE_GBPS = 20.0  # host <-> GPU copies of offloaded accumulators
 DISK_GBPS = 2.0  # reading and writing memory-mapped accumulators
@@ -146,7 +146,8 @@ def model_shape(spec_or_config, name: str | None = None) -> ModelShape:
         largest_linear=max((max(s) for s in sizes if s), default=0),
         largest_group=max(groups, default=0), matrices=sum(map(len, sizes)), hidden=hidden,
         kv=getattr(text, "num_key_value_heads", heads) * head_dim,
-        intermediate=getattr(text, "intermediate_size", None) or getattr(text, "ffn_dim", 4 * hidden),
+        intermediate=getattr(text, "intermediate_size", None)
+        or getattr(text, "ffn_dim", 4 * hidden),
         heads=heads, vocab=getattr(text, "vocab_size", 0), refused=refused)
 
 

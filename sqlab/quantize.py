@@ -327,8 +327,8 @@ def quantize_model(model: nn.Module, config: SqueezeLLMConfig, fisher: dict[str,
         members = {f"{prefix}.{n}": m for n, m in block_linears(model, block).items()}
         done = store.load(index) if store is not None else None
         if done is None:
-            done = quantize_block({n: m.weight.detach() for n, m in members.items()}, fisher, config,
-                                  thresholds)
+            done = quantize_block({n: m.weight.detach() for n, m in members.items()}, fisher,
+                                  config, thresholds)
             if store is not None:
                 store.save(index, done)
         for name, linear in members.items():

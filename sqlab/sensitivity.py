@@ -133,7 +133,8 @@ def _checkpointed(blocks: list[nn.Module]):
 
 
 def fisher_information(model: nn.Module, windows: torch.Tensor, *, progress: bool = True,
-                       strategy: FisherStrategy | None = None, offload_dir: str | Path | None = None,
+                       strategy: FisherStrategy | None = None,
+                       offload_dir: str | Path | None = None,
                        measure: bool = False) -> FisherInformation:
     """Diagonal Fisher of every quantizable weight, ``{module name: (out_features, in_features)}`` fp32.
 

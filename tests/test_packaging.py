@@ -89,6 +89,7 @@ def test_importing_sqlab_does_not_need_cupy_or_notebook_packages():
     import sys
 
     code = ("import sys; import sqlab; "
-            "bad = [m for m in ('cupy', 'plotly', 'ipywidgets', 'jupyterlab', 'ray') if m in sys.modules]; "
+            "bad = [m for m in ('cupy', 'plotly', 'ipywidgets', 'jupyterlab', 'ray') "
+            "if m in sys.modules]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)

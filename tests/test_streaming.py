@@ -52,7 +52,8 @@ def test_streamed_checkpoint_is_byte_identical(tmp_path, tiny_tokenizer, text_fi
         status, stdout, stderr = run_cli(*args, "--out", str(tmp_path / name), *extra)
         assert status == 0, stderr
         assert ("block by block" in stderr) == (name == "streamed") and "bits/weight" in stdout
-        assert ("Fisher: FisherStrategy(checkpointing=False" in stderr) == (runs[0][0] == name == "streamed")
+        computed_here = runs[0][0] == name == "streamed"
+        assert ("Fisher: FisherStrategy(checkpointing=False" in stderr) == computed_here
     _same_files(tmp_path / "memory", tmp_path / "streamed")
     assert not (tmp_path / "streamed.work").exists()
 
