@@ -158,10 +158,10 @@ def _quantize_into(args, config, out: Path, work: Path | None):
     from .experiments import quantize
 
     if config.method == "squeezellm" and not args.in_memory:
-        reason = streaming.unstreamable(args.model)
-        if reason is None:
+        try:
             return _quantize_streamed(args, config, out, work)
-        log.debug("loading the whole model: %s", reason)
+        except streaming.Unstreamable as exc:
+            log.debug("loading the whole model: %s", exc)
     tokenizer = models.load_tokenizer(args.model)
     model = models.load_model(args.model)
     report = quantize(model, tokenizer, config, work_dir=work)
@@ -186,12 +186,12 @@ def _quantize_streamed(args, config, out: Path, work: Path):
     from .memory import release_freed_tensors
     from .sensitivity import compute_fisher, fisher_cache_path
 
+    source = streaming.ShardedModel(args.model)  # Unstreamable: the caller loads the model
     release_freed_tensors()  # so the resident memory follows the tensors alive
-    source = streaming.ShardedModel(args.model)
     models.check_seqlen(source.meta, config.seqlen)
     digest = source.fingerprint()
     fisher = None
-    if config.weighted or config.sensitive_pct > 0:
+    if config.needs_fisher:
         path = fisher_cache_path(digest, config.calib, config.nsamples, config.seqlen, config.seed)
         shapes = {n: s for _, block in source.blocks() for n, s in block.items()}
         try:

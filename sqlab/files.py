@@ -195,6 +195,10 @@ class SafetensorsReader:
             self.metadata = header.pop("__metadata__", None) or {}
             self.entries = {k: (names[v["dtype"]], tuple(v["shape"]),
                                 8 + size + v["data_offsets"][0]) for k, v in header.items()}
+            end = 8 + size + max((v["data_offsets"][1] for v in header.values()), default=0)
+            if self.path.stat().st_size < end:
+                raise ValueError(f"it ends at byte {self.path.stat().st_size}, its header says "
+                                 f"{end}")
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
             raise SqlabError(f"cannot read {str(self.path)!r}: missing, truncated or not a "
                              f"safetensors file ({type(exc).__name__}: {exc})") from exc

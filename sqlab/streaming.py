@@ -40,6 +40,10 @@ WEIGHTS = "model.safetensors"
 CHUNK_BYTES = 8 << 20  # rows read at a time when a tensor is copied or sampled
 
 
+class Unstreamable(SqlabError):
+    """A model the streamed path cannot read (``load_model`` still can): the message says why."""
+
+
 class ShardedModel:
     """A model directory's tensors, read one at a time (or some rows of one) from its shards.
 
@@ -52,21 +56,15 @@ class ShardedModel:
 
         reason = unstreamable(spec)
         if reason:
-            raise SqlabError(f"cannot stream {spec!r}: {reason}")
+            raise Unstreamable(f"cannot stream {spec!r}: {reason}")
         self.spec, self.path = spec, Path(resolve(spec).path)
         self.dtype = dtype or default_dtype(default_device())
         self.config = AutoConfig.from_pretrained(self.path)
         with torch.device("meta"):  # no tensor is ever allocated
             self.meta = AutoModelForCausalLM.from_config(self.config)
         self.meta.tie_weights()  # as from_pretrained does: tied tensors become one parameter
-        index = self.path / INDEX
-        if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
-            readers = {f: files.SafetensorsReader(self.path / f) for f in set(weight_map.values())}
-            self.readers = {k: readers[f] for k, f in weight_map.items()}
-        else:
-            reader = files.SafetensorsReader(self.path / WEIGHTS)
-            self.readers = dict.fromkeys(reader.keys(), reader)
+        decoder_blocks(self.meta)  # refuses what sqlab cannot quantize (stacked expert tensors)
+        self.readers = self._readers(spec)
         state = self.meta.state_dict(keep_vars=True)
         self._keys, first, self.tied = list(state), {}, {}
         for key, tensor in state.items():  # tied tensors are one parameter of the model
@@ -75,9 +73,23 @@ class ShardedModel:
             else:
                 first.setdefault(id(tensor), key)
         missing = [k for k in self._keys if self._stored(k) is None]
-        if missing:
-            raise SqlabError(f"cannot stream {spec!r}: its weight files lack "
-                             f"{', '.join(missing[:3])}")
+        if missing:  # stored under other names, which from_pretrained converts
+            raise Unstreamable(f"cannot stream {spec!r}: its weight files lack "
+                               f"{', '.join(missing[:3])}")
+
+    def _readers(self, spec: str) -> dict[str, files.SafetensorsReader]:
+        """The reader of every stored tensor; a damaged or odd file is left to ``load_model``,
+        which says what is wrong with it in its own words."""
+        index = self.path / INDEX
+        try:
+            if not index.is_file():
+                reader = files.SafetensorsReader(self.path / WEIGHTS)
+                return dict.fromkeys(reader.keys(), reader)
+            weight_map = json.loads(index.read_text())["weight_map"]
+            readers = {f: files.SafetensorsReader(self.path / f) for f in set(weight_map.values())}
+            return {k: readers[f] for k, f in weight_map.items()}
+        except (SqlabError, OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise Unstreamable(f"cannot stream {spec!r}: {exc}") from exc
 
     def _stored(self, key: str) -> str | None:
         for name in (key, self.tied.get(key)):
@@ -212,7 +224,7 @@ def quantize_streamed(model: ShardedModel, config: QuantConfig, fisher: Mapping 
     ``kmeans='fast'``, whose batched heuristic is torch code; the CPU otherwise, where
     the exact k-means runs).
     """
-    if fisher is None and (config.weighted or config.sensitive_pct > 0):
+    if fisher is None and config.needs_fisher:
         raise SqlabError("SqueezeLLM needs the Fisher information (sqlab.compute_fisher); pass "
                          "fisher=..., or use weighted=False with sensitive_pct=0 for plain k-means")
     device = torch.device(device) if device is not None else kmeans_device(config)

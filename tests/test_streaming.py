@@ -85,8 +85,8 @@ def test_the_reader_reads_rows_without_mapping_the_file(tmp_path):
     assert torch.equal(reader.get("a", 2, 4), tensors["a"][2:4])
     assert torch.equal(reader.get("b"), tensors["b"]) and reader.get("c").numel() == 0
     path.write_bytes(path.read_bytes()[:-8])
-    with pytest.raises(files.SqlabError, match="cannot read a from"):
-        files.SafetensorsReader(path).get("a")
+    with pytest.raises(files.SqlabError, match="truncated or not a safetensors file .*it ends at"):
+        files.SafetensorsReader(path)
 
 
 @pytest.mark.slow
