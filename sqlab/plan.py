@@ -45,7 +45,7 @@ PCIE_GBPS = 20.0  # host <-> GPU copies of offloaded accumulators
 DISK_GBPS = 2.0  # reading and writing memory-mapped accumulators
 # exact k-means (kernels/kmeans_dp.cpp), seconds per weight and thread, measured by
 # benchmarks/kmeans.py --shape 7b on the 2-core development machine
-KMEANS_CPU_S = {3: 297e-9, 4: 832e-9}
+KMEANS_CPU_S = {3: 191e-9, 4: 315e-9}
 KMEANS_BYTES = 24  # k-means working set per weight of a group: a float copy, importances, sort keys
 PROFILE_BYTES = 8 * 65536  # outlier profile per matrix (sorted sample of |w|, padded copy)
 
