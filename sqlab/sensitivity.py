@@ -105,10 +105,8 @@ def _square_into(accumulator: torch.Tensor):
     """A post-accumulate-grad hook: add ``grad²`` to the accumulator and free the gradient."""
 
     def hook(weight: torch.Tensor) -> None:
-        squared = weight.grad.float().square()
-        accumulator.add_(squared.to(accumulator.device, non_blocking=accumulator.is_pinned()))
-        if accumulator.is_pinned():
-            torch.cuda.current_stream(weight.device).synchronize()  # before squared is freed
+        # a blocking copy when the accumulator is in host memory: added only once it arrived
+        accumulator.add_(weight.grad.float().square().to(accumulator.device))
         weight.grad = None
 
     return hook
@@ -122,14 +120,17 @@ def _checkpointed(blocks: list[nn.Module]):
     training mode only, which would switch dropout on in some families (OPT's blocks)
     and change the Fisher; this keeps eval mode and works for every family.
     """
+    saved = [block.__dict__.get("forward") for block in blocks]  # accelerate's hooks live there
     for block in blocks:
-        forward = block.forward
-        block.forward = functools.partial(checkpoint, forward, use_reentrant=False)
+        block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
     try:
         yield
     finally:
-        for block in blocks:
-            del block.forward  # the class's forward again
+        for block, forward in zip(blocks, saved):
+            if forward is None:
+                del block.forward  # the class's forward again
+            else:
+                block.forward = forward
 
 
 def fisher_information(model: nn.Module, windows: torch.Tensor, *, progress: bool = True,
@@ -154,7 +155,9 @@ def fisher_information(model: nn.Module, windows: torch.Tensor, *, progress: boo
     hooks = []
     devices = {p.device for p in model.parameters()}
     measure = measure or any(d.type == "cuda" for d in devices)
-    params = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    stored = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+              for t in model.state_dict().values() if t.device.type == "cpu"}
+    params = sum(stored.values())  # tied tensors once
     peak = TensorPeak(devices, baseline=params + sum(
         f.numel() * 4 for f in fisher.values() if strategy.offload != "disk"))
     blocks = [block for _, block in decoder_blocks(model)] if strategy.checkpointing else []

@@ -82,3 +82,16 @@ def test_a_model_placed_by_a_device_map(tiny_model_dir):
 def test_bad_strategy_names_the_value():
     with pytest.raises(SqlabError, match="offload must be one of none, cpu, disk, got 'gpu'"):
         FisherStrategy(offload="gpu")
+
+
+def test_checkpointing_gives_back_a_forward_that_accelerate_installed():
+    """accelerate's device hooks replace a block's forward on the instance; the pass must leave
+    them in place."""
+    model = make_llama()
+    block = model.model.layers[0]
+    hooked = block.forward  # a bound method stored on the instance, as accelerate does
+    block.forward = hooked
+    fisher_information(model, _windows(), strategy=FisherStrategy(checkpointing=True),
+                       progress=False)
+    assert block.__dict__["forward"] is hooked
+    assert "forward" not in model.model.layers[1].__dict__
