@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 	else \
 		$(BIN)/python -m pip install -q "$(TORCH_CPU)"; \
 	fi
-	$(BIN)/python -m pip install -q -e ".[dev,notebooks,eval]"
+	$(BIN)/python -m pip install -q -e ".[dev,notebooks,eval,ray]"
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -10,7 +10,7 @@ from .quantize import QuantReport, quantize_model
 from .data import calibration_windows, eval_text, eval_tokens, parse_corpus
 from .errors import SqlabError
 from .evaluate import Perplexity, generation_benchmark, perplexity
-from .sensitivity import compute_fisher, fisher_information
+from .sensitivity import FisherStrategy, compute_fisher, fisher_information
 from .tasks import TaskResult, evaluate_tasks
 from .preset import Preset, preset
 from .models import decoder_blocks, family_of, load_model, load_tokenizer, quantizable_linears
@@ -26,4 +26,5 @@ __all__ = [
     "SqlabError", "calibration_windows", "compute_fisher", "fisher_information", "decoder_blocks", "eval_text", "eval_tokens", "family_of",
     "fetch", "generation_benchmark", "load_model", "load_tokenizer", "parse_corpus", "perplexity",
     "Perplexity", "quantizable_linears", "TaskResult", "evaluate_tasks", "Preset", "preset",
+    "FisherStrategy",
 ]

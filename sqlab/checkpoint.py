@@ -24,6 +24,7 @@ import contextlib
 import copy
 import json
 import logging
+import math
 import os
 import pickle
 import re
@@ -51,6 +52,7 @@ WEIGHTS = "model.safetensors"
 REPORT = "quant_report.json"
 PACKED = ("qweight", "lookup_table", "rows", "cols", "vals")  # stored in their own dtypes
 PARTS = (*PACKED, "bias")
+PACKED_WBITS = {8: 3, 16: 4}  # look-up table entries per row -> wbits
 STORAGE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
@@ -137,11 +139,13 @@ def wbits_of(model: nn.Module) -> int | list[int]:
     return found[0] if len(found) == 1 else found
 
 
-def quantization_config(model: nn.Module, quant_config: dict,
+def quantization_config(model: nn.Module | int | list[int], quant_config: dict,
                         dtype: torch.dtype | str = torch.float16) -> dict:
-    """The ``quantization_config`` entry of ``config.json`` (what ``hf.SqueezeLLMConfig`` reads)."""
+    """The ``quantization_config`` entry of ``config.json`` (what ``hf.SqueezeLLMConfig`` reads);
+    ``model`` is the quantized model or its ``wbits``."""
     name = str(storage_dtype(dtype)).removeprefix("torch.")
-    return {"quant_method": QUANT_METHOD, "wbits": wbits_of(model),
+    wbits = model if isinstance(model, (int, list)) else wbits_of(model)
+    return {"quant_method": QUANT_METHOD, "wbits": wbits,
             "outlier_pct": quant_config.get("outlier_pct", 0.0),
             "sensitive_pct": quant_config.get("sensitive_pct", 0.0), "format": FORMAT,
             "dtype": name}
@@ -242,19 +246,84 @@ def save_quantized(model: nn.Module, out: str | Path, quant_config: dict, tokeni
     """
     state, tied = storage_state(model, dtype)
     with _writing(out, overwrite) as tmp:
-        config = copy.deepcopy(model.config)
-        config.quantization_config = quantization_config(model, quant_config, dtype)
-        config.dtype = model.get_input_embeddings().weight.dtype  # what from_pretrained computes in
-        config.to_json_file(tmp / "config.json")
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        meta = {"format": FORMAT, "tied": json.dumps(tied, sort_keys=True)}
-        files.save_safetensors(state, tmp / WEIGHTS, metadata=meta)
-        payload = {"wbits": wbits_of(model), "format": FORMAT, **quant_config,
-                   "dtype": str(storage_dtype(dtype)).removeprefix("torch.")}
-        files.write_json(tmp / QUANT_CONFIG, payload)
-        if report is not None:
-            files.write_json(tmp / REPORT, report)
+        files.save_safetensors(state, tmp / WEIGHTS, metadata=_weights_metadata(tied))
+        _write_beside(tmp, model.config, wbits_of(model), model.get_input_embeddings().weight.dtype,
+                      quant_config, tokenizer, report, dtype)
+    return Path(out)
+
+
+def _weights_metadata(tied: dict[str, str]) -> dict[str, str]:
+    return {"format": FORMAT, "tied": json.dumps(tied, sort_keys=True)}
+
+
+def _write_beside(tmp: Path, model_config, wbits, compute_dtype: torch.dtype, quant_config: dict,
+                  tokenizer, report: dict | None, dtype: torch.dtype | str) -> None:
+    """Every file of a checkpoint but the weights: config.json with its quantization_config (and the
+    dtype the model computes in, which from_pretrained uses), the tokenizer, quant_config.json,
+    the report."""
+    config = copy.deepcopy(model_config)
+    config.quantization_config = quantization_config(wbits, quant_config, dtype)
+    config.dtype = compute_dtype
+    config.to_json_file(tmp / "config.json")
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    payload = {"wbits": wbits, "format": FORMAT, **quant_config,
+               "dtype": str(storage_dtype(dtype)).removeprefix("torch.")}
+    files.write_json(tmp / QUANT_CONFIG, payload)
+    if report is not None:
+        files.write_json(tmp / REPORT, report)
+
+
+def save_streamed(source, blocks: list[Path], out: str | Path, quant_config: dict, tokenizer=None,
+                  *, overwrite: bool = False, report: dict | None = None,
+                  dtype: torch.dtype | str = torch.float16) -> Path:
+    """The checkpoint ``save_quantized`` writes, assembled one tensor at a time.
+
+    ``source`` is a ``streaming.ShardedModel`` (its meta model names every tensor, its
+    shards hold the unquantized ones); ``blocks`` are the work-directory files holding
+    the packed linears. The same files, byte for byte, without the model in memory.
+    """
+    storage = storage_dtype(dtype)
+    packed = {}  # tensor name -> the reader of the block file holding it
+    for path in blocks:
+        reader = files.SafetensorsReader(path)
+        packed.update(dict.fromkeys(reader.keys(), reader))
+    for key in [k for k in packed if k.endswith(".vals") and not math.prod(packed[k].shape(k))]:
+        module = key.rpartition(".")[0]  # no sparse values: no CSR buffers (as from_parts makes)
+        for part in ("rows", "cols", "vals"):
+            del packed[f"{module}.{part}"]
+    quantized = {k.rpartition(".")[0] for k in packed}
+    if not quantized:
+        raise SqlabError("the work directory holds no quantized layers")
+    specs, tied = [], source.tied
+    for key in source.keys():
+        if key in tied:
+            continue
+        module, _, part = key.rpartition(".")
+        if module in quantized and part == "weight":
+            specs += [files.TensorSpec(f"{module}.{p}", packed[f"{module}.{p}"].dtype(
+                f"{module}.{p}"), packed[f"{module}.{p}"].shape(f"{module}.{p}"))
+                for p in PACKED if f"{module}.{p}" in packed]
+            continue
+        kind = storage if source.is_floating(key) else source.stored_dtype(key)
+        specs.append(files.TensorSpec(key, kind, source.shape(key)))
+    guard = files.TensorSpec(f"{min(quantized)}.weight", torch.uint8, (0,))
+
+    def pieces(spec: files.TensorSpec):
+        if spec == guard:
+            yield torch.zeros(0, dtype=torch.uint8)
+        elif spec.name in packed:
+            yield packed[spec.name].get(spec.name)
+        else:
+            for part in source.row_chunks(spec.name):
+                yield part.to(spec.dtype)
+
+    with _writing(out, overwrite) as tmp:
+        files.write_safetensors(tmp / WEIGHTS, [*specs, guard], pieces, _weights_metadata(tied))
+        wbits = sorted({PACKED_WBITS[packed[k].shape(k)[1]] for k in packed
+                        if k.endswith(".lookup_table")})
+        _write_beside(tmp, source.config, wbits[0] if len(wbits) == 1 else wbits, source.dtype,
+                      quant_config, tokenizer, report, dtype)
     return Path(out)
 
 

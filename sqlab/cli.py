@@ -1,4 +1,4 @@
-"""The ``sqlab`` command: fetch, eval, bench, quantize, export, import, sweep, report, demo.
+"""The ``sqlab`` command: fetch, eval, bench, quantize, export, import, sweep, plan, report, demo.
 
 Every subcommand is a thin wrapper over the public API; bad input ends in one
 ``sqlab: error: ...`` line and exit status 2, never a traceback.
@@ -7,6 +7,7 @@ Every subcommand is a thin wrapper over the public API; bad input ends in one
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import shutil
 import sys
@@ -153,9 +154,14 @@ def cmd_quantize(args) -> int:
 
 
 def _quantize_into(args, config, out: Path, work: Path | None):
-    from . import checkpoint, models
+    from . import checkpoint, models, streaming
     from .experiments import quantize
 
+    if config.method == "squeezellm" and not args.in_memory:
+        try:
+            return _quantize_streamed(args, config, out, work)
+        except streaming.Unstreamable as exc:
+            log.debug("loading the whole model: %s", exc)
     tokenizer = models.load_tokenizer(args.model)
     model = models.load_model(args.model)
     report = quantize(model, tokenizer, config, work_dir=work)
@@ -167,6 +173,50 @@ def _quantize_into(args, config, out: Path, work: Path | None):
     else:
         checkpoint.save_simulated(model, out, meta, tokenizer, overwrite=args.overwrite,
                                   report=report.as_dict())
+    return report
+
+
+def _quantize_streamed(args, config, out: Path, work: Path):
+    """SqueezeLLM streamed block by block from the model's safetensors shards (sqlab.streaming):
+    the model is never in memory whole; the Fisher, if not cached yet, is computed first on the
+    loaded model, which is freed before quantizing."""
+    import gc
+
+    from . import checkpoint, models, plan, streaming
+    from .memory import release_freed_tensors
+    from .sensitivity import compute_fisher, fisher_cache_path
+
+    source = streaming.ShardedModel(args.model)  # Unstreamable: the caller loads the model
+    release_freed_tensors()  # so the resident memory follows the tensors alive
+    models.check_seqlen(source.meta, config.seqlen)
+    digest = source.fingerprint()
+    fisher = None
+    if config.needs_fisher:
+        path = fisher_cache_path(digest, config.calib, config.nsamples, config.seqlen, config.seed)
+        shapes = {n: s for _, block in source.blocks() for n, s in block.items()}
+        try:
+            fisher = streaming.fisher_file(path, shapes) if path.exists() else None
+        except SqlabError as exc:  # a damaged cache entry is computed again, not trusted
+            log.warning("%s; computing the Fisher information again", exc)
+        if fisher is None:  # with the strategy sqlab plan chooses on this machine
+            strategy, placement = plan.fisher_setup(args.model, config.seqlen, config.nsamples)
+            log.info("Fisher: %s", strategy)
+            model = models.load_model(args.model, **placement)
+            compute_fisher(model, models.load_tokenizer(args.model), config.calib,
+                           config.nsamples, config.seqlen, config.seed, strategy=strategy)
+            del model
+            gc.collect()
+            fisher = streaming.fisher_file(path, shapes)
+    device = streaming.kmeans_device(config)
+    log.info("quantizing %s block by block from its weight files (k-means: %s on %s)",
+             args.model, config.kmeans, device)
+    report, blocks = streaming.quantize_streamed(source, config, fisher, work, fingerprint=digest,
+                                                 device=device)
+    meta = {**config.relevant(), "label": config.label(), "outlier_range": report.outlier_range,
+            "bits_per_weight": report.bits_per_weight, "base_model": args.model}
+    tokenizer = models.load_tokenizer(args.model)  # only now: it holds ~100 MB for its files
+    checkpoint.save_streamed(source, blocks, out, meta, tokenizer, overwrite=args.overwrite,
+                             report=report.as_dict(), dtype=args.dtype)
     return report
 
 
@@ -217,7 +267,7 @@ def _names(text: str) -> list[str]:
 
 
 def cmd_sweep(args) -> int:
-    from . import experiments
+    from . import data, experiments
 
     common = _common(args)
     if args.preset == "paper":
@@ -234,8 +284,15 @@ def cmd_sweep(args) -> int:
                                           include_path=args.include_path)
     if args.tasks and not args.verbose:
         logging.getLogger("lm_eval").setLevel(logging.ERROR)
-    sweeper = experiments.Sweeper(args.model, evaluation)
-    frame = sweeper.run(configs)
+    if args.ray is not None:
+        from .cluster import run_on_ray
+
+        for name in evaluation.datasets:  # bad names fail here, not on every worker
+            data.parse_corpus(name)
+        frame = run_on_ray(args.model, configs, evaluation, address=args.ray or None,
+                           workers=args.workers)
+    else:
+        frame = experiments.Sweeper(args.model, evaluation).run(configs)
     table = experiments.tidy(frame)
     out = Path(args.out)
     files.write_text(out / "results.csv", table.to_csv(index=False))
@@ -243,6 +300,32 @@ def cmd_sweep(args) -> int:
     print(experiments.render(frame))
     print(f"written to {out / 'results.csv'} and {out / 'results.json'}")
     return 0
+
+
+def cmd_plan(args) -> int:
+    from . import plan
+
+    if args.json not in (None, "-"):
+        files.writable_file(args.json, "--json")
+    found = plan.plan(args.model, gpus=args.gpus, gpu_mem_gb=args.gpu_mem, cpu_mem_gb=args.cpu_mem,
+                      seqlen=args.seqlen, nsamples=args.nsamples, wbits=args.wbits)
+    if args.json == "-":
+        print(json.dumps(found.as_dict(), indent=1))
+        return 0
+    print(plan.render(found))
+    if args.json:
+        files.write_json(args.json, found.as_dict())
+    return 0
+
+
+def _gigabytes(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number of GB, got {text!r}")
+    return value
 
 
 def cmd_report(args) -> int:
@@ -345,6 +428,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="checkpoint directory to write (new, or empty)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace the checkpoint in --out (files sqlab did not write are kept)")
+    p.add_argument("--in-memory", action="store_true", help="SqueezeLLM: load the whole model "
+                   "instead of streaming a local model directory block by block (same result)")
     _add_dtype_arg(p)
     p.set_defaults(run=cmd_quantize)
 
@@ -382,8 +467,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-windows", type=_positive, default=32, help="evaluation windows per dataset (default 32)")
     _add_task_args(p, "whose accuracy goes beside perplexity")
     _add_calib_args(p)
+    p.add_argument("--ray", nargs="?", const="", metavar="ADDRESS", help="run the points on a Ray "
+                   "cluster (the ray extra): at ADDRESS, or a local one without it")
+    p.add_argument("--workers", type=_positive, default=2, help="Ray workers, each with the model "
+                   "loaded once (default 2)")
     p.add_argument("--out", required=True, help="directory for results.csv and results.json")
     p.set_defaults(run=cmd_sweep)
+
+    p = sub.add_parser("plan", help="memory per stage and the strategy for a model, from its "
+                       "config alone (no weights loaded)")
+    p.add_argument("--model", default="default", help="a model or checkpoint directory, a "
+                   "config.json, a .gguf file, default, or a hub id")
+    p.add_argument("--gpus", type=int, default=0, help="GPUs to plan for (default 0: the CPU)")
+    p.add_argument("--gpu-mem", type=_gigabytes, help="memory of each GPU in GB, e.g. 80")
+    p.add_argument("--cpu-mem", type=_gigabytes, help="host memory in GB (default: this machine's)")
+    p.add_argument("--seqlen", type=_positive, help="calibration window (default 2048 with GPUs, "
+                   "512 without)")
+    p.add_argument("--nsamples", type=_positive, help="calibration windows (default 100 with "
+                   "GPUs, 16 without)")
+    p.add_argument("--wbits", type=int, choices=(3, 4), default=3)
+    p.add_argument("--json", nargs="?", const="-", metavar="FILE",
+                   help="the plan as JSON: on stdout, or into FILE")
+    p.set_defaults(run=cmd_plan)
 
     p = sub.add_parser("report", help="the paper's figures and tables on the default model, as one HTML file")
     p.add_argument("--out", required=True, help="directory for report.html and report.json")

@@ -14,18 +14,19 @@ import contextlib
 import fcntl
 import hashlib
 import json
+import math
 import os
 import shlex
 import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from .errors import SqlabError
 
@@ -98,41 +99,139 @@ def digest(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = N
     return sha.hexdigest()
 
 
-def _sort_metadata(path: Path) -> None:
-    """Rewrite a safetensors header with its metadata keys sorted, in place.
+# safetensors' names of torch dtypes, in the order of its Dtype enum: its writer lays tensors out
+# by that rank, highest first, then by name
+SAFETENSORS_DTYPES = {
+    torch.bool: "BOOL", torch.uint8: "U8", torch.int8: "I8", torch.float8_e5m2: "F8_E5M2",
+    torch.float8_e4m3fn: "F8_E4M3", torch.int16: "I16", torch.uint16: "U16", torch.float16: "F16",
+    torch.bfloat16: "BF16", torch.int32: "I32", torch.uint32: "U32", torch.float32: "F32",
+    torch.float64: "F64", torch.int64: "I64", torch.uint64: "U64",
+}
+_RANK = {dtype: rank for rank, dtype in enumerate(SAFETENSORS_DTYPES)}
 
-    safetensors writes metadata in hash order, which differs between processes; the
-    same keys in sorted order (the same JSON, so the same length) make the file
-    byte-reproducible.
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """A tensor of a safetensors file to be written: its name, dtype and shape."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * torch.empty(0, dtype=self.dtype).element_size()
+
+
+def write_safetensors(path: str | Path, specs: Iterable[TensorSpec],
+                      pieces: Callable[[TensorSpec], Iterable[torch.Tensor]],
+                      metadata: dict[str, str] | None = None) -> Path:
+    """A safetensors file written one tensor, or one piece of a tensor, at a time; atomic.
+
+    The header comes from ``specs`` alone; then ``pieces(spec)`` yields each tensor's
+    content as tensors of its dtype whose bytes, in order, make up the tensor in
+    row-major order (the whole tensor, or slices of rows). Only one piece is held at
+    a time, so a file larger than memory can be written. The bytes are those of
+    ``safetensors.torch.save_file`` (same layout, same header) with the metadata keys
+    sorted, so the same tensors always give the same file.
     """
-    with open(path, "r+b") as f:
-        size = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(size))
-        header["__metadata__"] = dict(sorted(header.get("__metadata__", {}).items()))
-        text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
-        if len(text) > size:
-            raise RuntimeError(f"re-encoding the header of {path} grew it from {size} to "
-                               f"{len(text)} bytes")
-        f.seek(8)
-        f.write(text.ljust(size, b" "))
+    specs = sorted(specs, key=lambda s: (-_RANK[s.dtype], s.name))
+    header: dict = {"__metadata__": dict(sorted(metadata.items()))} if metadata else {}
+    offset = 0
+    for spec in specs:
+        header[spec.name] = {"dtype": SAFETENSORS_DTYPES[spec.dtype], "shape": list(spec.shape),
+                             "data_offsets": [offset, offset + spec.nbytes]}
+        offset += spec.nbytes
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-len(text) % 8)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(len(text).to_bytes(8, "little"))
+        f.write(text)
+        for spec in specs:
+            written = 0
+            for piece in pieces(spec):
+                if piece.dtype != spec.dtype:
+                    raise ValueError(f"{spec.name}: a piece of dtype {piece.dtype}, expected "
+                                     f"{spec.dtype}")
+                data = piece.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+                f.write(data.data)
+                written += data.nbytes
+            if written != spec.nbytes:
+                raise ValueError(f"{spec.name}: {written} bytes written, its shape "
+                                 f"{spec.shape} needs {spec.nbytes}")
+    return Path(path)
 
 
 def save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path,
                      metadata: dict[str, str] | None = None, *, checksum: bool = False) -> Path:
-    """``safetensors.torch.save_file``, atomic and byte-reproducible.
+    """``safetensors.torch.save_file``, atomic and byte-reproducible (``write_safetensors``).
 
     ``checksum`` stores the SHA-256 of the tensors and the metadata in the
     metadata, which ``load_safetensors(..., verify=True)`` checks.
     """
     metadata = dict(metadata or {})
-    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    tensors = {k: v.detach() for k, v in tensors.items()}
     if checksum:
         metadata[CHECKSUM] = digest(tensors, metadata)
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=metadata or None)
-        if len(metadata) > 1:
-            _sort_metadata(tmp)
-    return Path(path)
+    specs = [TensorSpec(k, v.dtype, tuple(v.shape)) for k, v in tensors.items()]
+    return write_safetensors(path, specs, lambda spec: [tensors[spec.name]], metadata)
+
+
+class SafetensorsReader:
+    """One safetensors file read a tensor, or some rows of one, at a time, without mapping it.
+
+    ``safe_open`` maps the whole file, and every page it reads stays in the process's
+    resident memory while the file is open; reading with ``readinto`` into a fresh
+    tensor keeps only what the caller holds. ``SqlabError`` for an unreadable file.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        names = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+        try:
+            with open(self.path, "rb") as f:
+                size = int.from_bytes(f.read(8), "little")
+                header = json.loads(f.read(size))
+            self.metadata = header.pop("__metadata__", None) or {}
+            self.entries = {k: (names[v["dtype"]], tuple(v["shape"]),
+                                8 + size + v["data_offsets"][0]) for k, v in header.items()}
+            end = 8 + size + max((v["data_offsets"][1] for v in header.values()), default=0)
+            if self.path.stat().st_size < end:
+                raise ValueError(f"it ends at byte {self.path.stat().st_size}, its header says "
+                                 f"{end}")
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise SqlabError(f"cannot read {str(self.path)!r}: missing, truncated or not a "
+                             f"safetensors file ({type(exc).__name__}: {exc})") from exc
+
+    def keys(self):
+        return self.entries.keys()
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.entries
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.entries[name][1]
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self.entries[name][0]
+
+    def get(self, name: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """Tensor ``name``, or its rows ``start:stop`` (along the first dimension)."""
+        dtype, shape, offset = self.entries[name]
+        rows = shape[0] if shape else 1
+        stop = rows if stop is None else min(stop, rows)
+        row = math.prod(shape[1:]) * torch.empty(0, dtype=dtype).element_size()
+        out = torch.empty((stop - start, *shape[1:]) if shape else (), dtype=dtype)
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(offset + start * row)
+                view = out.reshape(-1).view(torch.uint8).numpy()
+                if f.readinto(memoryview(view)) != view.nbytes:
+                    raise OSError("the file ends early")
+        except OSError as exc:
+            raise SqlabError(f"cannot read {name} from {str(self.path)!r}: "
+                             f"{_why(exc) if exc.strerror else exc}") from exc
+        return out
 
 
 def load_safetensors(path: str | Path, *,

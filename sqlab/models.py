@@ -211,17 +211,25 @@ def _from_hub(loader, source: ModelSource, **kwargs):
 
 
 def load_model(spec: str, device: torch.device | str | None = None,
-               dtype: torch.dtype | None = None) -> nn.Module:
-    """Load a causal LM in eval mode: fp32 on the CPU, fp16 on a GPU by default."""
+               dtype: torch.dtype | None = None, *, device_map: dict | str | None = None,
+               max_memory: dict | None = None) -> nn.Module:
+    """Load a causal LM in eval mode: fp32 on the CPU, fp16 on a GPU by default.
+
+    ``device_map`` (and ``max_memory``) spread the model over several devices through
+    ``accelerate``, as ``from_pretrained`` takes them (``sqlab.plan`` chooses one).
+    """
     from transformers import AutoModelForCausalLM
 
     source = resolve(spec)
     device = torch.device(device) if device is not None else default_device()
     dtype = dtype or default_dtype(device)
-    model = _from_hub(AutoModelForCausalLM.from_pretrained, source, dtype=dtype)
+    placed = {} if device_map is None else {"device_map": device_map, "max_memory": max_memory}
+    model = _from_hub(AutoModelForCausalLM.from_pretrained, source, dtype=dtype, **placed)
     if getattr(model.config, "quantization_config", None) is not None and source.gguf_file:
         del model.config.quantization_config
-    model.to(device).eval()
+    if device_map is None:
+        model.to(device)
+    model.eval()
     model.sqlab_spec = source.spec
     return model
 

@@ -68,10 +68,15 @@ class OutlierProfile:
 
     def __init__(self, weights: dict[str, Tensor], *, seed: int = 0):
         gen = torch.Generator().manual_seed(seed)
-        self.weights = weights
+        self.weights = weights  # read again only for exact counts (a lazy mapping works)
         self.matrices: dict[str, _MatrixProfile] = {}
-        for name, w in weights.items():
+        self.total = 0
+        # every matrix's sorted |w| side by side (padded with +inf), so the share at any r is
+        # one batched searchsorted; each matrix's row is written in place (one copy in memory)
+        self._sorted = torch.full((len(weights), SAMPLE), float("inf"))
+        for row, (name, w) in enumerate(weights.items()):
             flat = w.detach().reshape(-1).float().cpu()
+            self.total += flat.numel()
             if not torch.isfinite(flat).all():
                 raise SqlabError(f"weights of {name} contain NaN or Inf")
             q1, q3 = quartiles(flat)
@@ -79,15 +84,16 @@ class OutlierProfile:
             if flat.numel() > SAMPLE:
                 scale = flat.numel() / SAMPLE
                 flat = flat[torch.randint(flat.numel(), (SAMPLE,), generator=gen)]
-            self.matrices[name] = _MatrixProfile(q1, q3, flat.abs().sort().values, scale)
-        self.total = sum(w.numel() for w in weights.values())
-        # every matrix's sorted |w| side by side (padded with +inf), so the share at any r is
-        # one batched searchsorted
+            n = flat.numel()
+            torch.sort(flat.abs(), out=(self._sorted[row, :n], torch.empty(n, dtype=torch.long)))
+            self.matrices[name] = _MatrixProfile(q1, q3, self._sorted[row, :n], scale)
+            del flat, w
         profiles = list(self.matrices.values())
         width = max((m.sorted_abs.numel() for m in profiles), default=0)
-        self._sorted = torch.full((len(profiles), width), float("inf"))
-        for row, m in enumerate(profiles):
-            self._sorted[row, : m.sorted_abs.numel()] = m.sorted_abs
+        if width < SAMPLE:  # small matrices only: a narrower table
+            self._sorted = self._sorted[:, :width].contiguous()
+            for row, m in enumerate(profiles):
+                m.sorted_abs = self._sorted[row, : m.sorted_abs.numel()]
         self._q = torch.tensor([[m.q1, m.q3] for m in profiles], dtype=torch.float64).reshape(-1, 2)
         self._length = torch.tensor([m.sorted_abs.numel() for m in profiles], dtype=torch.float64)
         self._scale = torch.tensor([m.scale for m in profiles], dtype=torch.float64)

@@ -172,6 +172,21 @@ def quantize_group(weights: dict[str, Tensor], fishers: dict[str, Tensor | None]
     return result
 
 
+def quantize_block(weights: dict[str, Tensor], fisher, config: QuantConfig,
+                   thresholds: dict[str, float]) -> dict[str, QuantizedWeight]:
+    """One decoder block's matrices (``{name: (out_features, in_features)}``), each group of equal
+    ``in_features`` in one batched k-means; ``fisher`` maps names to Fisher values (or is None)."""
+    done: dict[str, QuantizedWeight] = {}
+    by_width: dict[int, list[str]] = {}
+    for name, w in weights.items():
+        by_width.setdefault(w.shape[1], []).append(name)
+    for names in by_width.values():
+        done.update(quantize_group({n: weights[n] for n in names},
+                                   {n: fisher[n] if fisher is not None else None for n in names},
+                                   config, {n: thresholds.get(n) for n in names}))
+    return done
+
+
 def layer_stats(name: str, weight: Tensor, fisher: Tensor | None, q: QuantizedWeight, w_hat: Tensor) -> LayerStats:
     """Errors of one matrix against its reconstruction ``w_hat``, and its storage."""
     diff2 = (weight.float() - w_hat.float()) ** 2
@@ -312,14 +327,8 @@ def quantize_model(model: nn.Module, config: SqueezeLLMConfig, fisher: dict[str,
         members = {f"{prefix}.{n}": m for n, m in block_linears(model, block).items()}
         done = store.load(index) if store is not None else None
         if done is None:
-            done = {}
-            by_width: dict[int, list[str]] = {}
-            for name, m in members.items():
-                by_width.setdefault(m.in_features, []).append(name)
-            for names in by_width.values():
-                done.update(quantize_group({n: members[n].weight.detach() for n in names},
-                                           {n: fisher[n] if fisher is not None else None for n in names},
-                                           config, {n: thresholds.get(n) for n in names}))
+            done = quantize_block({n: m.weight.detach() for n, m in members.items()}, fisher,
+                                  config, thresholds)
             if store is not None:
                 store.save(index, done)
         for name, linear in members.items():

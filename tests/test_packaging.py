@@ -32,7 +32,7 @@ def test_environment_yml_matches_pyproject():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     extras = project["optional-dependencies"]
     wanted = {_name(r): r for r in project["dependencies"] + extras["dev"] + extras["notebooks"]
-              + extras["eval"]}
+              + extras["eval"] + extras["ray"]}
     gpu = {_name(r): r for r in extras["gpu"]}
     active, commented = _env_requirements()
     assert active == wanted, "environment.yml and pyproject.toml list different packages or versions"
@@ -50,6 +50,7 @@ def test_required_dependencies_declared():
     assert {"jupyterlab", "ipywidgets", "plotly", "nbclient"} <= {_name(r) for r in extras["notebooks"]}
     assert any(_name(r).startswith("cupy") for r in extras["gpu"])
     assert "lm-eval" in {_name(r) for r in extras["eval"]}
+    assert "ray" in {_name(r) for r in extras["ray"]}
     assert project["scripts"]["sqlab"] == "sqlab.cli:main"
 
 
@@ -70,8 +71,8 @@ def test_make_targets_install_and_fetch():
         assert target in makefile
     assert "torch==2.13.0" in makefile and "nvidia-smi" in makefile
     assert "sqlab fetch" in makefile
-    # CI (make test) installs what the lm-eval tests need
-    assert re.search(r'pip install .*-e "\.\[dev,notebooks,eval\]"', makefile)
+    # CI (make test) installs what the lm-eval and Ray tests need
+    assert re.search(r'pip install .*-e "\.\[dev,notebooks,eval,ray\]"', makefile)
     assert re.search(r"^test: setup.*\n\t.*pytest", makefile, flags=re.M)
     assert re.search(r"^browser:\n.*apt-get install -y -qq chromium", makefile, flags=re.M)
     assert re.search(r"^demo: setup\n\t.*sqlab demo", makefile, flags=re.M)
@@ -88,6 +89,7 @@ def test_importing_sqlab_does_not_need_cupy_or_notebook_packages():
     import sys
 
     code = ("import sys; import sqlab; "
-            "bad = [m for m in ('cupy', 'plotly', 'ipywidgets', 'jupyterlab') if m in sys.modules]; "
+            "bad = [m for m in ('cupy', 'plotly', 'ipywidgets', 'jupyterlab', 'ray') "
+            "if m in sys.modules]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
