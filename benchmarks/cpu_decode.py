@@ -66,7 +66,9 @@ def child(spec: str, tokens: int, repeat: int) -> dict:
     model = sqlab.load(spec, device="cpu")
     tokenizer = sqlab.load_tokenizer(spec)
     loaded_rss = _rss_mb()
-    bench = sqlab.generation_benchmark(model, tokenizer, new_tokens=tokens, repeats=repeat, graph=False)
+    bench = sqlab.generation_benchmark(
+        model, tokenizer, new_tokens=tokens, repeats=repeat, graph=False
+    )
     return {**bench.as_dict(), "loaded_rss_mb": loaded_rss}
 
 
@@ -85,8 +87,20 @@ def decode(args) -> dict:
     specs = {"fp32": "default", **{label: str(checkpoint(label)) for label in VARIANTS}}
     results = {}
     for label, spec in specs.items():
-        done = subprocess.run([sys.executable, __file__, "--child", spec, "--tokens", str(args.tokens), "--repeat",
-                               str(args.repeat)], capture_output=True, text=True)
+        done = subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                "--child",
+                spec,
+                "--tokens",
+                str(args.tokens),
+                "--repeat",
+                str(args.repeat),
+            ],
+            capture_output=True,
+            text=True,
+        )
         if done.returncode:
             raise SystemExit(f"decoding {label} failed:\n{done.stderr[-3000:]}")
         results[label] = json.loads(done.stdout.strip().splitlines()[-1])
@@ -108,7 +122,9 @@ def decode(args) -> dict:
 
 def _shapes(text: str) -> list[tuple[int, int]]:
     try:
-        shapes = [tuple(int(v) for v in item.split("x")) for item in text.split(",") if item.strip()]
+        shapes = [
+            tuple(int(v) for v in item.split("x")) for item in text.split(",") if item.strip()
+        ]
     except ValueError:
         shapes = []
     if not shapes or any(len(s) != 2 or min(s) < 1 for s in shapes):
@@ -118,11 +134,17 @@ def _shapes(text: str) -> list[tuple[int, int]]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--repeat", type=int, default=7, help="timed rounds / decoding runs (median)")
+    parser.add_argument(
+        "--repeat", type=int, default=7, help="timed rounds / decoding runs (median)"
+    )
     parser.add_argument("--tokens", type=int, default=32, help="tokens decoded per run")
-    parser.add_argument("--shapes", type=_shapes, default=SHAPES, help="GEMV shapes, e.g. 4096x11008,576x1536")
+    parser.add_argument(
+        "--shapes", type=_shapes, default=SHAPES, help="GEMV shapes, e.g. 4096x11008,576x1536"
+    )
     parser.add_argument("--skip-decode", action="store_true", help="only the GEMV table")
-    parser.add_argument("--json", type=Path, help="write the results here (e.g. out/cpu_decode.json)")
+    parser.add_argument(
+        "--json", type=Path, help="write the results here (e.g. out/cpu_decode.json)"
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.repeat < 1 or args.tokens < 2:
@@ -135,15 +157,21 @@ def main() -> int:
 
     reason = cpu_kernels.unavailable_reason()
     if reason:
-        print(f"benchmarks/cpu_decode.py: the CPU kernel is unavailable: {reason}. Nothing was measured.",
-              file=sys.stderr)
+        print(
+            f"benchmarks/cpu_decode.py: the CPU kernel is unavailable: {reason}. Nothing was measured.",
+            file=sys.stderr,
+        )
         return 2
     bandwidth = evaluate.memory_bandwidth("cpu")
     llc = evaluate.last_level_cache_bytes()
     vectorized = "AVX-512 VBMI" if cpu_kernels.library().sq_vectorized() else "portable C++"
-    print(f"CPU: {torch.get_num_threads()} threads, last-level cache {llc / 2**20:.0f} MiB, copy bandwidth "
-          f"{bandwidth:.1f} GB/s; sqlab kernel: {vectorized}")
-    print(f"GEMV at batch 1, weights cycled past the cache; median of {args.repeat} rounds (min-max)")
+    print(
+        f"CPU: {torch.get_num_threads()} threads, last-level cache {llc / 2**20:.0f} MiB, copy bandwidth "
+        f"{bandwidth:.1f} GB/s; sqlab kernel: {vectorized}"
+    )
+    print(
+        f"GEMV at batch 1, weights cycled past the cache; median of {args.repeat} rounds (min-max)"
+    )
     rows = evaluate.gemv_timings(args.shapes, repeats=args.repeat)
     header = f"{'shape (out x in)':<16} {'format':<7} {'µs':>9} {'spread':>19} {'GB/s':>6} {'vs fp32':>8} {'vs bf16':>8}"
     print(header)
@@ -153,27 +181,43 @@ def main() -> int:
         for fmt, r in part.items():
             r["speedup_vs_fp32"] = part["fp32"]["us_median"] / r["us_median"]
             r["speedup_vs_bf16"] = part["bf16"]["us_median"] / r["us_median"]
-            print(f"{f'{shape[0]}x{shape[1]}':<16} {fmt:<7} {r['us_median']:>9.0f} {r['us_min']:>9.0f}-{r['us_max']:<9.0f}"
-                  f" {r['gbs']:>6.1f} {r['speedup_vs_fp32']:>7.2f}x {r['speedup_vs_bf16']:>7.2f}x")
-    result = {"gemv": rows, "copy_gbs": bandwidth, "llc_mb": llc / 2**20, "threads": torch.get_num_threads(),
-              "kernel": vectorized, "torch": torch.__version__}
+            print(
+                f"{f'{shape[0]}x{shape[1]}':<16} {fmt:<7} {r['us_median']:>9.0f} {r['us_min']:>9.0f}-{r['us_max']:<9.0f}"
+                f" {r['gbs']:>6.1f} {r['speedup_vs_fp32']:>7.2f}x {r['speedup_vs_bf16']:>7.2f}x"
+            )
+    result = {
+        "gemv": rows,
+        "copy_gbs": bandwidth,
+        "llc_mb": llc / 2**20,
+        "threads": torch.get_num_threads(),
+        "kernel": vectorized,
+        "torch": torch.__version__,
+    }
     if not args.skip_decode:
         d = result["decode"] = decode(args)
-        print(f"\nDecoding the default model, batch 1, {args.tokens} tokens after a short prompt; median of "
-              f"{args.repeat} runs (min-max); each variant in its own process")
-        header = (f"{'model':<7} {'tokens/s':>9} {'ms/token':>9} {'spread':>15} {'speed-up':>9} {'linears MB':>11} "
-                  f"{'vs fp32':>8} {'RSS MB':>7} {'peak MB':>8}")
+        print(
+            f"\nDecoding the default model, batch 1, {args.tokens} tokens after a short prompt; median of "
+            f"{args.repeat} runs (min-max); each variant in its own process"
+        )
+        header = (
+            f"{'model':<7} {'tokens/s':>9} {'ms/token':>9} {'spread':>15} {'speed-up':>9} {'linears MB':>11} "
+            f"{'vs fp32':>8} {'RSS MB':>7} {'peak MB':>8}"
+        )
         print(header)
         print("-" * len(header))
         for label in ("fp32", *VARIANTS):
             low, high = d[f"{label}_ms_spread"]
             ratio = d[f"{label}_weights_mb"] / d["fp32_weights_mb"]
-            print(f"{label:<7} {d[f'{label}_tokens_per_s']:>9.1f} {d[f'{label}_ms_per_token']:>9.1f} "
-                  f"{low:>7.1f}-{high:<7.1f} {d['fp32_ms_per_token'] / d[f'{label}_ms_per_token']:>8.2f}x "
-                  f"{d[f'{label}_weights_mb']:>11.1f} {ratio:>8.3f} {d[f'{label}_loaded_rss_mb']:>7.0f} "
-                  f"{d[f'{label}_peak_rss_mb']:>8.0f}")
-        print("linears MB: the decoder linears as decoding holds them (packed indices, LUTs, sparse part and the "
-              "kernel's fp32 tables); RSS: the process after loading; peak: its peak RSS while decoding")
+            print(
+                f"{label:<7} {d[f'{label}_tokens_per_s']:>9.1f} {d[f'{label}_ms_per_token']:>9.1f} "
+                f"{low:>7.1f}-{high:<7.1f} {d['fp32_ms_per_token'] / d[f'{label}_ms_per_token']:>8.2f}x "
+                f"{d[f'{label}_weights_mb']:>11.1f} {ratio:>8.3f} {d[f'{label}_loaded_rss_mb']:>7.0f} "
+                f"{d[f'{label}_peak_rss_mb']:>8.0f}"
+            )
+        print(
+            "linears MB: the decoder linears as decoding holds them (packed indices, LUTs, sparse part and the "
+            "kernel's fp32 tables); RSS: the process after loading; peak: its peak RSS while decoding"
+        )
     if args.json:
         files.write_json(args.json, result)
         print(f"wrote {args.json}")

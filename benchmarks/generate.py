@@ -37,17 +37,34 @@ from torch import nn
 from sqlab.evaluate import graph_decoding, cuda_graph_ms
 
 DENSITY = 0.0045
-LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
-           "mlp.up_proj", "mlp.down_proj")
+LINEARS = (
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+)
 
 
 def build_fp16(layers: int):
     """A LLaMA-7B-shaped model with random fp16 weights, allocated on the GPU."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=layers,
-                         num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=2048,
-                         bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
+    config = LlamaConfig(
+        vocab_size=32000,
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=layers,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        max_position_embeddings=2048,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        tie_word_embeddings=False,
+    )
     previous = torch.get_default_dtype()
     torch.set_default_dtype(torch.float16)
     try:
@@ -59,8 +76,11 @@ def build_fp16(layers: int):
 
 
 def decoder_linears(model) -> dict[str, nn.Module]:
-    return {f"model.layers.{i}.{name}": model.get_submodule(f"model.layers.{i}.{name}")
-            for i in range(model.config.num_hidden_layers) for name in LINEARS}
+    return {
+        f"model.layers.{i}.{name}": model.get_submodule(f"model.layers.{i}.{name}")
+        for i in range(model.config.num_hidden_layers)
+        for name in LINEARS
+    }
 
 
 def random_squeeze_linear(in_features: int, out_features: int, wbits: int, density: float):
@@ -70,14 +90,26 @@ def random_squeeze_linear(in_features: int, out_features: int, wbits: int, densi
 
     device = torch.device("cuda")
     nnz = round(density * in_features * out_features)
-    layer = SqueezeLinear(in_features, out_features, wbits, nnz, lut_dtype=torch.float16, vals_dtype=torch.float16,
-                          device=device)
-    layer.qweight.copy_(torch.randint(-2**31, 2**31 - 1, layer.qweight.shape, dtype=torch.int32, device=device))
+    layer = SqueezeLinear(
+        in_features,
+        out_features,
+        wbits,
+        nnz,
+        lut_dtype=torch.float16,
+        vals_dtype=torch.float16,
+        device=device,
+    )
+    layer.qweight.copy_(
+        torch.randint(-(2**31), 2**31 - 1, layer.qweight.shape, dtype=torch.int32, device=device)
+    )
     layer.lookup_table.copy_(torch.randn(out_features, 2**wbits, device=device) * 0.02)
     if nnz:
-        csr = to_csr(torch.randint(0, out_features, (nnz,), device=device),
-                     torch.randint(0, in_features, (nnz,), device=device),
-                     (torch.randn(nnz, device=device) * 0.05).half(), out_features)
+        csr = to_csr(
+            torch.randint(0, out_features, (nnz,), device=device),
+            torch.randint(0, in_features, (nnz,), device=device),
+            (torch.randn(nnz, device=device) * 0.05).half(),
+            out_features,
+        )
         layer.rows.copy_(csr.rows)
         layer.cols.copy_(csr.cols)
         layer.vals.copy_(csr.vals)
@@ -89,7 +121,10 @@ def quantize_randomly(model, wbits: int, density: float) -> None:
     for name in list(decoder_linears(model)):  # names only: no reference keeps an old layer alive
         parent, _, child = name.rpartition(".")
         owner = model.get_submodule(parent)
-        in_features, out_features = getattr(owner, child).in_features, getattr(owner, child).out_features
+        in_features, out_features = (
+            getattr(owner, child).in_features,
+            getattr(owner, child).out_features,
+        )
         setattr(owner, child, None)  # free the old weights before allocating the new ones
         setattr(owner, child, random_squeeze_linear(in_features, out_features, wbits, density))
     torch.cuda.empty_cache()
@@ -99,7 +134,9 @@ def linear_bytes(model) -> int:
     """Bytes of the decoder linears' weights as stored (packed: indices + LUT + CSR)."""
     total = 0
     for module in decoder_linears(model).values():
-        total += sum(t.numel() * t.element_size() for t in list(module.parameters()) + list(module.buffers()))
+        total += sum(
+            t.numel() * t.element_size() for t in list(module.parameters()) + list(module.buffers())
+        )
     return total
 
 
@@ -113,8 +150,15 @@ def all_bytes(model) -> int:
 
 
 def greedy(model, ids: torch.Tensor, n: int) -> torch.Tensor:
-    return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
-                          do_sample=False, use_cache=True, pad_token_id=0)
+    return model.generate(
+        ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=n,
+        min_new_tokens=n,
+        do_sample=False,
+        use_cache=True,
+        pad_token_id=0,
+    )
 
 
 def timed(fn) -> float:
@@ -141,20 +185,28 @@ def profile_step(model, label: str, path: Path) -> None:
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         greedy(model, ids, 9)  # the prompt and 8 decoded tokens
         torch.cuda.synchronize()
-    table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=25, max_name_column_width=70)
+    table = prof.key_averages().table(
+        sort_by="self_cuda_time_total", row_limit=25, max_name_column_width=70
+    )
     with path.open("a") as f:
-        f.write(f"== {label}: generate() of 9 tokens after a 16-token prompt (eager) ==\n{table}\n\n")
+        f.write(
+            f"== {label}: generate() of 9 tokens after a 16-token prompt (eager) ==\n{table}\n\n"
+        )
 
 
 @torch.inference_mode()
 def measure(model, label: str, args, fp16_linear_bytes: int) -> dict:
-    ids = torch.randint(3, 32000, (1, args.prompt), generator=torch.Generator().manual_seed(0)).cuda()
+    ids = torch.randint(
+        3, 32000, (1, args.prompt), generator=torch.Generator().manual_seed(0)
+    ).cuda()
     out = greedy(model, ids, 2)  # warm-up: kernels compiled, allocator and caches filled
     assert out.shape == (1, args.prompt + 2)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     t1 = statistics.median(timed(lambda: greedy(model, ids, 1)) for _ in range(args.repeat))
-    tn = statistics.median(timed(lambda: greedy(model, ids, args.tokens)) for _ in range(args.repeat))
+    tn = statistics.median(
+        timed(lambda: greedy(model, ids, args.tokens)) for _ in range(args.repeat)
+    )
     per_token = (tn - t1) / (args.tokens - 1)
     graph_ms, graph_spread, graph_note = graph_decoding(model, ids, args.tokens, args.repeat)
     if graph_ms is None:
@@ -167,25 +219,46 @@ def measure(model, label: str, args, fp16_linear_bytes: int) -> dict:
     weights = linear_bytes(model)
     if args.profile:
         profile_step(model, label, args.profile)
-    return dict(label=label, device=torch.cuda.get_device_name(), layers=model.config.num_hidden_layers,
-                prompt_tokens=args.prompt, new_tokens=args.tokens, prefill_ms=t1 * 1e3,
-                decode_ms_per_token=per_token * 1e3, tokens_per_s=1 / per_token,
-                graph_decode_ms_per_token=graph_ms, graph_decode_ms_spread=graph_spread,
-                graph_tokens_per_s=1e3 / graph_ms if graph_ms else None, linears_ms_per_token=lin,
-                weights_mb=all_bytes(model) / 2**20, linear_weights_mb=weights / 2**20,
-                linear_weights_vs_fp16=weights / fp16_linear_bytes,
-                peak_memory_mb=torch.cuda.max_memory_allocated() / 2**20)
+    return dict(
+        label=label,
+        device=torch.cuda.get_device_name(),
+        layers=model.config.num_hidden_layers,
+        prompt_tokens=args.prompt,
+        new_tokens=args.tokens,
+        prefill_ms=t1 * 1e3,
+        decode_ms_per_token=per_token * 1e3,
+        tokens_per_s=1 / per_token,
+        graph_decode_ms_per_token=graph_ms,
+        graph_decode_ms_spread=graph_spread,
+        graph_tokens_per_s=1e3 / graph_ms if graph_ms else None,
+        linears_ms_per_token=lin,
+        weights_mb=all_bytes(model) / 2**20,
+        linear_weights_mb=weights / 2**20,
+        linear_weights_vs_fp16=weights / fp16_linear_bytes,
+        peak_memory_mb=torch.cuda.max_memory_allocated() / 2**20,
+    )
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--layers", type=int, default=32, help="decoder layers (32 is LLaMA-7B; fewer for a quick run)")
+    parser.add_argument(
+        "--layers",
+        type=int,
+        default=32,
+        help="decoder layers (32 is LLaMA-7B; fewer for a quick run)",
+    )
     parser.add_argument("--tokens", type=int, default=128, help="new tokens per generation")
     parser.add_argument("--prompt", type=int, default=16, help="prompt tokens (random ids)")
-    parser.add_argument("--repeat", type=int, default=3, help="timed generations per length (median)")
+    parser.add_argument(
+        "--repeat", type=int, default=3, help="timed generations per length (median)"
+    )
     parser.add_argument("--json", type=Path, help="write the rows here (e.g. out/generate.json)")
-    parser.add_argument("--profile", type=Path, help="write each variant's torch-profiler table of a few eager "
-                        "decoding tokens here (kernels sorted by GPU time)")
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        help="write each variant's torch-profiler table of a few eager "
+        "decoding tokens here (kernels sorted by GPU time)",
+    )
     args = parser.parse_args()
     if args.profile:
         args.profile.write_text("")
@@ -198,36 +271,53 @@ def main() -> int:
         print(f"benchmarks/generate.py: {reason}. Nothing was measured.", file=sys.stderr)
         return 2
 
-    print(f"device: {torch.cuda.get_device_name()}; LLaMA-7B shapes, {args.layers} layers, random weights; "
-          f"batch 1, prompt {args.prompt} tokens, {args.tokens} new tokens (greedy), median of {args.repeat}")
+    print(
+        f"device: {torch.cuda.get_device_name()}; LLaMA-7B shapes, {args.layers} layers, random weights; "
+        f"batch 1, prompt {args.prompt} tokens, {args.tokens} new tokens (greedy), median of {args.repeat}"
+    )
     model = build_fp16(args.layers)
     fp16_bytes = linear_bytes(model)
     rows = [measure(model, "fp16", args, fp16_bytes)]
-    for label, wbits, density in (("4-bit", 4, 0.0), ("3-bit", 3, 0.0), ("3-bit + 0.45% sparse", 3, DENSITY)):
-        quantize_randomly(model, wbits, density)  # the previous variant's linears are freed as they go
+    for label, wbits, density in (
+        ("4-bit", 4, 0.0),
+        ("3-bit", 3, 0.0),
+        ("3-bit + 0.45% sparse", 3, DENSITY),
+    ):
+        quantize_randomly(
+            model, wbits, density
+        )  # the previous variant's linears are freed as they go
         gc.collect()
         rows.append(measure(model, label, args, fp16_bytes))
     base = rows[0]["decode_ms_per_token"]
     graph_base = rows[0]["graph_decode_ms_per_token"]
-    header = (f"{'variant':<22} {'tokens/s':>9} {'ms/token':>9} {'speed-up':>9} {'graph tok/s':>11} "
-              f"{'graph ms':>9} {'speed-up':>9} {'linears ms':>10} {'linear MB':>10} {'vs fp16':>8} "
-              f"{'weights MB':>10} {'peak MB':>9}")
+    header = (
+        f"{'variant':<22} {'tokens/s':>9} {'ms/token':>9} {'speed-up':>9} {'graph tok/s':>11} "
+        f"{'graph ms':>9} {'speed-up':>9} {'linears ms':>10} {'linear MB':>10} {'vs fp16':>8} "
+        f"{'weights MB':>10} {'peak MB':>9}"
+    )
     print(header)
     print("-" * len(header))
     for row in rows:
         row["speedup_vs_fp16"] = base / row["decode_ms_per_token"]
         graph = row["graph_decode_ms_per_token"]
         row["graph_speedup_vs_fp16"] = graph_base / graph if graph and graph_base else None
-        graph_cells = (f"{row['graph_tokens_per_s']:>11.1f} {graph:>9.2f} {row['graph_speedup_vs_fp16']:>8.2f}x"
-                       if row["graph_speedup_vs_fp16"] else f"{'-':>11} {'-':>9} {'-':>9}")
-        print(f"{row['label']:<22} {row['tokens_per_s']:>9.1f} {row['decode_ms_per_token']:>9.2f} "
-              f"{row['speedup_vs_fp16']:>8.2f}x {graph_cells} {row['linears_ms_per_token']:>10.2f} "
-              f"{row['linear_weights_mb']:>10.0f} {row['linear_weights_vs_fp16']:>8.3f} {row['weights_mb']:>10.0f} "
-              f"{row['peak_memory_mb']:>9.0f}")
-    print("ms/token: wall time per decoded token, eager generate() (host overhead included); graph: one captured "
-          "decoding step replayed per token (static KV cache); linears ms: GPU time of one token's decoder "
-          "linears in a CUDA graph; linear MB: decoder linear weights as stored (vs fp16 ~ bits/16 + LUT + CSR); "
-          "weights MB: the whole model incl. embeddings and lm_head; peak MB: torch's peak allocated memory")
+        graph_cells = (
+            f"{row['graph_tokens_per_s']:>11.1f} {graph:>9.2f} {row['graph_speedup_vs_fp16']:>8.2f}x"
+            if row["graph_speedup_vs_fp16"]
+            else f"{'-':>11} {'-':>9} {'-':>9}"
+        )
+        print(
+            f"{row['label']:<22} {row['tokens_per_s']:>9.1f} {row['decode_ms_per_token']:>9.2f} "
+            f"{row['speedup_vs_fp16']:>8.2f}x {graph_cells} {row['linears_ms_per_token']:>10.2f} "
+            f"{row['linear_weights_mb']:>10.0f} {row['linear_weights_vs_fp16']:>8.3f} {row['weights_mb']:>10.0f} "
+            f"{row['peak_memory_mb']:>9.0f}"
+        )
+    print(
+        "ms/token: wall time per decoded token, eager generate() (host overhead included); graph: one captured "
+        "decoding step replayed per token (static KV cache); linears ms: GPU time of one token's decoder "
+        "linears in a CUDA graph; linear MB: decoder linear weights as stored (vs fp16 ~ bits/16 + LUT + CSR); "
+        "weights MB: the whole model incl. embeddings and lm_head; peak MB: torch's peak allocated memory"
+    )
     if args.json:
         files.write_json(args.json, {"device": torch.cuda.get_device_name(), "rows": rows})
         print(f"wrote {args.json}")

@@ -30,7 +30,15 @@ import torch
 from sqlab import files
 
 from sqlab import SqueezeLinear, kernels
-from sqlab.kernels import DTYPES, MAX_GEMV_TOKENS, _check, _check_packed, _gemv_defines, _tokens_2d, gemv_plan
+from sqlab.kernels import (
+    DTYPES,
+    MAX_GEMV_TOKENS,
+    _check,
+    _check_packed,
+    _gemv_defines,
+    _tokens_2d,
+    gemv_plan,
+)
 from sqlab.packing import to_csr
 
 SHAPE = (4096, 4096)  # (out_features, in_features): LLaMA-7B's attention projections
@@ -100,22 +108,49 @@ def previous_lut_gemv(qweight, lut, x, wbits, in_features, csr=None, bias=None):
         _check(bias, "bias", dtypes=DTYPES, shape=(out_features,))
     y_shape = (tokens, out_features) if x.ndim == 2 else (out_features,)
     out = torch.empty(y_shape, dtype=x.dtype, device=x.device)
-    device = _previous_devices(qweight=qweight, lut=lut, x=x, out=out, bias=bias,
-                               **({"rows": csr.rows, "cols": csr.cols, "vals": csr.vals} if sparse else {}))
+    device = _previous_devices(
+        qweight=qweight,
+        lut=lut,
+        x=x,
+        out=out,
+        bias=bias,
+        **({"rows": csr.rows, "cols": csr.cols, "vals": csr.vals} if sparse else {}),
+    )
     plan = gemv_plan(in_features, out_features, wbits, tokens, x.dtype, sparse, 132)
     partial = counters = None
     if plan.splits > 1:
-        partial = torch.empty((plan.splits, tokens, out_features), dtype=torch.float32, device=device)
+        partial = torch.empty(
+            (plan.splits, tokens, out_features), dtype=torch.float32, device=device
+        )
         key = (device, 0)
         counters = _previous_counters.get(key)
         if counters is None or counters.numel() < plan.grid[0]:
-            counters = _previous_counters[key] = torch.zeros(max(plan.grid[0], 256), dtype=torch.int32,
-                                                             device=device)
+            counters = _previous_counters[key] = torch.zeros(
+                max(plan.grid[0], 256), dtype=torch.int32, device=device
+            )
     rows, cols, vals = (csr.rows, csr.cols, csr.vals) if sparse else (None, None, None)
-    _previous_function("lut_gemv.cu", f"lut_gemv_{tokens}", _gemv_defines(wbits, x.dtype, lut, csr, bias))
-    args = (qweight, lut, x2, rows, cols, vals, bias, partial, counters, out, in_features, out_features,
-            plan.groups_per_block)
-    tuple(0 if a is None else a.data_ptr() if isinstance(a, torch.Tensor) else numpy.int32(a) for a in args)
+    _previous_function(
+        "lut_gemv.cu", f"lut_gemv_{tokens}", _gemv_defines(wbits, x.dtype, lut, csr, bias)
+    )
+    args = (
+        qweight,
+        lut,
+        x2,
+        rows,
+        cols,
+        vals,
+        bias,
+        partial,
+        counters,
+        out,
+        in_features,
+        out_features,
+        plan.groups_per_block,
+    )
+    tuple(
+        0 if a is None else a.data_ptr() if isinstance(a, torch.Tensor) else numpy.int32(a)
+        for a in args
+    )
     return out
 
 
@@ -128,8 +163,15 @@ class PreviousLayer(SqueezeLinear):
         if x.dtype not in DTYPES:
             raise ValueError(x.dtype)
         x2 = x.reshape(-1, self.in_features).contiguous()
-        y = previous_lut_gemv(self.qweight, self.lookup_table, x2, self.wbits, self.in_features, csr=self.csr(),
-                              bias=self.bias)
+        y = previous_lut_gemv(
+            self.qweight,
+            self.lookup_table,
+            x2,
+            self.wbits,
+            self.in_features,
+            csr=self.csr(),
+            bias=self.bias,
+        )
         return y.reshape(*x.shape[:-1], self.out_features)
 
 
@@ -137,12 +179,17 @@ def make_layer(cls, density: float, device: torch.device) -> SqueezeLinear:
     out_features, in_features = SHAPE
     gen = torch.Generator().manual_seed(0)
     nnz = round(density * out_features * in_features)
-    layer = cls(in_features, out_features, 3, nnz, lut_dtype=torch.float16, vals_dtype=torch.float16)
+    layer = cls(
+        in_features, out_features, 3, nnz, lut_dtype=torch.float16, vals_dtype=torch.float16
+    )
     layer.lookup_table.copy_(torch.randn(out_features, 8, generator=gen))
     if nnz:
-        csr = to_csr(torch.randint(0, out_features, (nnz,), generator=gen),
-                     torch.randint(0, in_features, (nnz,), generator=gen),
-                     torch.randn(nnz, generator=gen).half(), out_features)
+        csr = to_csr(
+            torch.randint(0, out_features, (nnz,), generator=gen),
+            torch.randint(0, in_features, (nnz,), generator=gen),
+            torch.randn(nnz, generator=gen).half(),
+            out_features,
+        )
         layer.rows.copy_(csr.rows)
         layer.cols.copy_(csr.cols)
         layer.vals.copy_(csr.vals)
@@ -166,7 +213,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--calls", type=int, default=20000, help="calls per timed run")
     parser.add_argument("--repeat", type=int, default=7, help="timed runs (median)")
-    parser.add_argument("--json", type=Path, help="write the results here (e.g. out/host_overhead.json)")
+    parser.add_argument(
+        "--json", type=Path, help="write the results here (e.g. out/host_overhead.json)"
+    )
     args = parser.parse_args()
     if args.calls < 1 or args.repeat < 1:
         parser.error("--calls and --repeat must be >= 1")
@@ -175,27 +224,44 @@ def main() -> int:
     x = torch.randn(1, SHAPE[1], device=device).half()
     rows = {}
     with torch.inference_mode(), kernels.use_backend(stub):
-        for label, cls, density in (("dense", SqueezeLinear, 0.0), ("sparse", SqueezeLinear, DENSITY),
-                                    ("baseline", PreviousLayer, 0.0), ("baseline_sparse", PreviousLayer, DENSITY)):
+        for label, cls, density in (
+            ("dense", SqueezeLinear, 0.0),
+            ("sparse", SqueezeLinear, DENSITY),
+            ("baseline", PreviousLayer, 0.0),
+            ("baseline_sparse", PreviousLayer, DENSITY),
+        ):
             before = stub.launches
             rows[label] = per_call_us(make_layer(cls, density, device), x, args.calls, args.repeat)
             if cls is SqueezeLinear:
                 assert stub.launches > before, "the layer did not reach the (stubbed) launch"
-    print(f"Python time per SqueezeLinear call, launch stubbed: {SHAPE[0]}x{SHAPE[1]} 3-bit, 1 token fp16, "
-          f"tensors on {device}; median of {args.repeat} runs of {args.calls} calls (min-max)")
+    print(
+        f"Python time per SqueezeLinear call, launch stubbed: {SHAPE[0]}x{SHAPE[1]} 3-bit, 1 token fp16, "
+        f"tensors on {device}; median of {args.repeat} runs of {args.calls} calls (min-max)"
+    )
     print(f"{'path':<34} {'µs/call':>8} {'spread':>15} {'vs previous':>12}")
-    for label, what, base in (("dense", "prepared (dense-only)", "baseline"),
-                              ("sparse", f"prepared ({DENSITY:.2%} sparse)", "baseline_sparse"),
-                              ("baseline", "previous path (dense-only)", None),
-                              ("baseline_sparse", f"previous path ({DENSITY:.2%} sparse)", None)):
+    for label, what, base in (
+        ("dense", "prepared (dense-only)", "baseline"),
+        ("sparse", f"prepared ({DENSITY:.2%} sparse)", "baseline_sparse"),
+        ("baseline", "previous path (dense-only)", None),
+        ("baseline_sparse", f"previous path ({DENSITY:.2%} sparse)", None),
+    ):
         median, low, high = rows[label]
         ratio = f"{rows[base][0] / median:>11.1f}x" if base else f"{'':>12}"
         print(f"{what:<34} {median:>8.2f} {low:>7.2f}-{high:<7.2f} {ratio}")
-    result = {"dense_us_per_call": rows["dense"][0], "sparse_us_per_call": rows["sparse"][0],
-              "baseline_us_per_call": rows["baseline"][0], "baseline_sparse_us_per_call": rows["baseline_sparse"][0],
-              "spread_us": {k: [v[1], v[2]] for k, v in rows.items()}, "shape": list(SHAPE), "wbits": 3,
-              "tokens": 1, "device": str(device), "calls": args.calls, "repeat": args.repeat,
-              "torch": torch.__version__}
+    result = {
+        "dense_us_per_call": rows["dense"][0],
+        "sparse_us_per_call": rows["sparse"][0],
+        "baseline_us_per_call": rows["baseline"][0],
+        "baseline_sparse_us_per_call": rows["baseline_sparse"][0],
+        "spread_us": {k: [v[1], v[2]] for k, v in rows.items()},
+        "shape": list(SHAPE),
+        "wbits": 3,
+        "tokens": 1,
+        "device": str(device),
+        "calls": args.calls,
+        "repeat": args.repeat,
+        "torch": torch.__version__,
+    }
     if args.json:
         files.write_json(args.json, result)
         print(f"wrote {args.json}")

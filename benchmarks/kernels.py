@@ -39,9 +39,19 @@ SHAPES = {  # (out_features, in_features): q/k/v/o, gate/up, down
 }
 DENSITY = 0.0045  # the paper's 0.45% sparse part
 KNOWN_PEAK_GBPS = {  # memory bandwidth of GPUs whose properties may not report a memory clock
-    "H200": 4800, "H100 SXM": 3350, "H100 80GB HBM3": 3350, "H100 PCIe": 2000, "H100 NVL": 3900,
-    "A100-SXM4-80GB": 2039, "A100 80GB PCIe": 1935, "A100-SXM4-40GB": 1555, "A100-PCIE-40GB": 1555,
-    "RTX A6000": 768, "L40S": 864, "L4": 300, "RTX 4090": 1008,
+    "H200": 4800,
+    "H100 SXM": 3350,
+    "H100 80GB HBM3": 3350,
+    "H100 PCIe": 2000,
+    "H100 NVL": 3900,
+    "A100-SXM4-80GB": 2039,
+    "A100 80GB PCIe": 1935,
+    "A100-SXM4-40GB": 1555,
+    "A100-PCIE-40GB": 1555,
+    "RTX A6000": 768,
+    "L40S": 864,
+    "L4": 300,
+    "RTX 4090": 1008,
 }
 
 
@@ -49,7 +59,10 @@ def peak_bandwidth(props, override: float | None) -> tuple[float | None, str]:
     """Peak memory bandwidth in GB/s and where it came from."""
     if override:
         return override, "--peak-gbps"
-    clock_khz, bus_bits = getattr(props, "memory_clock_rate", 0), getattr(props, "memory_bus_width", 0)
+    clock_khz, bus_bits = (
+        getattr(props, "memory_clock_rate", 0),
+        getattr(props, "memory_bus_width", 0),
+    )
     if clock_khz and bus_bits:  # double data rate: two transfers per clock
         return 2 * clock_khz * 1e3 * bus_bits / 8 / 1e9, "memory clock x bus width x 2"
     for name, gbps in sorted(KNOWN_PEAK_GBPS.items(), key=lambda kv: -len(kv[0])):
@@ -83,8 +96,13 @@ def random_packed(out_features: int, in_features: int, wbits: int, density: floa
     """Random qweight, fp16 LUT and (with density) a CSR part with fp16 values, as a fp16 model stores them."""
     from sqlab.packing import packed_rows, to_csr
 
-    qweight = torch.randint(-2**31, 2**31 - 1, (packed_rows(in_features, wbits), out_features), dtype=torch.int32,
-                            device=device)
+    qweight = torch.randint(
+        -(2**31),
+        2**31 - 1,
+        (packed_rows(in_features, wbits), out_features),
+        dtype=torch.int32,
+        device=device,
+    )
     lut = (torch.randn(out_features, 2**wbits, device=device) * 0.02).half()
     csr = None
     nnz = round(density * out_features * in_features)
@@ -131,8 +149,15 @@ def copies_for(bytes_per_call: int, l2_bytes: int) -> int:
     return max(2, min(64, -(-3 * l2_bytes // max(bytes_per_call, 1))))
 
 
-def bench_shape(out_features: int, in_features: int, tokens: int, args, l2_bytes: int,
-                peak: float | None, copy_gbps: float) -> list[dict]:
+def bench_shape(
+    out_features: int,
+    in_features: int,
+    tokens: int,
+    args,
+    l2_bytes: int,
+    peak: float | None,
+    copy_gbps: float,
+) -> list[dict]:
     from sqlab import kernels
 
     device = torch.device("cuda")
@@ -149,8 +174,18 @@ def bench_shape(out_features: int, in_features: int, tokens: int, args, l2_bytes
     calls = [lambda w=w, o=o: torch.matmul(x, w.T, out=o) for w, o in zip(weights, outs)]
     fp16_us = time_graph(calls, args.repeat)
     fp16_eager = time_eager(calls[0], args.repeat)
-    rows.append(dict(shape=shape, tokens=tokens, kernel="torch fp16 matmul", wbits=16, sparse_pct=0.0, us=fp16_us,
-                     eager_us=fp16_eager, bytes=fp16_bytes))
+    rows.append(
+        dict(
+            shape=shape,
+            tokens=tokens,
+            kernel="torch fp16 matmul",
+            wbits=16,
+            sparse_pct=0.0,
+            us=fp16_us,
+            eager_us=fp16_eager,
+            bytes=fp16_bytes,
+        )
+    )
     del weights, outs, calls, w
 
     for wbits in (4, 3):
@@ -162,28 +197,53 @@ def bench_shape(out_features: int, in_features: int, tokens: int, args, l2_bytes
             err = (y.float() - ref).abs().max().item()
             tol = 1e-2 * ref.abs().max().item() + 1e-3
             if not err <= tol:
-                raise SystemExit(f"{wbits}-bit GEMV {shape}, {tokens} tokens, disagrees with the reference: "
-                                 f"max error {err:.3g} > {tol:.3g}")
+                raise SystemExit(
+                    f"{wbits}-bit GEMV {shape}, {tokens} tokens, disagrees with the reference: "
+                    f"max error {err:.3g} > {tol:.3g}"
+                )
             sparse_bytes = nbytes(csr.rows, csr.cols, csr.vals) if csr is not None else 0
             moved = nbytes(qweight, lut, x) + sparse_bytes + tokens * out_features * 2
             n = copies_for(nbytes(qweight, lut) + sparse_bytes, l2_bytes)
             parts = [(qweight, lut, csr)] + [
-                (qweight.clone(), lut.clone(), None if csr is None else type(csr)(csr.rows.clone(), csr.cols.clone(),
-                                                                                  csr.vals.clone()))
-                for _ in range(n - 1)]
+                (
+                    qweight.clone(),
+                    lut.clone(),
+                    None
+                    if csr is None
+                    else type(csr)(csr.rows.clone(), csr.cols.clone(), csr.vals.clone()),
+                )
+                for _ in range(n - 1)
+            ]
             # prepared once per weight copy, as a SqueezeLinear does: the graph holds launches only
-            prepared = [kernels.GemvKernels(q, t, wbits, in_features, torch.float16, c) for q, t, c in parts]
-            outs = [torch.empty(tokens, out_features, device=device, dtype=torch.float16) for _ in parts]
+            prepared = [
+                kernels.GemvKernels(q, t, wbits, in_features, torch.float16, c) for q, t, c in parts
+            ]
+            outs = [
+                torch.empty(tokens, out_features, device=device, dtype=torch.float16) for _ in parts
+            ]
             calls = [lambda k=k, o=o: k(x, o) for k, o in zip(prepared, outs)]
             try:
                 us, timing = time_graph(calls, args.repeat), "graph"
             except RuntimeError as error:  # capture refused: fall back to events around eager calls
-                print(f"  (CUDA graph capture failed, timing eager launches: {error})", file=sys.stderr)
+                print(
+                    f"  (CUDA graph capture failed, timing eager launches: {error})",
+                    file=sys.stderr,
+                )
                 torch.cuda.synchronize()
                 us, timing = time_eager(calls[0], args.repeat), "eager"
-            rows.append(dict(shape=shape, tokens=tokens, kernel=f"LUT-GEMV {wbits}-bit"
-                             + (" + 0.45% sparse" if density else ""), wbits=wbits, sparse_pct=density * 100,
-                             us=us, eager_us=time_eager(calls[0], args.repeat), bytes=moved, timing=timing))
+            rows.append(
+                dict(
+                    shape=shape,
+                    tokens=tokens,
+                    kernel=f"LUT-GEMV {wbits}-bit" + (" + 0.45% sparse" if density else ""),
+                    wbits=wbits,
+                    sparse_pct=density * 100,
+                    us=us,
+                    eager_us=time_eager(calls[0], args.repeat),
+                    bytes=moved,
+                    timing=timing,
+                )
+            )
             del parts, prepared, outs, calls
     for row in rows:
         row.setdefault("timing", "graph")
@@ -199,7 +259,9 @@ def _token_counts(text: str) -> list[int]:
     try:
         counts = [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated token counts, got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated token counts, got {text!r}"
+        ) from None
     if not counts or any(not 1 <= c <= 8 for c in counts):
         raise argparse.ArgumentTypeError(f"token counts must lie in 1..8, got {text!r}")
     return counts
@@ -208,8 +270,12 @@ def _token_counts(text: str) -> list[int]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shapes", choices=["7b", "13b", "all"], default="7b")
-    parser.add_argument("--tokens", type=_token_counts, default=[1], help="activation rows per call, e.g. 1,2,4,8")
-    parser.add_argument("--repeat", type=int, default=200, help="timed graph replays per kernel (median)")
+    parser.add_argument(
+        "--tokens", type=_token_counts, default=[1], help="activation rows per call, e.g. 1,2,4,8"
+    )
+    parser.add_argument(
+        "--repeat", type=int, default=200, help="timed graph replays per kernel (median)"
+    )
     parser.add_argument("--json", type=Path, help="write the rows here (e.g. out/kernels.json)")
     parser.add_argument("--peak-gbps", type=float, help="the device's peak memory bandwidth, GB/s")
     args = parser.parse_args()
@@ -227,32 +293,53 @@ def main() -> int:
     l2_bytes = getattr(props, "L2_cache_size", 0) or 50 * 2**20
     copy_gbps = measured_copy_gbps()
     shapes = SHAPES["7b"] + SHAPES["13b"] if args.shapes == "all" else SHAPES[args.shapes]
-    print(f"device: {props.name}, {props.multi_processor_count} SMs, L2 {l2_bytes / 2**20:.0f} MiB; peak bandwidth "
-          + (f"{peak:.0f} GB/s ({source})" if peak else source)
-          + f"; measured device-to-device copy {copy_gbps:.0f} GB/s (read + write)")
-    print(f"fp16 activations, {','.join(map(str, args.tokens))} token(s); median of {args.repeat} CUDA-graph replays "
-          "(weights cycled past L2)")
-    header = (f"{'shape (out x in)':<16} {'tokens':>6} {'kernel':<28} {'µs':>8} {'eager µs':>9} {'MB read':>8} "
-              f"{'GB/s':>7} {'% peak':>7} {'% copy':>7} {'vs fp16':>8}")
+    print(
+        f"device: {props.name}, {props.multi_processor_count} SMs, L2 {l2_bytes / 2**20:.0f} MiB; peak bandwidth "
+        + (f"{peak:.0f} GB/s ({source})" if peak else source)
+        + f"; measured device-to-device copy {copy_gbps:.0f} GB/s (read + write)"
+    )
+    print(
+        f"fp16 activations, {','.join(map(str, args.tokens))} token(s); median of {args.repeat} CUDA-graph replays "
+        "(weights cycled past L2)"
+    )
+    header = (
+        f"{'shape (out x in)':<16} {'tokens':>6} {'kernel':<28} {'µs':>8} {'eager µs':>9} {'MB read':>8} "
+        f"{'GB/s':>7} {'% peak':>7} {'% copy':>7} {'vs fp16':>8}"
+    )
     print(header)
     print("-" * len(header))
     rows = []
     with torch.inference_mode():
         for out_features, in_features in shapes:
             for tokens in args.tokens:
-                for row in bench_shape(out_features, in_features, tokens, args, l2_bytes, peak, copy_gbps):
+                for row in bench_shape(
+                    out_features, in_features, tokens, args, l2_bytes, peak, copy_gbps
+                ):
                     rows.append(row)
-                    print(f"{row['shape']:<16} {tokens:>6} {row['kernel']:<28} {row['us']:>8.2f} "
-                          f"{row['eager_us']:>9.1f} {row['bytes'] / 1e6:>8.2f} {row['gbs']:>7.0f} "
-                          f"{row['pct_peak']:>6.1f}% {row['pct_measured_peak']:>6.1f}% {row['speedup_vs_fp16']:>7.2f}x")
+                    print(
+                        f"{row['shape']:<16} {tokens:>6} {row['kernel']:<28} {row['us']:>8.2f} "
+                        f"{row['eager_us']:>9.1f} {row['bytes'] / 1e6:>8.2f} {row['gbs']:>7.0f} "
+                        f"{row['pct_peak']:>6.1f}% {row['pct_measured_peak']:>6.1f}% {row['speedup_vs_fp16']:>7.2f}x"
+                    )
                 torch.cuda.empty_cache()
-    print("µs: GPU time per call; eager µs: one call from Python including launch overhead; "
-          "% peak: of the nominal bandwidth; % copy: of the measured device-to-device copy; "
-          "vs fp16: torch fp16 µs / this µs")
+    print(
+        "µs: GPU time per call; eager µs: one call from Python including launch overhead; "
+        "% peak: of the nominal bandwidth; % copy: of the measured device-to-device copy; "
+        "vs fp16: torch fp16 µs / this µs"
+    )
     if args.json:
-        files.write_json(args.json, {
-            "device": props.name, "peak_gbps": peak, "peak_source": source, "measured_copy_gbps": copy_gbps, "repeat": args.repeat,
-            "torch": torch.__version__, "rows": rows})
+        files.write_json(
+            args.json,
+            {
+                "device": props.name,
+                "peak_gbps": peak,
+                "peak_source": source,
+                "measured_copy_gbps": copy_gbps,
+                "repeat": args.repeat,
+                "torch": torch.__version__,
+                "rows": rows,
+            },
+        )
         print(f"wrote {args.json}")
     return 0
 

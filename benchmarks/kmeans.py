@@ -40,8 +40,15 @@ from sqlab import files
 from sqlab.kmeans import optimal_kmeans, weighted_kmeans
 
 MODULES = ("self_attn.q_proj", "self_attn.k_proj", "mlp.gate_proj", "mlp.down_proj")
-LLAMA_7B = {"q_proj": (4096, 4096), "k_proj": (4096, 4096), "v_proj": (4096, 4096), "o_proj": (4096, 4096),
-            "gate_proj": (11008, 4096), "up_proj": (11008, 4096), "down_proj": (4096, 11008)}
+LLAMA_7B = {
+    "q_proj": (4096, 4096),
+    "k_proj": (4096, 4096),
+    "v_proj": (4096, 4096),
+    "o_proj": (4096, 4096),
+    "gate_proj": (11008, 4096),
+    "up_proj": (11008, 4096),
+    "down_proj": (4096, 11008),
+}
 LLAMA_7B_BLOCKS = 32
 
 
@@ -63,14 +70,21 @@ def _row_sse(x: np.ndarray, f: np.ndarray, centroids: np.ndarray) -> float:
 def sklearn_rows(w: np.ndarray, f: np.ndarray, k: int) -> list[np.ndarray]:
     from sklearn.cluster import KMeans
 
-    return [KMeans(n_clusters=k, n_init="auto", max_iter=50, random_state=0).fit(row[:, None], sample_weight=weight)
-            .cluster_centers_[:, 0] for row, weight in zip(w, f)]
+    return [
+        KMeans(n_clusters=k, n_init="auto", max_iter=50, random_state=0)
+        .fit(row[:, None], sample_weight=weight)
+        .cluster_centers_[:, 0]
+        for row, weight in zip(w, f)
+    ]
 
 
 def flash_rows(w: np.ndarray, f: np.ndarray, k: int) -> list[np.ndarray]:
     from flash1dkmeans import kmeans_1d
 
-    return [np.asarray(kmeans_1d(row, k, sample_weights=weight, random_state=0)[0]) for row, weight in zip(w, f)]
+    return [
+        np.asarray(kmeans_1d(row, k, sample_weights=weight, random_state=0)[0])
+        for row, weight in zip(w, f)
+    ]
 
 
 def per_row(name: str, fn, w: np.ndarray, f: np.ndarray, k: int):
@@ -89,9 +103,11 @@ def real_layer(args) -> dict:
     tokenizer = sqlab.load_tokenizer("default")
     fisher = sqlab.compute_fisher(model, tokenizer, "shakespeare", args.nsamples, args.seqlen)
     linears = sqlab.quantizable_linears(model)
-    print(f"threads: {torch.get_num_threads()}; model: SmolLM2-135M-Instruct (dequantized Q4_1 weights), block "
-          f"{args.layer}, Fisher from {args.nsamples} x {args.seqlen} Shakespeare calibration tokens; SSE over "
-          f"{args.rows} rows spread over each matrix")
+    print(
+        f"threads: {torch.get_num_threads()}; model: SmolLM2-135M-Instruct (dequantized Q4_1 weights), block "
+        f"{args.layer}, Fisher from {args.nsamples} x {args.seqlen} Shakespeare calibration tokens; SSE over "
+        f"{args.rows} rows spread over each matrix"
+    )
     methods = ("optimal", "fast-2", "fast-1", "scikit-learn", "flash1dkmeans")
     rows = []
     notes = set()
@@ -101,11 +117,18 @@ def real_layer(args) -> dict:
         for module in MODULES:
             name = f"model.layers.{args.layer}.{module}"
             w, f = linears[name].weight.detach().float(), fisher[name].float()
-            sample = torch.linspace(0, w.shape[0] - 1, min(args.rows, w.shape[0])).round().long().unique()
+            sample = (
+                torch.linspace(0, w.shape[0] - 1, min(args.rows, w.shape[0]))
+                .round()
+                .long()
+                .unique()
+            )
             ws, fs = w[sample].double().numpy(), f[sample].double().numpy()
-            for method, fn in (("optimal", lambda: optimal_kmeans(w, f, k)),
-                               ("fast-2", lambda: weighted_kmeans(w, f, k, restarts=2)),
-                               ("fast-1", lambda: weighted_kmeans(w, f, k, restarts=1))):
+            for method, fn in (
+                ("optimal", lambda: optimal_kmeans(w, f, k)),
+                ("fast-2", lambda: weighted_kmeans(w, f, k, restarts=2)),
+                ("fast-1", lambda: weighted_kmeans(w, f, k, restarts=1)),
+            ):
                 seconds, result = _median_time(fn)
                 totals[method][0] += float(result.sse[sample].sum())
                 totals[method][1] += seconds
@@ -117,7 +140,9 @@ def real_layer(args) -> dict:
                     totals[method] = None
                     continue
                 if totals[method] is not None:
-                    totals[method][0] += sum(_row_sse(x, g, np.sort(c)) for x, g, c in zip(ws, fs, centroids))
+                    totals[method][0] += sum(
+                        _row_sse(x, g, np.sort(c)) for x, g, c in zip(ws, fs, centroids)
+                    )
                     totals[method][1] += seconds * len(ws)
                     totals[method][2] += len(ws)
         optimum = totals["optimal"][0]
@@ -125,34 +150,53 @@ def real_layer(args) -> dict:
             if totals[method] is None:
                 continue
             sse, seconds, timed = totals[method]
-            rows.append({"wbits": wbits, "method": method, "sse_above_optimum_pct": 100 * (sse / optimum - 1),
-                         "us_per_row": seconds / timed * 1e6})
+            rows.append(
+                {
+                    "wbits": wbits,
+                    "method": method,
+                    "sse_above_optimum_pct": 100 * (sse / optimum - 1),
+                    "us_per_row": seconds / timed * 1e6,
+                }
+            )
     header = f"{'bits':>4} {'method':<14} {'SSE above optimum':>18} {'µs per row':>11}"
     print(header)
     print("-" * len(header))
     for r in rows:
-        print(f"{r['wbits']:>4} {r['method']:<14} {r['sse_above_optimum_pct']:>17.2f}% {r['us_per_row']:>11.1f}")
+        print(
+            f"{r['wbits']:>4} {r['method']:<14} {r['sse_above_optimum_pct']:>17.2f}% {r['us_per_row']:>11.1f}"
+        )
     for note in sorted(notes):
         print(f"({note})")
     fast = {r["wbits"]: r for r in rows if r["method"] == "fast-2"}
     for wbits, r in fast.items():
-        print(f"{wbits}-bit: the default (optimal) is the exact optimum, 0.00% above it by construction; the "
-              f"heuristic it replaced (fast-2) is {r['sse_above_optimum_pct']:.2f}% above")
-    return {"layer": args.layer, "rows_per_matrix": args.rows, "threads": torch.get_num_threads(), "rows": rows}
+        print(
+            f"{wbits}-bit: the default (optimal) is the exact optimum, 0.00% above it by construction; the "
+            f"heuristic it replaced (fast-2) is {r['sse_above_optimum_pct']:.2f}% above"
+        )
+    return {
+        "layer": args.layer,
+        "rows_per_matrix": args.rows,
+        "threads": torch.get_num_threads(),
+        "rows": rows,
+    }
 
 
 def llama_7b(args) -> dict:
     gen = torch.Generator().manual_seed(0)
-    print(f"one LLaMA-7B-shaped decoder block (random weights, random positive Fisher); exact k-means on "
-          f"{torch.get_num_threads()} CPU threads" + (", batched heuristic on the GPU" if torch.cuda.is_available()
-                                                    else "; no GPU here"))
+    print(
+        f"one LLaMA-7B-shaped decoder block (random weights, random positive Fisher); exact k-means on "
+        f"{torch.get_num_threads()} CPU threads"
+        + (", batched heuristic on the GPU" if torch.cuda.is_available() else "; no GPU here")
+    )
     result = {"threads": torch.get_num_threads(), "blocks": LLAMA_7B_BLOCKS, "rows": []}
     for wbits in args.wbits:
         k = 2**wbits
         cpu, gpu = 0.0, 0.0
         for name, (out_features, in_features) in LLAMA_7B.items():
             w = torch.randn(out_features, in_features, generator=gen) * 0.02
-            f = torch.randn(out_features, in_features, generator=gen).mul(2).exp()  # log-normal, long-tailed
+            f = (
+                torch.randn(out_features, in_features, generator=gen).mul(2).exp()
+            )  # log-normal, long-tailed
             start = time.perf_counter()
             optimal_kmeans(w, f, k)
             cpu += time.perf_counter() - start
@@ -164,12 +208,24 @@ def llama_7b(args) -> dict:
                 weighted_kmeans(wg, fg, k)
                 torch.cuda.synchronize()
                 gpu += time.perf_counter() - start
-        row = {"wbits": wbits, "cpu_block_s": cpu, "cpu_model_min": cpu * LLAMA_7B_BLOCKS / 60,
-               "gpu_block_s": gpu or None, "gpu_model_s": gpu * LLAMA_7B_BLOCKS if gpu else None}
+        row = {
+            "wbits": wbits,
+            "cpu_block_s": cpu,
+            "cpu_model_min": cpu * LLAMA_7B_BLOCKS / 60,
+            "gpu_block_s": gpu or None,
+            "gpu_model_s": gpu * LLAMA_7B_BLOCKS if gpu else None,
+        }
         result["rows"].append(row)
-        print(f"{wbits}-bit: exact k-means {cpu:.1f} s per block on the CPU -> {row['cpu_model_min']:.1f} min for the "
-              f"model (target <= 10 min)" + (f"; heuristic on the GPU {gpu:.2f} s per block -> "
-                                             f"{row['gpu_model_s']:.0f} s (target <= 60 s)" if gpu else ""))
+        print(
+            f"{wbits}-bit: exact k-means {cpu:.1f} s per block on the CPU -> {row['cpu_model_min']:.1f} min for the "
+            f"model (target <= 10 min)"
+            + (
+                f"; heuristic on the GPU {gpu:.2f} s per block -> "
+                f"{row['gpu_model_s']:.0f} s (target <= 60 s)"
+                if gpu
+                else ""
+            )
+        )
     return result
 
 
@@ -178,8 +234,12 @@ def main() -> int:
     parser.add_argument("--shape", choices=("default", "7b"), default="default")
     parser.add_argument("--layer", type=int, default=10)
     parser.add_argument("--wbits", type=int, nargs="+", default=[3, 4], choices=(3, 4))
-    parser.add_argument("--rows", type=int, default=64, help="rows per matrix for the SSE comparison")
-    parser.add_argument("--nsamples", type=int, default=16, help="calibration windows for the Fisher")
+    parser.add_argument(
+        "--rows", type=int, default=64, help="rows per matrix for the SSE comparison"
+    )
+    parser.add_argument(
+        "--nsamples", type=int, default=16, help="calibration windows for the Fisher"
+    )
     parser.add_argument("--seqlen", type=int, default=512)
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args()

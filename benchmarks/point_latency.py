@@ -75,12 +75,16 @@ def one_point(sweeper, config) -> dict[str, float]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeat", type=int, default=3, help="timed runs (median)")
-    parser.add_argument("--json", type=Path, help="write the results here (e.g. out/point_latency.json)")
+    parser.add_argument(
+        "--json", type=Path, help="write the results here (e.g. out/point_latency.json)"
+    )
     args = parser.parse_args()
     if args.repeat < 1:
         parser.error("--repeat must be >= 1")
     config = sqlab.QuantConfig(wbits=3, outlier_pct=0.45, sensitive_pct=0.05)
-    sweeper = experiments.Sweeper("default", experiments.EvalSettings(("shakespeare",), 512, 32), progress=False)
+    sweeper = experiments.Sweeper(
+        "default", experiments.EvalSettings(("shakespeare",), 512, 32), progress=False
+    )
     sweeper.fisher(config)
     profile = sweeper.profile()
     runs = []
@@ -97,15 +101,19 @@ def main() -> int:
         else:
             os.environ["SQLAB_DATA_DIR"] = previous
     result = {}
-    print(f"a new {config.label()} point on the default model, 32 windows of 512 tokens, cold result cache; "
-          f"median of {args.repeat} runs (min-max)")
+    print(
+        f"a new {config.label()} point on the default model, 32 windows of 512 tokens, cold result cache; "
+        f"median of {args.repeat} runs (min-max)"
+    )
     for key, target in TARGETS.items():
         values = [r[key] for r in runs]
         median = statistics.median(values)
         result[key] = median
         result[key.replace("_s", "_spread_s")] = [min(values), max(values)]
         verdict = "met" if median <= target else "MISSED"
-        print(f"{key:<20} {median:>7.2f} s  ({min(values):.2f}-{max(values):.2f})  target <= {target:g} s: {verdict}")
+        print(
+            f"{key:<20} {median:>7.2f} s  ({min(values):.2f}-{max(values):.2f})  target <= {target:g} s: {verdict}"
+        )
     if args.json:
         files.write_json(args.json, {**result, "runs": runs, "config": config.label()})
         print(f"wrote {args.json}")

@@ -28,7 +28,9 @@ SHAPES = [(11008, 4096), (4096, 11008), (4096, 4096)]
 
 def candidates(wbits: int):
     for bn, ky, depth in itertools.product((32, 64, 128), (2, 4, 8), (2, 4, 8)):
-        config = kernels.GemvConfig(bn=bn, ky=ky, tuple=2, depth=depth, blocks_per_sm=4, min_groups=ky)
+        config = kernels.GemvConfig(
+            bn=bn, ky=ky, tuple=2, depth=depth, blocks_per_sm=4, min_groups=ky
+        )
         if bn * (ky + 1) <= 1024 and config.table_bytes(wbits) <= 40 * 1024:
             yield config
 
@@ -46,8 +48,12 @@ def time_config(config, wbits: int, n: int, k: int, tokens: int, splits: int, ar
         if not err <= 1e-2 * ref.abs().max().item() + 1e-3:
             raise SystemExit(f"{config} {wbits}-bit {n}x{k} {tokens} tokens: max error {err:.3g}")
         copies = copies_for(qweight.numel() * 4 + lut.numel() * 2, l2)
-        layers = [first] + [kernels.GemvKernels(qweight.clone(), lut.clone(), wbits, k, torch.float16, splits=splits)
-                            for _ in range(copies - 1)]
+        layers = [first] + [
+            kernels.GemvKernels(
+                qweight.clone(), lut.clone(), wbits, k, torch.float16, splits=splits
+            )
+            for _ in range(copies - 1)
+        ]
     outs = [torch.empty(tokens, n, device="cuda", dtype=torch.float16) for _ in layers]
     return time_graph([lambda g=g, o=o: g(x, o) for g, o in zip(layers, outs)], args.repeat)
 
@@ -72,18 +78,33 @@ def main() -> int:
                 for config in candidates(wbits):
                     total, best = 0.0, []
                     for n, k in SHAPES:
-                        times = {s: time_config(config, wbits, n, k, tokens, s, args, l2)
-                                 for s in map(int, args.splits.split(","))}
+                        times = {
+                            s: time_config(config, wbits, n, k, tokens, s, args, l2)
+                            for s in map(int, args.splits.split(","))
+                        }
                         times = {s: t for s, t in times.items() if t is not None}
                         if not times:  # every split was forced to another by shared memory
                             times = {0: float("nan")}
                         split = min(times, key=times.get)
                         best.append((split, times[split]))
-                        rows.append(dict(wbits=wbits, tokens=tokens, shape=f"{n}x{k}", bn=config.bn, ky=config.ky,
-                                         depth=config.depth, us_by_splits=times))
+                        rows.append(
+                            dict(
+                                wbits=wbits,
+                                tokens=tokens,
+                                shape=f"{n}x{k}",
+                                bn=config.bn,
+                                ky=config.ky,
+                                depth=config.depth,
+                                us_by_splits=times,
+                            )
+                        )
                         total += times[split]
-                    print(f"{wbits}-bit {tokens} tok bn {config.bn:>3} ky {config.ky} depth {config.depth}: "
-                          + "  ".join(f"{t:6.2f}us/s{s}" for s, t in best) + f"  sum {total:7.2f}", flush=True)
+                    print(
+                        f"{wbits}-bit {tokens} tok bn {config.bn:>3} ky {config.ky} depth {config.depth}: "
+                        + "  ".join(f"{t:6.2f}us/s{s}" for s, t in best)
+                        + f"  sum {total:7.2f}",
+                        flush=True,
+                    )
                 torch.cuda.empty_cache()
     if args.json:
         files.write_json(args.json, {"device": torch.cuda.get_device_name(), "rows": rows})

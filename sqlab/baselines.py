@@ -40,7 +40,9 @@ def _grid(w: Tensor, wbits: int) -> tuple[Tensor, Tensor]:
     """Min-max scale and zero point of each row of ``w`` (rows, group) -> (rows, 1) each."""
     lo = w.amin(-1, keepdim=True).clamp_max(0)
     hi = w.amax(-1, keepdim=True).clamp_min(0)
-    scale = ((hi - lo) / (2**wbits - 1)).clamp_min(1e-12).half().float()  # scales are stored in fp16
+    scale = (
+        ((hi - lo) / (2**wbits - 1)).clamp_min(1e-12).half().float()
+    )  # scales are stored in fp16
     return scale, torch.round(-lo / scale)
 
 
@@ -62,8 +64,13 @@ def rtn_quantize(weight: Tensor, wbits: int, groupsize: int | None = None) -> Te
     return out.to(weight.dtype)
 
 
-def bits_per_weight(wbits: int, in_features: int, out_features: int, groupsize: int | None = None,
-                    act_order: bool = False) -> float:
+def bits_per_weight(
+    wbits: int,
+    in_features: int,
+    out_features: int,
+    groupsize: int | None = None,
+    act_order: bool = False,
+) -> float:
     """Stored bits per weight of a uniform quantizer.
 
     The codes, plus an fp16 scale and a ``wbits``-bit zero per group, plus (act-order
@@ -76,16 +83,29 @@ def bits_per_weight(wbits: int, in_features: int, out_features: int, groupsize: 
     return wbits + extra
 
 
-def _stats(name: str, before: Tensor, after: Tensor, fisher: Tensor | None, bits: float) -> LayerStats:
+def _stats(
+    name: str, before: Tensor, after: Tensor, fisher: Tensor | None, bits: float
+) -> LayerStats:
     diff2 = (before.float() - after.float()) ** 2
     weighted = float((fisher.float() * diff2).sum()) if fisher is not None else float("nan")
-    return LayerStats(name, tuple(before.shape), 0, 0, weighted, float(diff2.mean()),
-                      {"total": round(bits * before.numel())})
+    return LayerStats(
+        name,
+        tuple(before.shape),
+        0,
+        0,
+        weighted,
+        float(diff2.mean()),
+        {"total": round(bits * before.numel())},
+    )
 
 
 @torch.no_grad()
-def rtn_quantize_model(model: nn.Module, config: RTNConfig, fisher: dict[str, Tensor] | None = None,
-                       only: set[str] | None = None) -> QuantReport:
+def rtn_quantize_model(
+    model: nn.Module,
+    config: RTNConfig,
+    fisher: dict[str, Tensor] | None = None,
+    only: set[str] | None = None,
+) -> QuantReport:
     """RTN of every quantizable linear (or those named in ``only``), in place (simulated)."""
     linears = {n: m for n, m in quantizable_linears(model).items() if only is None or n in only}
     for name, linear in linears.items():
@@ -94,13 +114,24 @@ def rtn_quantize_model(model: nn.Module, config: RTNConfig, fisher: dict[str, Te
     for name, linear in linears.items():
         before = linear.weight.detach().clone()
         linear.weight.copy_(rtn_quantize(before, config.wbits, config.groupsize))
-        bits = bits_per_weight(config.wbits, linear.in_features, linear.out_features, config.groupsize)
-        stats.append(_stats(name, before, linear.weight, fisher.get(name) if fisher else None, bits))
+        bits = bits_per_weight(
+            config.wbits, linear.in_features, linear.out_features, config.groupsize
+        )
+        stats.append(
+            _stats(name, before, linear.weight, fisher.get(name) if fisher else None, bits)
+        )
     return QuantReport(config, None, stats)
 
 
-def gptq_quantize(weight: Tensor, hessian: Tensor, wbits: int, groupsize: int | None = None,
-                  act_order: bool = False, percdamp: float = 0.01, blocksize: int = 128) -> Tensor:
+def gptq_quantize(
+    weight: Tensor,
+    hessian: Tensor,
+    wbits: int,
+    groupsize: int | None = None,
+    act_order: bool = False,
+    percdamp: float = 0.01,
+    blocksize: int = 128,
+) -> Tensor:
     """GPTQ reconstruction of ``weight`` (out, in) given the layer Hessian ``hessian`` (in, in)."""
     w = weight.float().clone()
     h = hessian.float().clone()
@@ -116,8 +147,10 @@ def gptq_quantize(weight: Tensor, hessian: Tensor, wbits: int, groupsize: int | 
     try:
         hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
     except torch.linalg.LinAlgError as exc:
-        raise SqlabError(f"the Hessian is not positive definite even after dampening {percdamp}; "
-                         "use more calibration samples or a larger percdamp") from exc
+        raise SqlabError(
+            f"the Hessian is not positive definite even after dampening {percdamp}; "
+            "use more calibration samples or a larger percdamp"
+        ) from exc
     q = torch.zeros_like(w)
     scale = zero = None
     if not groupsize:
@@ -182,10 +215,17 @@ def _hessian_path(cache_dir: Path | None, key: str, index: int) -> Path | None:
 
 
 @torch.no_grad()
-def gptq_quantize_model(model: nn.Module, windows: Tensor, config: GPTQConfig, *,
-                        fisher: dict[str, Tensor] | None = None, cache_dir: str | Path | None = None,
-                        cache_key: str | None = None, only_blocks: list[int] | None = None,
-                        progress: bool = True) -> QuantReport:
+def gptq_quantize_model(
+    model: nn.Module,
+    windows: Tensor,
+    config: GPTQConfig,
+    *,
+    fisher: dict[str, Tensor] | None = None,
+    cache_dir: str | Path | None = None,
+    cache_key: str | None = None,
+    only_blocks: list[int] | None = None,
+    progress: bool = True,
+) -> QuantReport:
     """GPTQ of every quantizable linear, block by block on ``windows`` (nsamples, seqlen), in place.
 
     With ``cache_dir`` and ``cache_key`` (a content key of the model, the data and
@@ -199,15 +239,20 @@ def gptq_quantize_model(model: nn.Module, windows: Tensor, config: GPTQConfig, *
         for name, linear in block_linears(model, blocks[index][1]).items():
             check_finite(f"{blocks[index][0]}.{name}", linear.weight, "weights")
     blocks = blocks[: max(chosen) + 1]  # nothing after the last chosen block matters
-    paths = [_hessian_path(cache_dir, cache_key, i) if cache_key and i in chosen else None
-             for i in range(len(blocks))]
+    paths = [
+        _hessian_path(cache_dir, cache_key, i) if cache_key and i in chosen else None
+        for i in range(len(blocks))
+    ]
     need_forward = not all(p is not None and p.exists() for i, p in enumerate(paths) if i in chosen)
     inputs = kwargs = None
     if need_forward:
         inputs, kwargs = _block_inputs(model, windows)
     stats = []
-    for index, (prefix, block) in enumerate(tqdm(blocks, desc=f"GPTQ {config.wbits}-bit", unit="block",
-                                                 disable=not progress, leave=False)):
+    for index, (prefix, block) in enumerate(
+        tqdm(
+            blocks, desc=f"GPTQ {config.wbits}-bit", unit="block", disable=not progress, leave=False
+        )
+    ):
         linears = block_linears(model, block)
         path = paths[index]
         if index not in chosen:
@@ -217,13 +262,16 @@ def gptq_quantize_model(model: nn.Module, windows: Tensor, config: GPTQConfig, *
         if path is not None and path.exists():
             hessians = load_safetensors(path)[0]
         else:
-            hessians = {name: torch.zeros(m.in_features, m.in_features, device=m.weight.device)
-                        for name, m in linears.items()}
+            hessians = {
+                name: torch.zeros(m.in_features, m.in_features, device=m.weight.device)
+                for name, m in linears.items()
+            }
 
             def accumulate(name):
                 def hook(module, args, output):
                     x = args[0].reshape(-1, args[0].shape[-1]).float()
                     hessians[name].addmm_(x.T, x, alpha=2.0)
+
                 return hook
 
             handles = [m.register_forward_hook(accumulate(n)) for n, m in linears.items()]
@@ -240,12 +288,23 @@ def gptq_quantize_model(model: nn.Module, windows: Tensor, config: GPTQConfig, *
                 save_safetensors(hessians, path)
         for name, linear in linears.items():
             before = linear.weight.detach().clone()
-            q = gptq_quantize(before, hessians[name].to(before.device), config.wbits, config.groupsize,
-                              config.act_order, config.percdamp)
+            q = gptq_quantize(
+                before,
+                hessians[name].to(before.device),
+                config.wbits,
+                config.groupsize,
+                config.act_order,
+                config.percdamp,
+            )
             linear.weight.copy_(q)
             full = f"{prefix}.{name}"
-            bits = bits_per_weight(config.wbits, linear.in_features, linear.out_features, config.groupsize,
-                                   config.act_order)
+            bits = bits_per_weight(
+                config.wbits,
+                linear.in_features,
+                linear.out_features,
+                config.groupsize,
+                config.act_order,
+            )
             stats.append(_stats(full, before, q, fisher.get(full) if fisher else None, bits))
         if need_forward and index + 1 < len(blocks):
             inputs = _run_block(block, inputs, kwargs)  # the next block sees this block quantized
@@ -258,7 +317,9 @@ def rtn_levels(weight: Tensor, wbits: int) -> Tensor:
     return (torch.arange(2**wbits, device=weight.device)[None, :] - zero) * scale
 
 
-def grid_comparison(weight: Tensor, fisher: Tensor, wbits: int) -> tuple[dict[str, Tensor], "object"]:
+def grid_comparison(
+    weight: Tensor, fisher: Tensor, wbits: int
+) -> tuple[dict[str, Tensor], "object"]:
     """Three ways to choose ``2**wbits`` levels for each row of ``weight`` (rows, n).
 
     The uniform RTN grid, plain k-means, and Fisher-weighted k-means (SqueezeLLM).
@@ -270,12 +331,16 @@ def grid_comparison(weight: Tensor, fisher: Tensor, wbits: int) -> tuple[dict[st
     from .kmeans import assign, optimal_kmeans
 
     w, f = weight.float(), fisher.float()
-    levels = {"RTN grid": rtn_levels(w, wbits),
-              "k-means": optimal_kmeans(w, None, 2**wbits).centroids,
-              "Fisher-weighted k-means": optimal_kmeans(w, f, 2**wbits).centroids}
+    levels = {
+        "RTN grid": rtn_levels(w, wbits),
+        "k-means": optimal_kmeans(w, None, 2**wbits).centroids,
+        "Fisher-weighted k-means": optimal_kmeans(w, f, 2**wbits).centroids,
+    }
     rows = []
     for name, grid in levels.items():
         q = grid.gather(1, assign(w, grid).long())
-        for i, (we, mse) in enumerate(zip((f * (w - q) ** 2).sum(1).tolist(), ((w - q) ** 2).mean(1).tolist())):
+        for i, (we, mse) in enumerate(
+            zip((f * (w - q) ** 2).sum(1).tolist(), ((w - q) ** 2).mean(1).tolist())
+        ):
             rows.append({"method": name, "row": i, "weighted_error": we, "mse": mse})
     return levels, pd.DataFrame(rows)

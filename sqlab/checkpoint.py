@@ -37,15 +37,24 @@ from torch import nn
 
 from . import files, models
 from .errors import SqlabError
-from .packing import (CSR, GROUP, ORIGINAL_NNZ_PER_THREAD, csr_row_indices, original_startrows,
-                      packed_rows, to_csr)
+from .packing import (
+    CSR,
+    GROUP,
+    ORIGINAL_NNZ_PER_THREAD,
+    csr_row_indices,
+    original_startrows,
+    packed_rows,
+    to_csr,
+)
 from .qlinear import SqueezeLinear
 
 log = logging.getLogger(__name__)
 
 FORMAT = "sqlab-squeezellm-v2"  # fp16 storage, quantization_config in config.json, the guard
 READABLE = ("sqlab-squeezellm-v1", FORMAT)  # v1: tensors in the model's dtype, no guard
-SIMULATED = "sqlab-simulated-v1"  # a baseline's reconstructed weights in an ordinary model directory
+SIMULATED = (
+    "sqlab-simulated-v1"  # a baseline's reconstructed weights in an ordinary model directory
+)
 QUANT_METHOD = "squeezellm"  # the quant_method transformers sees in config.json
 QUANT_CONFIG = "quant_config.json"
 WEIGHTS = "model.safetensors"
@@ -71,8 +80,9 @@ def quantized_layers(model: nn.Module) -> dict[str, SqueezeLinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, SqueezeLinear)}
 
 
-def _unique_state(state_dict: dict[str, torch.Tensor]
-                  ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def _unique_state(
+    state_dict: dict[str, torch.Tensor],
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """A state dict without repeats of tied tensors, and which key each dropped one repeats."""
     state, tied, seen = {}, {}, {}
     for key, tensor in state_dict.items():
@@ -89,8 +99,9 @@ def storage_dtype(dtype: torch.dtype | str) -> torch.dtype:
     """The dtype non-quantized tensors are stored in: ``torch.float16`` or its name, and so on."""
     found = STORAGE_DTYPES.get(dtype) if isinstance(dtype, str) else dtype
     if found not in STORAGE_DTYPES.values():
-        raise SqlabError(f"storage dtype {dtype!r} is not supported; expected one of "
-                         f"{', '.join(STORAGE_DTYPES)}")
+        raise SqlabError(
+            f"storage dtype {dtype!r} is not supported; expected one of {', '.join(STORAGE_DTYPES)}"
+        )
     return found
 
 
@@ -119,16 +130,18 @@ def _cast_state(model: nn.Module, dtype: torch.dtype | str) -> dict[str, torch.T
     return state
 
 
-def storage_state(model: nn.Module, dtype: torch.dtype | str = torch.float16
-                  ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def storage_state(
+    model: nn.Module, dtype: torch.dtype | str = torch.float16
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """What a checkpoint stores, and which dropped tied key repeats which stored one.
 
     The state dict without repeats of tied tensors, every floating tensor outside
     the packed buffers cast to ``dtype``, and the guard.
     """
     if not quantized_layers(model):
-        raise SqlabError("the model has no SqueezeLinear layers; quantize it first "
-                         "(simulate=False)")
+        raise SqlabError(
+            "the model has no SqueezeLinear layers; quantize it first (simulate=False)"
+        )
     state, tied = _unique_state(_cast_state(model, dtype))
     state[guard_key(model)] = torch.zeros(0, dtype=torch.uint8)
     return state, tied
@@ -139,20 +152,26 @@ def wbits_of(model: nn.Module) -> int | list[int]:
     return found[0] if len(found) == 1 else found
 
 
-def quantization_config(model: nn.Module | int | list[int], quant_config: dict,
-                        dtype: torch.dtype | str = torch.float16) -> dict:
+def quantization_config(
+    model: nn.Module | int | list[int], quant_config: dict, dtype: torch.dtype | str = torch.float16
+) -> dict:
     """The ``quantization_config`` entry of ``config.json`` (what ``hf.SqueezeLLMConfig`` reads);
     ``model`` is the quantized model or its ``wbits``."""
     name = str(storage_dtype(dtype)).removeprefix("torch.")
     wbits = model if isinstance(model, (int, list)) else wbits_of(model)
-    return {"quant_method": QUANT_METHOD, "wbits": wbits,
-            "outlier_pct": quant_config.get("outlier_pct", 0.0),
-            "sensitive_pct": quant_config.get("sensitive_pct", 0.0), "format": FORMAT,
-            "dtype": name}
+    return {
+        "quant_method": QUANT_METHOD,
+        "wbits": wbits,
+        "outlier_pct": quant_config.get("outlier_pct", 0.0),
+        "sensitive_pct": quant_config.get("sensitive_pct", 0.0),
+        "format": FORMAT,
+        "dtype": name,
+    }
 
 
-def mark_quantized(model: nn.Module, quant_config: dict,
-                   dtype: torch.dtype | str = torch.float16) -> None:
+def mark_quantized(
+    model: nn.Module, quant_config: dict, dtype: torch.dtype | str = torch.float16
+) -> None:
     """Record in ``model.config`` that it is SqueezeLLM-quantized, as ``from_pretrained`` does for
     a model it loads, so that ``model.save_pretrained`` writes a directory that loads again."""
     from . import hf
@@ -171,16 +190,21 @@ def check_target(out: Path, overwrite: bool, what: str | None = None) -> None:
     or empty directory, or, with ``overwrite``, a sqlab checkpoint."""
     what = what or repr(str(out))
     if out.exists() and not out.is_dir():
-        raise SqlabError(f"{what} is a file; expected a directory (a new one, or a sqlab "
-                         "checkpoint to replace)")
+        raise SqlabError(
+            f"{what} is a file; expected a directory (a new one, or a sqlab checkpoint to replace)"
+        )
     if out.is_dir() and any(out.iterdir()):
         if not is_checkpoint(out):
-            raise SqlabError(f"{what} exists and is not a sqlab checkpoint; refusing to write into "
-                             "it, choose another directory")
+            raise SqlabError(
+                f"{what} exists and is not a sqlab checkpoint; refusing to write into "
+                "it, choose another directory"
+            )
         if not overwrite:
-            raise SqlabError(f"{what} already holds a sqlab checkpoint; pass --overwrite "
-                             "(overwrite=True in Python) to replace it; files sqlab did not write "
-                             "there are kept")
+            raise SqlabError(
+                f"{what} already holds a sqlab checkpoint; pass --overwrite "
+                "(overwrite=True in Python) to replace it; files sqlab did not write "
+                "there are kept"
+            )
 
 
 def _written_files(out: Path) -> list[str]:
@@ -215,8 +239,15 @@ def _writing(out: str | Path, overwrite: bool) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def save_simulated(model: nn.Module, out: str | Path, quant_config: dict, tokenizer=None, *,
-                   overwrite: bool = False, report: dict | None = None) -> Path:
+def save_simulated(
+    model: nn.Module,
+    out: str | Path,
+    quant_config: dict,
+    tokenizer=None,
+    *,
+    overwrite: bool = False,
+    report: dict | None = None,
+) -> Path:
     """Write a baseline's fake-quantized model as an ordinary model directory, marked as such.
 
     ``overwrite`` and ``report`` as in ``save_quantized``.
@@ -231,9 +262,16 @@ def save_simulated(model: nn.Module, out: str | Path, quant_config: dict, tokeni
     return Path(out)
 
 
-def save_quantized(model: nn.Module, out: str | Path, quant_config: dict, tokenizer=None, *,
-                   overwrite: bool = False, report: dict | None = None,
-                   dtype: torch.dtype | str = torch.float16) -> Path:
+def save_quantized(
+    model: nn.Module,
+    out: str | Path,
+    quant_config: dict,
+    tokenizer=None,
+    *,
+    overwrite: bool = False,
+    report: dict | None = None,
+    dtype: torch.dtype | str = torch.float16,
+) -> Path:
     """Write a checkpoint directory.
 
     ``out`` must be new (it then appears complete or not at all), empty, or, with
@@ -247,8 +285,16 @@ def save_quantized(model: nn.Module, out: str | Path, quant_config: dict, tokeni
     state, tied = storage_state(model, dtype)
     with _writing(out, overwrite) as tmp:
         files.save_safetensors(state, tmp / WEIGHTS, metadata=_weights_metadata(tied))
-        _write_beside(tmp, model.config, wbits_of(model), model.get_input_embeddings().weight.dtype,
-                      quant_config, tokenizer, report, dtype)
+        _write_beside(
+            tmp,
+            model.config,
+            wbits_of(model),
+            model.get_input_embeddings().weight.dtype,
+            quant_config,
+            tokenizer,
+            report,
+            dtype,
+        )
     return Path(out)
 
 
@@ -256,8 +302,16 @@ def _weights_metadata(tied: dict[str, str]) -> dict[str, str]:
     return {"format": FORMAT, "tied": json.dumps(tied, sort_keys=True)}
 
 
-def _write_beside(tmp: Path, model_config, wbits, compute_dtype: torch.dtype, quant_config: dict,
-                  tokenizer, report: dict | None, dtype: torch.dtype | str) -> None:
+def _write_beside(
+    tmp: Path,
+    model_config,
+    wbits,
+    compute_dtype: torch.dtype,
+    quant_config: dict,
+    tokenizer,
+    report: dict | None,
+    dtype: torch.dtype | str,
+) -> None:
     """Every file of a checkpoint but the weights: config.json with its quantization_config (and the
     dtype the model computes in, which from_pretrained uses), the tokenizer, quant_config.json,
     the report."""
@@ -267,16 +321,28 @@ def _write_beside(tmp: Path, model_config, wbits, compute_dtype: torch.dtype, qu
     config.to_json_file(tmp / "config.json")
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
-    payload = {"wbits": wbits, "format": FORMAT, **quant_config,
-               "dtype": str(storage_dtype(dtype)).removeprefix("torch.")}
+    payload = {
+        "wbits": wbits,
+        "format": FORMAT,
+        **quant_config,
+        "dtype": str(storage_dtype(dtype)).removeprefix("torch."),
+    }
     files.write_json(tmp / QUANT_CONFIG, payload)
     if report is not None:
         files.write_json(tmp / REPORT, report)
 
 
-def save_streamed(source, blocks: list[Path], out: str | Path, quant_config: dict, tokenizer=None,
-                  *, overwrite: bool = False, report: dict | None = None,
-                  dtype: torch.dtype | str = torch.float16) -> Path:
+def save_streamed(
+    source,
+    blocks: list[Path],
+    out: str | Path,
+    quant_config: dict,
+    tokenizer=None,
+    *,
+    overwrite: bool = False,
+    report: dict | None = None,
+    dtype: torch.dtype | str = torch.float16,
+) -> Path:
     """The checkpoint ``save_quantized`` writes, assembled one tensor at a time.
 
     ``source`` is a ``streaming.ShardedModel`` (its meta model names every tensor, its
@@ -301,9 +367,15 @@ def save_streamed(source, blocks: list[Path], out: str | Path, quant_config: dic
             continue
         module, _, part = key.rpartition(".")
         if module in quantized and part == "weight":
-            specs += [files.TensorSpec(f"{module}.{p}", packed[f"{module}.{p}"].dtype(
-                f"{module}.{p}"), packed[f"{module}.{p}"].shape(f"{module}.{p}"))
-                for p in PACKED if f"{module}.{p}" in packed]
+            specs += [
+                files.TensorSpec(
+                    f"{module}.{p}",
+                    packed[f"{module}.{p}"].dtype(f"{module}.{p}"),
+                    packed[f"{module}.{p}"].shape(f"{module}.{p}"),
+                )
+                for p in PACKED
+                if f"{module}.{p}" in packed
+            ]
             continue
         kind = storage if source.is_floating(key) else source.stored_dtype(key)
         specs.append(files.TensorSpec(key, kind, source.shape(key)))
@@ -320,16 +392,28 @@ def save_streamed(source, blocks: list[Path], out: str | Path, quant_config: dic
 
     with _writing(out, overwrite) as tmp:
         files.write_safetensors(tmp / WEIGHTS, [*specs, guard], pieces, _weights_metadata(tied))
-        wbits = sorted({PACKED_WBITS[packed[k].shape(k)[1]] for k in packed
-                        if k.endswith(".lookup_table")})
-        _write_beside(tmp, source.config, wbits[0] if len(wbits) == 1 else wbits, source.dtype,
-                      quant_config, tokenizer, report, dtype)
+        wbits = sorted(
+            {PACKED_WBITS[packed[k].shape(k)[1]] for k in packed if k.endswith(".lookup_table")}
+        )
+        _write_beside(
+            tmp,
+            source.config,
+            wbits[0] if len(wbits) == 1 else wbits,
+            source.dtype,
+            quant_config,
+            tokenizer,
+            report,
+            dtype,
+        )
     return Path(out)
 
 
-def install_shells(model: nn.Module,
-                   shapes: dict[str, dict[str, tuple[tuple[int, ...], torch.dtype]]], source: str,
-                   bias_dtype: torch.dtype | None = None) -> None:
+def install_shells(
+    model: nn.Module,
+    shapes: dict[str, dict[str, tuple[tuple[int, ...], torch.dtype]]],
+    source: str,
+    bias_dtype: torch.dtype | None = None,
+) -> None:
     """Replace the named linears with empty ``SqueezeLinear`` layers sized from stored tensors.
 
     Each layer's buffers take the stored dtypes; ``bias_dtype`` (the model's) if given.
@@ -338,18 +422,24 @@ def install_shells(model: nn.Module,
     for name, parts in shapes.items():
         linear = linears.get(name)
         if not isinstance(linear, nn.Linear):
-            raise SqlabError(f"{source} quantizes {name!r}, which is not a linear layer of this model")
+            raise SqlabError(
+                f"{source} quantizes {name!r}, which is not a linear layer of this model"
+            )
         missing = {"qweight", "lookup_table"} - set(parts)
         if missing:
             raise SqlabError(f"{source} lacks {', '.join(f'{name}.{p}' for p in sorted(missing))}")
         (lut_shape, lut_dtype) = parts["lookup_table"]
         wbits = {8: 3, 16: 4}.get(lut_shape[-1])
         if wbits is None or len(lut_shape) != 2:
-            raise SqlabError(f"{name}.lookup_table in {source} has shape {lut_shape}; expected "
-                             f"({linear.out_features}, 8) or ({linear.out_features}, 16)")
+            raise SqlabError(
+                f"{name}.lookup_table in {source} has shape {lut_shape}; expected "
+                f"({linear.out_features}, 8) or ({linear.out_features}, 16)"
+            )
         _check_truncated(name, linear, wbits, parts["qweight"][0], source)
-        expected = {"qweight": (packed_rows(linear.in_features, wbits), linear.out_features),
-                    "lookup_table": (linear.out_features, 2**wbits)}
+        expected = {
+            "qweight": (packed_rows(linear.in_features, wbits), linear.out_features),
+            "lookup_table": (linear.out_features, 2**wbits),
+        }
         nnz = parts["vals"][0][0] if "vals" in parts else 0
         if nnz:
             expected.update(rows=(linear.out_features + 1,), cols=(nnz,), vals=(nnz,))
@@ -359,28 +449,42 @@ def install_shells(model: nn.Module,
             if part not in parts:
                 raise SqlabError(f"{source} lacks {name}.{part}")
             if tuple(parts[part][0]) != shape:
-                raise SqlabError(f"{name}.{part} in {source} has shape {tuple(parts[part][0])}; "
-                                 f"this model ({linear.in_features} -> {linear.out_features}) "
-                                 f"needs {shape}")
-        vals_dtype = parts["vals"][1] if nnz else (parts["bias"][1] if "bias" in parts else
-                                                   torch.float32)
-        shell = SqueezeLinear(linear.in_features, linear.out_features, wbits, nnz, "bias" in parts,
-                              lut_dtype, vals_dtype, bias_dtype=bias_dtype)
+                raise SqlabError(
+                    f"{name}.{part} in {source} has shape {tuple(parts[part][0])}; "
+                    f"this model ({linear.in_features} -> {linear.out_features}) "
+                    f"needs {shape}"
+                )
+        vals_dtype = (
+            parts["vals"][1] if nnz else (parts["bias"][1] if "bias" in parts else torch.float32)
+        )
+        shell = SqueezeLinear(
+            linear.in_features,
+            linear.out_features,
+            wbits,
+            nnz,
+            "bias" in parts,
+            lut_dtype,
+            vals_dtype,
+            bias_dtype=bias_dtype,
+        )
         shell.name = name
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, shell)
 
 
-def _check_truncated(name: str, linear: nn.Linear, wbits: int, shape: tuple[int, ...],
-                     source: str) -> None:
+def _check_truncated(
+    name: str, linear: nn.Linear, wbits: int, shape: tuple[int, ...], source: str
+) -> None:
     """Name the one layout that cannot be read: the original packer's for ``in % 32 != 0``."""
     kept = linear.in_features // GROUP * GROUP
     if kept != linear.in_features and tuple(shape) == (kept // GROUP * wbits, linear.out_features):
-        raise SqlabError(f"{name}.qweight in {source} has shape {tuple(shape)}: it packs only "
-                         f"the first {kept} of the layer's {linear.in_features} inputs, as the "
-                         "original packer does for inputs that are not a multiple of 32, so the "
-                         f"indices of the last {linear.in_features - kept} are not in the file and "
-                         "it cannot be imported faithfully")
+        raise SqlabError(
+            f"{name}.qweight in {source} has shape {tuple(shape)}: it packs only "
+            f"the first {kept} of the layer's {linear.in_features} inputs, as the "
+            "original packer does for inputs that are not a multiple of 32, so the "
+            f"indices of the last {linear.in_features - kept} are not in the file and "
+            "it cannot be imported faithfully"
+        )
 
 
 def group_shapes(shapes: dict[str, tuple[tuple[int, ...], torch.dtype]]) -> dict[str, dict]:
@@ -399,31 +503,45 @@ def _check_cast(key: str, tensor: torch.Tensor, target: torch.Tensor, source: st
         return
     if target.is_floating_point():
         if not tensor.is_floating_point():
-            raise SqlabError(f"tensor {key} in {source} is {tensor.dtype}; this model needs "
-                             f"floating point ({target.dtype})")
+            raise SqlabError(
+                f"tensor {key} in {source} is {tensor.dtype}; this model needs "
+                f"floating point ({target.dtype})"
+            )
         return
     if tensor.is_floating_point() or tensor.is_complex() or tensor.dtype == torch.bool:
-        raise SqlabError(f"tensor {key} in {source} is {tensor.dtype}; it must hold integers "
-                         f"({target.dtype}), and casting it would change its values")
+        raise SqlabError(
+            f"tensor {key} in {source} is {tensor.dtype}; it must hold integers "
+            f"({target.dtype}), and casting it would change its values"
+        )
     info = torch.iinfo(target.dtype)
     if tensor.numel() and (int(tensor.min()) < info.min or int(tensor.max()) > info.max):
-        raise SqlabError(f"tensor {key} in {source} holds values outside the range of "
-                         f"{target.dtype} ({int(tensor.min())} to {int(tensor.max())})")
+        raise SqlabError(
+            f"tensor {key} in {source} holds values outside the range of "
+            f"{target.dtype} ({int(tensor.min())} to {int(tensor.max())})"
+        )
 
 
-def _load_into(model: nn.Module, state: dict[str, torch.Tensor], source: str, *, strict: bool) -> None:
+def _load_into(
+    model: nn.Module, state: dict[str, torch.Tensor], source: str, *, strict: bool
+) -> None:
     expected = model.state_dict()
     for key, tensor in state.items():
         if key in expected and tuple(expected[key].shape) != tuple(tensor.shape):
-            raise SqlabError(f"tensor {key} in {source} has shape {tuple(tensor.shape)}; the model needs "
-                             f"{tuple(expected[key].shape)}")
+            raise SqlabError(
+                f"tensor {key} in {source} has shape {tuple(tensor.shape)}; the model needs "
+                f"{tuple(expected[key].shape)}"
+            )
         if key in expected:
             _check_cast(key, tensor, expected[key], source)
     result = model.load_state_dict(state, strict=False)
     if result.unexpected_keys:
-        raise SqlabError(f"{source} holds tensors this model does not have: {', '.join(result.unexpected_keys[:5])}")
+        raise SqlabError(
+            f"{source} holds tensors this model does not have: {', '.join(result.unexpected_keys[:5])}"
+        )
     if strict and result.missing_keys:
-        raise SqlabError(f"{source} lacks tensors of this model: {', '.join(result.missing_keys[:5])}")
+        raise SqlabError(
+            f"{source} lacks tensors of this model: {', '.join(result.missing_keys[:5])}"
+        )
     validate_layers(model, source)
 
 
@@ -452,10 +570,12 @@ def _check_wbits(quant: dict, model: nn.Module, path: Path) -> None:
     found = sorted({m.wbits for m in quantized_layers(model).values()})
     stated = quant.get("wbits")
     if stated != (found[0] if len(found) == 1 else found) or isinstance(stated, bool):
-        raise SqlabError(f"{str(path / QUANT_CONFIG)!r} says wbits {stated!r}, but {WEIGHTS} holds "
-                         f"{' and '.join(map(str, found))}-bit look-up tables; the wbits it states "
-                         "must be the tensors' (3 or 4): the file was edited or belongs to another "
-                         "checkpoint")
+        raise SqlabError(
+            f"{str(path / QUANT_CONFIG)!r} says wbits {stated!r}, but {WEIGHTS} holds "
+            f"{' and '.join(map(str, found))}-bit look-up tables; the wbits it states "
+            "must be the tensors' (3 or 4): the file was edited or belongs to another "
+            "checkpoint"
+        )
 
 
 def read_quant_config(path: Path) -> dict:
@@ -463,19 +583,24 @@ def read_quant_config(path: Path) -> dict:
     try:
         quant = json.loads((path / QUANT_CONFIG).read_text())
     except (OSError, json.JSONDecodeError) as exc:
-        raise SqlabError(f"{str(path)!r} is not a sqlab checkpoint: cannot read {QUANT_CONFIG} "
-                         f"({exc})") from exc
+        raise SqlabError(
+            f"{str(path)!r} is not a sqlab checkpoint: cannot read {QUANT_CONFIG} ({exc})"
+        ) from exc
     if not isinstance(quant, dict):
-        raise SqlabError(f"{str(path / QUANT_CONFIG)!r} holds a {type(quant).__name__}; expected a "
-                         "JSON object")
+        raise SqlabError(
+            f"{str(path / QUANT_CONFIG)!r} holds a {type(quant).__name__}; expected a JSON object"
+        )
     if quant.get("format") not in READABLE:
-        raise SqlabError(f"{str(path / QUANT_CONFIG)!r} has format {quant.get('format')!r}; "
-                         f"expected one of {', '.join(map(repr, READABLE))}")
+        raise SqlabError(
+            f"{str(path / QUANT_CONFIG)!r} has format {quant.get('format')!r}; "
+            f"expected one of {', '.join(map(repr, READABLE))}"
+        )
     return quant
 
 
-def load_quantized(path: str | Path, device: torch.device | str | None = None,
-                   dtype: torch.dtype | None = None) -> nn.Module:
+def load_quantized(
+    path: str | Path, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+) -> nn.Module:
     """Load a checkpoint directory into ``SqueezeLinear`` layers.
 
     The model computes in ``dtype``: by default fp32 on the CPU and fp16 on a GPU,
@@ -486,21 +611,29 @@ def load_quantized(path: str | Path, device: torch.device | str | None = None,
     weights = path / WEIGHTS
     state, meta = files.load_safetensors(weights)
     if meta.get("format") not in READABLE:
-        raise SqlabError(f"{str(weights)!r} was not written by sqlab (format {meta.get('format')!r})")
+        raise SqlabError(
+            f"{str(weights)!r} was not written by sqlab (format {meta.get('format')!r})"
+        )
     state = {k: v for k, v in state.items() if not is_guard(k, state)}
     device = torch.device(device) if device is not None else models.default_device()
     dtype = dtype or models.default_dtype(device)
     model = _model_from_config(path, dtype)
-    install_shells(model, group_shapes({k: (tuple(t.shape), t.dtype) for k, t in state.items()}),
-                    str(weights), bias_dtype=dtype)
+    install_shells(
+        model,
+        group_shapes({k: (tuple(t.shape), t.dtype) for k, t in state.items()}),
+        str(weights),
+        bias_dtype=dtype,
+    )
     _check_wbits(quant, model, path)
     try:
         tied = json.loads(meta.get("tied", "{}"))
         for key, source in tied.items():
             state[key] = state[source]
     except (ValueError, AttributeError, KeyError, TypeError) as exc:
-        raise SqlabError(f"{str(weights)!r} has damaged metadata: 'tied' must map tensor names to "
-                         f"stored tensors, got {meta.get('tied')!r:.80}") from exc
+        raise SqlabError(
+            f"{str(weights)!r} has damaged metadata: 'tied' must map tensor names to "
+            f"stored tensors, got {meta.get('tied')!r:.80}"
+        ) from exc
     _load_into(model, state, str(weights), strict=True)
     mark_quantized(model, quant, quant.get("dtype", "float32"))
     model.to(device).eval()
@@ -519,9 +652,15 @@ def load(spec: str, device: torch.device | str | None = None) -> nn.Module:
 ORIGINAL_CONFIG = {"wbits"}  # the keys of the quant_config.json the original pack.py writes
 
 
-def export_squeezellm(model: nn.Module, path: str | Path, *, balanced: bool = False,
-                      nnz_per_thread: int = ORIGINAL_NNZ_PER_THREAD,
-                      dtype: torch.dtype | str = torch.float16, padded: bool = False) -> Path:
+def export_squeezellm(
+    model: nn.Module,
+    path: str | Path,
+    *,
+    balanced: bool = False,
+    nnz_per_thread: int = ORIGINAL_NNZ_PER_THREAD,
+    dtype: torch.dtype | str = torch.float16,
+    padded: bool = False,
+) -> Path:
     """Write the original release's ``.pt`` state dict and, beside it, its ``quant_config.json``.
 
     As its ``pack.py`` writes them: every tensor of the model under its Hugging Face
@@ -541,20 +680,27 @@ def export_squeezellm(model: nn.Module, path: str | Path, *, balanced: bool = Fa
         raise SqlabError("the model has no SqueezeLinear layers to export")
     wbits = wbits_of(model)
     if isinstance(wbits, list):
-        raise SqlabError(f"the model mixes {' and '.join(map(str, wbits))}-bit layers; the "
-                         "original format has one wbits for the whole model")
+        raise SqlabError(
+            f"the model mixes {' and '.join(map(str, wbits))}-bit layers; the "
+            "original format has one wbits for the whole model"
+        )
     ragged = {n: m.in_features for n, m in layers.items() if m.in_features % GROUP}
     if ragged and not padded:
         name, width = next(iter(ragged.items()))
-        raise SqlabError(f"{name} has {width} inputs, not a multiple of 32 ({len(ragged)} "
-                         "layers like it): the original format packs whole groups of 32 inputs "
-                         "(its packer drops the rest and its loader expects in_features // 32 * "
-                         "wbits rows), so it cannot hold this model; pass padded=True to write "
-                         "sqlab's padded layout, which import_squeezellm reads but the original "
-                         "loader rejects")
+        raise SqlabError(
+            f"{name} has {width} inputs, not a multiple of 32 ({len(ragged)} "
+            "layers like it): the original format packs whole groups of 32 inputs "
+            "(its packer drops the rest and its loader expects in_features // 32 * "
+            "wbits rows), so it cannot hold this model; pass padded=True to write "
+            "sqlab's padded layout, which import_squeezellm reads but the original "
+            "loader rejects"
+        )
     if ragged:
-        log.warning("%d layers have inputs that are not a multiple of 32; writing sqlab's padded "
-                    "layout, which the original loader rejects", len(ragged))
+        log.warning(
+            "%d layers have inputs that are not a multiple of 32; writing sqlab's padded "
+            "layout, which the original loader rejects",
+            len(ragged),
+        )
     path = Path(path)
     config_path = path.parent / QUANT_CONFIG
     _check_original_config(config_path, wbits)
@@ -565,9 +711,13 @@ def export_squeezellm(model: nn.Module, path: str | Path, *, balanced: bool = Fa
         if not sparse:
             continue
         csr = layer.csr() or _empty_csr(layer.out_features)
-        state.update({f"{name}.rows": csr.rows.detach().cpu(),
-                      f"{name}.cols": csr.cols.detach().cpu(),
-                      f"{name}.vals": csr.vals.detach().float().cpu()})
+        state.update(
+            {
+                f"{name}.rows": csr.rows.detach().cpu(),
+                f"{name}.cols": csr.cols.detach().cpu(),
+                f"{name}.vals": csr.vals.detach().float().cpu(),
+            }
+        )
         state[f"sparse_threshold.{name}"] = csr.nnz
         if balanced:
             state[f"{name}.startrows"] = original_startrows(csr.rows.cpu(), nnz_per_thread)
@@ -578,8 +728,11 @@ def export_squeezellm(model: nn.Module, path: str | Path, *, balanced: bool = Fa
 
 def _empty_csr(out_features: int) -> CSR:
     """A sparse part without values, as the original packer stores one."""
-    return CSR(torch.zeros(out_features + 1, dtype=torch.int32), torch.zeros(0, dtype=torch.int32),
-               torch.zeros(0, dtype=torch.float32))
+    return CSR(
+        torch.zeros(out_features + 1, dtype=torch.int32),
+        torch.zeros(0, dtype=torch.int32),
+        torch.zeros(0, dtype=torch.float32),
+    )
 
 
 def _check_original_config(config_path: Path, wbits: int) -> None:
@@ -591,12 +744,18 @@ def _check_original_config(config_path: Path, wbits: int) -> None:
     except (OSError, ValueError):
         found = None
     if found != {"wbits": wbits}:
-        what = ("belongs to a sqlab checkpoint" if isinstance(found, dict) and "format" in found
-                else f"holds {found!r}, for another export" if isinstance(found, dict)
-                else "is not the original format's")
-        raise SqlabError(f"{str(config_path)!r} {what}; the original format keeps its "
-                         f"{{\"wbits\": {wbits}}} beside the .pt file, so export into another "
-                         "folder")
+        what = (
+            "belongs to a sqlab checkpoint"
+            if isinstance(found, dict) and "format" in found
+            else f"holds {found!r}, for another export"
+            if isinstance(found, dict)
+            else "is not the original format's"
+        )
+        raise SqlabError(
+            f"{str(config_path)!r} {what}; the original format keeps its "
+            f'{{"wbits": {wbits}}} beside the .pt file, so export into another '
+            "folder"
+        )
 
 
 def _read_original(path: Path) -> dict:
@@ -611,15 +770,20 @@ def _read_original(path: Path) -> dict:
             # torch's message suggests weights_only=False, which would run the file's code: never
             found = re.search(r"GLOBAL (\S+)", str(exc))
             what = f"a reference to {found.group(1)}" if found else "Python objects"
-            raise SqlabError(f"{str(path)!r} holds {what}, not only tensors; sqlab reads tensors "
-                             "alone and never runs code from a file, so it refuses this "
-                             "file") from None
+            raise SqlabError(
+                f"{str(path)!r} holds {what}, not only tensors; sqlab reads tensors "
+                "alone and never runs code from a file, so it refuses this "
+                "file"
+            ) from None
         said = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise SqlabError(f"cannot read {str(path)!r} as a SqueezeLLM state dict (truncated, or not "
-                         f"a torch.save file of tensors): {said}") from None
+        raise SqlabError(
+            f"cannot read {str(path)!r} as a SqueezeLLM state dict (truncated, or not "
+            f"a torch.save file of tensors): {said}"
+        ) from None
     if not isinstance(state, dict) or not any(str(k).endswith(".qweight") for k in state):
-        raise SqlabError(f"{str(path)!r} is not a SqueezeLLM checkpoint: it holds no '*.qweight' "
-                         "tensors")
+        raise SqlabError(
+            f"{str(path)!r} is not a SqueezeLLM checkpoint: it holds no '*.qweight' tensors"
+        )
     return state
 
 
@@ -631,8 +795,10 @@ def _sparse_thresholds(state: dict, source: str) -> dict[str, int]:
         if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_floating_point():
             value = int(value)
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise SqlabError(f"{key} in {source} is {value!r}; expected the layer's number of "
-                             "sparse values (an integer >= 0)")
+            raise SqlabError(
+                f"{key} in {source} is {value!r}; expected the layer's number of "
+                "sparse values (an integer >= 0)"
+            )
         found[key.removeprefix("sparse_threshold.")] = value
     return found
 
@@ -642,13 +808,16 @@ def _check_thresholds(thresholds: dict[str, int], state: dict, source: str) -> N
     its buffers by it)."""
     for name, count in thresholds.items():
         if f"{name}.qweight" not in state:
-            raise SqlabError(f"sparse_threshold.{name} in {source} names no quantized layer of "
-                             "the file")
+            raise SqlabError(
+                f"sparse_threshold.{name} in {source} names no quantized layer of the file"
+            )
         vals = state.get(f"{name}.vals")
         stored = vals.numel() if isinstance(vals, torch.Tensor) else 0
         if stored != count:
-            raise SqlabError(f"sparse_threshold.{name} in {source} says {count} sparse values, but "
-                             f"{name}.vals holds {stored}; the file is inconsistent")
+            raise SqlabError(
+                f"sparse_threshold.{name} in {source} says {count} sparse values, but "
+                f"{name}.vals holds {stored}; the file is inconsistent"
+            )
 
 
 def _drop_startrows(state: dict, source: str) -> None:
@@ -665,9 +834,11 @@ def _drop_empty_sparse(state: dict, name: str, out_features: int, source: str) -
     if not isinstance(rows, torch.Tensor) or not isinstance(cols, torch.Tensor):
         raise SqlabError(f"{source} holds {name}.vals without {name}.rows and {name}.cols")
     if tuple(rows.shape) != (out_features + 1,) or bool(rows.any()) or cols.numel():
-        raise SqlabError(f"{name} in {source} has no sparse values, but its rows (shape "
-                         f"{tuple(rows.shape)}) or cols (shape {tuple(cols.shape)}) describe some; "
-                         f"an empty sparse part has {out_features + 1} zero rows and no cols")
+        raise SqlabError(
+            f"{name} in {source} has no sparse values, but its rows (shape "
+            f"{tuple(rows.shape)}) or cols (shape {tuple(cols.shape)}) describe some; "
+            f"an empty sparse part has {out_features + 1} zero rows and no cols"
+        )
     for part in ("rows", "cols", "vals"):
         del state[f"{name}.{part}"]
 
@@ -685,20 +856,33 @@ def _merge_full_rows(state: dict, name: str, linear: nn.Linear, source: str) -> 
     if full is None and index is None:
         return
     if full is None or index is None:
-        have, lack = ("full_rows", "full_row_indices") if index is None else \
-            ("full_row_indices", "full_rows")
-        raise SqlabError(f"{source} holds {name}.{have} without {name}.{lack}; the original's "
-                         "dense rows need both")
+        have, lack = (
+            ("full_rows", "full_row_indices")
+            if index is None
+            else ("full_row_indices", "full_rows")
+        )
+        raise SqlabError(
+            f"{source} holds {name}.{have} without {name}.{lack}; the original's "
+            "dense rows need both"
+        )
     topx = index.numel()
-    if index.ndim != 1 or index.is_floating_point() or not full.is_floating_point() \
-            or tuple(full.shape) != (linear.in_features, topx):
-        raise SqlabError(f"{name}.full_rows ({full.dtype}, {tuple(full.shape)}) and "
-                         f"{name}.full_row_indices ({index.dtype}, {tuple(index.shape)}) in "
-                         f"{source} do not fit: expected floats ({linear.in_features}, topX) and "
-                         "topX integers")
+    if (
+        index.ndim != 1
+        or index.is_floating_point()
+        or not full.is_floating_point()
+        or tuple(full.shape) != (linear.in_features, topx)
+    ):
+        raise SqlabError(
+            f"{name}.full_rows ({full.dtype}, {tuple(full.shape)}) and "
+            f"{name}.full_row_indices ({index.dtype}, {tuple(index.shape)}) in "
+            f"{source} do not fit: expected floats ({linear.in_features}, topX) and "
+            "topX integers"
+        )
     if topx and (int(index.min()) < 0 or int(index.max()) >= linear.out_features):
-        raise SqlabError(f"{name}.full_row_indices in {source} holds row {int(index.max())} or "
-                         f"{int(index.min())}; the layer has {linear.out_features} output rows")
+        raise SqlabError(
+            f"{name}.full_row_indices in {source} holds row {int(index.max())} or "
+            f"{int(index.min())}; the layer has {linear.out_features} output rows"
+        )
     if not bool(torch.isfinite(full).all()):
         raise SqlabError(f"{name}.full_rows in {source} contains NaN or Inf")
     t, c = (full.T != 0).nonzero(as_tuple=True)  # (m,) dense-row slot and column of each value
@@ -732,8 +916,9 @@ def _from_original(state: dict, model: nn.Module, source: str) -> dict:
     return state
 
 
-def import_squeezellm(path: str | Path, base: str,
-                      device: torch.device | str | None = "cpu") -> nn.Module:
+def import_squeezellm(
+    path: str | Path, base: str, device: torch.device | str | None = "cpu"
+) -> nn.Module:
     """Load an original SqueezeLLM ``.pt`` file into ``SqueezeLinear`` layers of the ``base`` model.
 
     ``base`` is the unquantized model (any spec ``load_model`` takes): it supplies
@@ -746,17 +931,25 @@ def import_squeezellm(path: str | Path, base: str,
     """
     path = Path(path)
     state = _read_original(path)
-    bad = [k for k, v in state.items()
-           if not isinstance(v, torch.Tensor) and not str(k).startswith("sparse_threshold.")]
+    bad = [
+        k
+        for k, v in state.items()
+        if not isinstance(v, torch.Tensor) and not str(k).startswith("sparse_threshold.")
+    ]
     if bad:
         raise SqlabError(f"{str(path)!r} holds non-tensor entries: {', '.join(map(str, bad[:5]))}")
     model = models.load_model(base, device="cpu")
     state = _from_original(state, model, str(path))
-    install_shells(model, group_shapes({k: (tuple(v.shape), v.dtype) for k, v in state.items()}),
-                    str(path))
+    install_shells(
+        model, group_shapes({k: (tuple(v.shape), v.dtype) for k, v in state.items()}), str(path)
+    )
     _load_into(model, state, str(path), strict=False)
-    missing = [f"{n}.{p}" for n, layer in quantized_layers(model).items()
-               for p in ("qweight", "lookup_table") if f"{n}.{p}" not in state]
+    missing = [
+        f"{n}.{p}"
+        for n, layer in quantized_layers(model).items()
+        for p in ("qweight", "lookup_table")
+        if f"{n}.{p}" not in state
+    ]
     if missing:
         raise SqlabError(f"{str(path)!r} lacks {', '.join(missing[:5])}")
     mark_quantized(model, {"source": path.name})

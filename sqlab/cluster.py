@@ -47,10 +47,18 @@ class PointWorker:
         return index, self.sweeper.run_point(config)
 
 
-def run_on_ray(spec: str, configs: list[QuantConfig], evaluation=None, *,
-               address: str | None = None, workers: int = 2, cpus_per_worker: int = 1,
-               include_reference: bool = True, blocks: list[int] | None = None,
-               progress: bool = True):
+def run_on_ray(
+    spec: str,
+    configs: list[QuantConfig],
+    evaluation=None,
+    *,
+    address: str | None = None,
+    workers: int = 2,
+    cpus_per_worker: int = 1,
+    include_reference: bool = True,
+    blocks: list[int] | None = None,
+    progress: bool = True,
+):
     """A sweep's rows (as ``Sweeper.run``) computed by ``workers`` Ray actors.
 
     ``address``: a running cluster (``ray://host:10001``, ``auto``); ``None`` starts a
@@ -71,24 +79,34 @@ def run_on_ray(spec: str, configs: list[QuantConfig], evaluation=None, *,
             if address:
                 ray.init(address=address, log_to_driver=False)
             else:
-                ray.init(num_cpus=workers * cpus_per_worker, include_dashboard=False,
-                         log_to_driver=False)
+                ray.init(
+                    num_cpus=workers * cpus_per_worker, include_dashboard=False, log_to_driver=False
+                )
         except Exception as exc:  # ConnectionError, timeouts, a wrong address
-            raise SqlabError(f"cannot start or reach the Ray cluster {address or '(local)'}: "
-                             f"{exc}") from exc
+            raise SqlabError(
+                f"cannot start or reach the Ray cluster {address or '(local)'}: {exc}"
+            ) from exc
     try:
         actor = ray.remote(num_cpus=cpus_per_worker)(PointWorker)
         data_dir = str(assets.data_dir().resolve())
-        pool = ray.util.ActorPool([
-            actor.remote(spec, evaluation or EvalSettings(), blocks, data_dir, cpus_per_worker)
-            for _ in range(workers)])
+        pool = ray.util.ActorPool(
+            [
+                actor.remote(spec, evaluation or EvalSettings(), blocks, data_dir, cpus_per_worker)
+                for _ in range(workers)
+            ]
+        )
         points = ([None] if include_reference else []) + list(configs)
         rows: list[dict | None] = [None] * len(points)
         # ActorPool hands a point to each idle worker; results come back as they finish
-        found = pool.map_unordered(lambda w, job: w.run_point.remote(*job),
-                                   list(enumerate(points)))
-        for index, row in tqdm(found, total=len(points), desc="sweep (ray)", unit="point",
-                               disable=not progress, leave=False):
+        found = pool.map_unordered(lambda w, job: w.run_point.remote(*job), list(enumerate(points)))
+        for index, row in tqdm(
+            found,
+            total=len(points),
+            desc="sweep (ray)",
+            unit="point",
+            disable=not progress,
+            leave=False,
+        ):
             rows[index] = row
         return pd.DataFrame(rows)
     except ray.exceptions.RayError as exc:
@@ -96,4 +114,3 @@ def run_on_ray(spec: str, configs: list[QuantConfig], evaluation=None, *,
     finally:
         if started:
             ray.shutdown()
-

@@ -70,7 +70,9 @@ class MethodConfig:
     # bumped when a method's results change for the same settings, so caches keyed by
     # settings do not serve results of the older code
     version: ClassVar[int] = 1
-    packed: ClassVar[bool] = False  # quantizes into packed SqueezeLinear layers (else reconstructed weights)
+    packed: ClassVar[bool] = (
+        False  # quantizes into packed SqueezeLinear layers (else reconstructed weights)
+    )
 
     def __post_init__(self):
         check_wbits(self.wbits)
@@ -133,20 +135,33 @@ class SqueezeLLMConfig(MethodConfig):
     def validate(self) -> None:
         for name in ("outlier_pct", "sensitive_pct"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 100 \
-                    or not math.isfinite(value):
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, (int, float))
+                or not 0 <= value < 100
+                or not math.isfinite(value)
+            ):
                 raise SqlabError(f"{name} is a percentage in [0, 100), got {value!r}")
         if self.outlier_pct + self.sensitive_pct >= 100:
-            raise SqlabError(f"outlier_pct + sensitive_pct must stay below 100, got "
-                             f"{self.outlier_pct} + {self.sensitive_pct}")
+            raise SqlabError(
+                f"outlier_pct + sensitive_pct must stay below 100, got "
+                f"{self.outlier_pct} + {self.sensitive_pct}"
+            )
         if self.outlier_range is not None:
-            if not isinstance(self.outlier_range, (int, float)) or not self.outlier_range >= 0 \
-                    or not math.isfinite(self.outlier_range):
-                raise SqlabError(f"outlier_range (the IQR range r) must be a finite number >= 0, "
-                                 f"got {self.outlier_range!r}")
+            if (
+                not isinstance(self.outlier_range, (int, float))
+                or not self.outlier_range >= 0
+                or not math.isfinite(self.outlier_range)
+            ):
+                raise SqlabError(
+                    f"outlier_range (the IQR range r) must be a finite number >= 0, "
+                    f"got {self.outlier_range!r}"
+                )
             if self.outlier_pct:
-                raise SqlabError("give outlier_pct (solve for r) or outlier_range (fixed r), not both; "
-                                 f"got outlier_pct={self.outlier_pct}, outlier_range={self.outlier_range}")
+                raise SqlabError(
+                    "give outlier_pct (solve for r) or outlier_range (fixed r), not both; "
+                    f"got outlier_pct={self.outlier_pct}, outlier_range={self.outlier_range}"
+                )
         _check_bool(self, "weighted")
         if self.kmeans not in KMEANS:
             raise SqlabError(f"kmeans must be one of {', '.join(KMEANS)}, got {self.kmeans!r}")
@@ -172,8 +187,10 @@ class SqueezeLLMConfig(MethodConfig):
             sparse = f" r={self.outlier_range:g}+{self.sensitive_pct:g}%"
         else:
             sparse = f" {self.outlier_pct:g}%+{self.sensitive_pct:g}%" if self.sparse else " dense"
-        return (f"SqueezeLLM {self.wbits}-bit{sparse}{'' if self.weighted else ' unweighted'}"
-                f"{' fast k-means' if self.kmeans == 'fast' else ''}")
+        return (
+            f"SqueezeLLM {self.wbits}-bit{sparse}{'' if self.weighted else ' unweighted'}"
+            f"{' fast k-means' if self.kmeans == 'fast' else ''}"
+        )
 
 
 @dataclass(frozen=True)
@@ -212,8 +229,11 @@ class GPTQConfig(MethodConfig):
     def validate(self) -> None:
         _check_groupsize(self)
         _check_bool(self, "act_order")
-        if not isinstance(self.percdamp, (int, float)) or isinstance(self.percdamp, bool) or \
-                not 0 < self.percdamp < 1:
+        if (
+            not isinstance(self.percdamp, (int, float))
+            or isinstance(self.percdamp, bool)
+            or not 0 < self.percdamp < 1
+        ):
             raise SqlabError(f"percdamp must be in (0, 1), got {self.percdamp!r}")
         _check_calibration(self)
 
@@ -223,7 +243,9 @@ class GPTQConfig(MethodConfig):
 
 
 QuantConfig = SqueezeLLMConfig  # the workbench's method, by its historical name
-CONFIGS: dict[str, type[MethodConfig]] = {c.method: c for c in (SqueezeLLMConfig, RTNConfig, GPTQConfig)}
+CONFIGS: dict[str, type[MethodConfig]] = {
+    c.method: c for c in (SqueezeLLMConfig, RTNConfig, GPTQConfig)
+}
 METHODS = tuple(CONFIGS)
 
 
@@ -245,11 +267,17 @@ def config_for(method: str, wbits: int, *, strict: bool = False, **settings) -> 
     cls = config_type(method)
     own = {f.name for f in fields(cls)}
     if strict:
-        foreign = [k for k, v in settings.items()
-                   if k in OWN_FIELDS and k not in own and v not in (0, 0.0, None, False)]
+        foreign = [
+            k
+            for k, v in settings.items()
+            if k in OWN_FIELDS and k not in own and v not in (0, 0.0, None, False)
+        ]
         if foreign:
-            why = (f"method {method!r} keeps no sparse part" if set(foreign) & set(SPARSE_FIELDS)
-                   else f"method {method!r} reads {', '.join(sorted(own))}")
+            why = (
+                f"method {method!r} keeps no sparse part"
+                if set(foreign) & set(SPARSE_FIELDS)
+                else f"method {method!r} reads {', '.join(sorted(own))}"
+            )
             raise SqlabError(f"{', '.join(foreign)}: not a setting of {method}; {why}")
     return cls(wbits=wbits, **{k: v for k, v in settings.items() if k in own})
 
@@ -261,5 +289,7 @@ def config_from_dict(values: dict) -> MethodConfig:
     known = {f.name for f in fields(cls)}
     unknown = set(values) - known
     if unknown:
-        raise SqlabError(f"unknown {cls.__name__} fields {sorted(unknown)}; known fields are {sorted(known)}")
+        raise SqlabError(
+            f"unknown {cls.__name__} fields {sorted(unknown)}; known fields are {sorted(known)}"
+        )
     return cls(**values)

@@ -46,8 +46,10 @@ PREFILL_BLOCK = 1 << 22  # weights dequantized at a time for a prompt (16 MB of 
 class _Args(ctypes.Structure):
     """``struct SqGemv`` of lut_gemv_cpu.cpp."""
 
-    _fields_ = [(name, ctypes.c_void_p) for name in ("qweight", "table", "rows", "cols", "vals", "bias", "x", "y")] \
-        + [(name, ctypes.c_int32) for name in ("K", "N", "wbits", "tokens", "x_stride")]
+    _fields_ = [
+        (name, ctypes.c_void_p)
+        for name in ("qweight", "table", "rows", "cols", "vals", "bias", "x", "y")
+    ] + [(name, ctypes.c_int32) for name in ("K", "N", "wbits", "tokens", "x_stride")]
 
 
 def compiler() -> str | None:
@@ -61,7 +63,14 @@ def compiler() -> str | None:
 def _cpu_signature() -> str:
     """What -march=native depends on: the machine and its CPU flags."""
     try:
-        flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
+        flags = next(
+            (
+                line
+                for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("flags")
+            ),
+            "",
+        )
     except OSError:
         flags = ""
     return f"{platform.machine()} {platform.processor()} {flags}"
@@ -72,33 +81,53 @@ def library(flags: tuple[str, ...] = FLAGS, source_name: str = SOURCE) -> ctypes
     """A compiled CPU kernel library of ``kernels/`` (compiled on first use, then loaded from the cache)."""
     cxx = compiler()
     if cxx is None:
-        raise SqlabError("no C++ compiler found (g++, c++ or clang++; or set CXX): the CPU kernel cannot be built "
-                         "(apt-get install g++)")
+        raise SqlabError(
+            "no C++ compiler found (g++, c++ or clang++; or set CXX): the CPU kernel cannot be built "
+            "(apt-get install g++)"
+        )
     source = kernels.KERNEL_DIR / source_name
     if not source.is_file():
-        raise SqlabError(f"kernel source {source} not found; set SQLAB_KERNEL_DIR to the repository's kernels/ folder")
+        raise SqlabError(
+            f"kernel source {source} not found; set SQLAB_KERNEL_DIR to the repository's kernels/ folder"
+        )
     try:
-        version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=30).stdout
+        version = subprocess.run(
+            [cxx, "--version"], capture_output=True, text=True, timeout=30
+        ).stdout
     except OSError as exc:
         raise SqlabError(f"the C++ compiler {cxx!r} does not run: {exc}") from exc
-    key = hashlib.sha256("\0".join([source.read_text(), *flags, cxx, version, _cpu_signature()]).encode())
+    key = hashlib.sha256(
+        "\0".join([source.read_text(), *flags, cxx, version, _cpu_signature()]).encode()
+    )
     folder = cache_dir("cpu_kernels")
     folder.mkdir(parents=True, exist_ok=True)
     target = folder / f"{source.stem}-{key.hexdigest()[:20]}.so"
     if not target.exists():
         with files.atomic_path(target) as tmp:  # another process may be compiling the same source
-            done = subprocess.run([cxx, *flags, "-o", str(tmp), str(source)], capture_output=True, text=True)
+            done = subprocess.run(
+                [cxx, *flags, "-o", str(tmp), str(source)], capture_output=True, text=True
+            )
             if done.returncode:
                 raise SqlabError(f"{cxx} could not compile {source}:\n{done.stderr[-3000:]}")
     lib = ctypes.CDLL(str(target))
     if source_name == SOURCE:
         lib.sq_gemv.argtypes = [ctypes.c_void_p]
-        lib.sq_dequantize.argtypes = [ctypes.c_void_p, ctypes.c_int32, ctypes.c_int32, ctypes.c_void_p]
+        lib.sq_dequantize.argtypes = [
+            ctypes.c_void_p,
+            ctypes.c_int32,
+            ctypes.c_int32,
+            ctypes.c_void_p,
+        ]
         for function in (lib.sq_gemv, lib.sq_dequantize, lib.sq_vectorized):
             function.restype = ctypes.c_int
     elif source_name == KMEANS_SOURCE:
-        lib.sq_kmeans_dp.argtypes = [ctypes.c_void_p, ctypes.c_void_p, *[ctypes.c_int] * 3, ctypes.c_void_p,
-                                     ctypes.c_void_p]
+        lib.sq_kmeans_dp.argtypes = [
+            ctypes.c_void_p,
+            ctypes.c_void_p,
+            *[ctypes.c_int] * 3,
+            ctypes.c_void_p,
+            ctypes.c_void_p,
+        ]
         lib.sq_kmeans_dp.restype = ctypes.c_int
     return lib
 
@@ -130,11 +159,22 @@ class CpuGemv:
     dtype first, as ``sqlab.packing.reconstruct`` computes), 16 fp32 entries a row.
     """
 
-    def __init__(self, qweight: Tensor, lut: Tensor, wbits: int, in_features: int, dtype: torch.dtype,
-                 csr: CSR | None = None, bias: Tensor | None = None, name: str = "SqueezeLinear",
-                 flags: tuple[str, ...] = FLAGS):
+    def __init__(
+        self,
+        qweight: Tensor,
+        lut: Tensor,
+        wbits: int,
+        in_features: int,
+        dtype: torch.dtype,
+        csr: CSR | None = None,
+        bias: Tensor | None = None,
+        name: str = "SqueezeLinear",
+        flags: tuple[str, ...] = FLAGS,
+    ):
         if dtype not in kernels.DTYPES:
-            raise SqlabError(f"the CPU kernel takes float32, float16 or bfloat16 activations, got {dtype}")
+            raise SqlabError(
+                f"the CPU kernel takes float32, float16 or bfloat16 activations, got {dtype}"
+            )
         self.out_features = kernels.check_parts(qweight, lut, wbits, in_features, csr, bias, name)
         for tensor, what in ((qweight, "qweight"), (lut, "lut")):
             if tensor.device.type != "cpu":
@@ -144,14 +184,27 @@ class CpuGemv:
         self.device_index = -1  # what Tensor.get_device() says for CPU tensors
         sparse = csr is not None and csr.nnz > 0
         weights = lut.to(csr.vals.dtype if sparse else dtype).to(dtype).float()  # (N, 2^wbits)
-        self.table = (torch.cat([weights, weights], 1) if wbits == 3 else weights).contiguous()  # (N, 16)
+        self.table = (
+            torch.cat([weights, weights], 1) if wbits == 3 else weights
+        ).contiguous()  # (N, 16)
         self.qweight = qweight
         self.rows, self.cols = (csr.rows, csr.cols) if sparse else (None, None)
         self.vals = csr.vals.float().contiguous() if sparse else None
         self.bias = None if bias is None else bias.float().contiguous()
         self.x_stride = -(-in_features // GROUP) * GROUP
-        self.args = _Args(*(_pointer(t) for t in (qweight, self.table, self.rows, self.cols, self.vals, self.bias)),
-                          None, None, in_features, self.out_features, wbits, 0, self.x_stride)
+        self.args = _Args(
+            *(
+                _pointer(t)
+                for t in (qweight, self.table, self.rows, self.cols, self.vals, self.bias)
+            ),
+            None,
+            None,
+            in_features,
+            self.out_features,
+            wbits,
+            0,
+            self.x_stride,
+        )
         self._address = ctypes.addressof(self.args)
         self._out_shapes: dict = {}
 
@@ -162,13 +215,16 @@ class CpuGemv:
     def __call__(self, x: Tensor) -> Tensor:
         shape = x.shape
         if shape[-1] != self.in_features:
-            raise SqlabError(f"input has shape {tuple(shape)}; the layer takes (..., {self.in_features})")
+            raise SqlabError(
+                f"input has shape {tuple(shape)}; the layer takes (..., {self.in_features})"
+            )
         tokens = x.numel() // self.in_features if self.in_features else 0
         if not 1 <= tokens <= MAX_TOKENS or not self.out_features:
             return self._prefill(x)
         if x.dtype != torch.float32 or not x.is_contiguous() or self.x_stride != self.in_features:
-            x = torch.nn.functional.pad(x.reshape(tokens, self.in_features).float(),
-                                        (0, self.x_stride - self.in_features))
+            x = torch.nn.functional.pad(
+                x.reshape(tokens, self.in_features).float(), (0, self.x_stride - self.in_features)
+            )
         out_shape = self._out_shapes.get(shape)
         if out_shape is None:
             out_shape = self._out_shapes[shape] = (*shape[:-1], self.out_features)
@@ -178,7 +234,9 @@ class CpuGemv:
         self.lib.sq_gemv(self._address)
         return y if self.dtype == torch.float32 else y.to(self.dtype)
 
-    def dequantize(self, row0: int = 0, row1: int | None = None, out: Tensor | None = None) -> Tensor:
+    def dequantize(
+        self, row0: int = 0, row1: int | None = None, out: Tensor | None = None
+    ) -> Tensor:
         """Rows ``[row0, row1)`` of ``W_hat`` as fp32, ``(row1 - row0, in_features)``."""
         row1 = self.out_features if row1 is None else row1
         if out is None:
@@ -205,5 +263,8 @@ class CpuGemv:
 @functools.lru_cache(maxsize=None)
 def warn_unavailable(reason: str) -> None:
     """Say once why packed layers on the CPU compute with dequantized weights."""
-    log.warning("sqlab: the CPU LUT-GEMV is not available (%s); SqueezeLinear on the CPU uses dequantized "
-                "weights instead (more memory, slower decoding)", reason)
+    log.warning(
+        "sqlab: the CPU LUT-GEMV is not available (%s); SqueezeLinear on the CPU uses dequantized "
+        "weights instead (more memory, slower decoding)",
+        reason,
+    )

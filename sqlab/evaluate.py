@@ -56,9 +56,11 @@ def check_token_ids(model: nn.Module, tokens: torch.Tensor) -> None:
     vocab = model.get_input_embeddings().num_embeddings
     if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= vocab):
         bad = int(tokens.min()) if int(tokens.min()) < 0 else int(tokens.max())
-        raise SqlabError(f"token id {bad} is out of range: the model's vocabulary has {vocab} "
-                         f"tokens (ids 0 to {vocab - 1}); were the tokens made by another model's "
-                         "tokenizer?")
+        raise SqlabError(
+            f"token id {bad} is out of range: the model's vocabulary has {vocab} "
+            f"tokens (ids 0 to {vocab - 1}); were the tokens made by another model's "
+            "tokenizer?"
+        )
 
 
 def _device(model: nn.Module) -> torch.device:
@@ -93,15 +95,19 @@ class Estimate:
 def spread_order(n: int) -> list[int]:
     """``range(n)`` in an order whose every prefix is spread over the range (bit-reversal order)."""
     bits = max(1, (n - 1).bit_length())
-    return [i for i in sorted(range(1 << bits), key=lambda v: int(f"{v:0{bits}b}"[::-1], 2)) if i < n]
+    return [
+        i for i in sorted(range(1 << bits), key=lambda v: int(f"{v:0{bits}b}"[::-1], 2)) if i < n
+    ]
 
 
 def _estimate(scores: list[tuple[float, int]], total: int) -> Estimate:
     nll_sum, count = sum(s for s, _ in scores), sum(c for _, c in scores)
     mean, n = nll_sum / count, len(scores)
     if not math.isfinite(mean):
-        raise SqlabError(f"the model's loss is {mean} on this text: its outputs contain NaN or "
-                         "Inf, so its weights are damaged; a perplexity cannot be given")
+        raise SqlabError(
+            f"the model's loss is {mean} on this text: its outputs contain NaN or "
+            "Inf, so its weights are damaged; a perplexity cannot be given"
+        )
     low, high = 0.0, math.inf
     if n >= 2:
         means = [s / c for s, c in scores]
@@ -113,10 +119,17 @@ def _estimate(scores: list[tuple[float, int]], total: int) -> Estimate:
 
 
 @torch.inference_mode()
-def perplexity_estimates(model: nn.Module, tokens: torch.Tensor, seqlen: int = 512, *,
-                         max_windows: int | None = None, batch_size: int | None = None,
-                         scored: dict[int, tuple[float, int]] | None = None, on_window=None,
-                         progress: bool = True):
+def perplexity_estimates(
+    model: nn.Module,
+    tokens: torch.Tensor,
+    seqlen: int = 512,
+    *,
+    max_windows: int | None = None,
+    batch_size: int | None = None,
+    scored: dict[int, tuple[float, int]] | None = None,
+    on_window=None,
+    progress: bool = True,
+):
     """Score the windows of ``perplexity`` progressively, yielding an ``Estimate`` after each batch.
 
     ``scored`` maps window starts already scored to their ``(NLL sum, tokens)``: they
@@ -139,8 +152,14 @@ def perplexity_estimates(model: nn.Module, tokens: torch.Tensor, seqlen: int = 5
         part = todo[i : i + batch_size]
         batch = torch.stack([tokens[s : s + seqlen] for s in part]).to(device)
         logits = model(batch, use_cache=False).logits[:, :-1].float()
-        nll = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1),
-                                          reduction="none").reshape(len(part), -1).sum(1).tolist()
+        nll = (
+            nn.functional.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="none"
+            )
+            .reshape(len(part), -1)
+            .sum(1)
+            .tolist()
+        )
         for start, value in zip(part, nll):
             done[start] = (value, seqlen - 1)
             if on_window is not None:
@@ -150,14 +169,24 @@ def perplexity_estimates(model: nn.Module, tokens: torch.Tensor, seqlen: int = 5
     bar.close()
 
 
-def perplexity(model: nn.Module, tokens: torch.Tensor, seqlen: int = 512, *, max_windows: int | None = None,
-               batch_size: int | None = None, progress: bool = True) -> Perplexity:
+def perplexity(
+    model: nn.Module,
+    tokens: torch.Tensor,
+    seqlen: int = 512,
+    *,
+    max_windows: int | None = None,
+    batch_size: int | None = None,
+    progress: bool = True,
+) -> Perplexity:
     """Perplexity of ``model`` on 1-D ``tokens`` over non-overlapping ``seqlen`` windows."""
     last = None
-    for last in perplexity_estimates(model, tokens, seqlen, max_windows=max_windows, batch_size=batch_size,
-                                     progress=progress):
+    for last in perplexity_estimates(
+        model, tokens, seqlen, max_windows=max_windows, batch_size=batch_size, progress=progress
+    ):
         pass
-    return Perplexity(ppl=last.ppl, nll=last.nll, windows=last.total, seqlen=seqlen, tokens=last.tokens)
+    return Perplexity(
+        ppl=last.ppl, nll=last.nll, windows=last.total, seqlen=seqlen, tokens=last.tokens
+    )
 
 
 @dataclass(frozen=True)
@@ -201,8 +230,15 @@ def _sync(device: torch.device) -> None:
 
 
 def _greedy(model: nn.Module, ids: torch.Tensor, n: int, streamer=None) -> torch.Tensor:
-    return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
-                          do_sample=False, pad_token_id=model.config.eos_token_id or 0, streamer=streamer)
+    return model.generate(
+        ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=n,
+        min_new_tokens=n,
+        do_sample=False,
+        pad_token_id=model.config.eos_token_id or 0,
+        streamer=streamer,
+    )
 
 
 class _TokenClock:
@@ -256,7 +292,12 @@ def _static_cache(model: nn.Module, max_len: int, device: torch.device, dtype: t
 
     params = inspect.signature(StaticCache.__init__).parameters
     kwargs = {"config": model.config, "max_cache_len": max_len}
-    for name, value in (("max_batch_size", 1), ("batch_size", 1), ("device", device), ("dtype", dtype)):
+    for name, value in (
+        ("max_batch_size", 1),
+        ("batch_size", 1),
+        ("device", device),
+        ("dtype", dtype),
+    ):
         if name in params:  # older transformers size and place the cache up front
             kwargs[name] = value
     return StaticCache(**kwargs)
@@ -285,7 +326,9 @@ class StaticDecoder:
             position = torch.arange(prompt.shape[1], device=self.device)
             logits = self._forward(prompt, position[None])
             self.token = logits[:, -1].argmax(-1, keepdim=True)  # (1, 1)
-            self.position = torch.full((1, 1), prompt.shape[1], dtype=torch.long, device=self.device)
+            self.position = torch.full(
+                (1, 1), prompt.shape[1], dtype=torch.long, device=self.device
+            )
             self.out[0] = self.token[0, 0]
             self.step_index.fill_(1)
 
@@ -324,7 +367,11 @@ class StaticDecoder:
         torch.cuda.current_stream(self.device).wait_stream(stream)
         self.arena = kernels.CounterArena(self.device)
         graph = torch.cuda.CUDAGraph()
-        with torch.inference_mode(), kernels.capture_scope(self.arena), torch.cuda.graph(graph, stream=stream):
+        with (
+            torch.inference_mode(),
+            kernels.capture_scope(self.arena),
+            torch.cuda.graph(graph, stream=stream),
+        ):
             self._eager_step()
         self.graph = graph
 
@@ -355,16 +402,27 @@ def graph_decoding(model: nn.Module, ids: torch.Tensor, new_tokens: int, repeats
                 decoder.step()
             _sync(ids.device)
             times.append((time.perf_counter() - start) / new_tokens * 1e3)
-    except Exception as exc:  # a model whose forward cannot be captured: say so, keep the eager numbers
-        return None, None, f"graph capture failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+    except (
+        Exception
+    ) as exc:  # a model whose forward cannot be captured: say so, keep the eager numbers
+        return (
+            None,
+            None,
+            f"graph capture failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}",
+        )
     median, spread = _median_spread(times)
     return median, spread, "one captured decoding step replayed per token (static KV cache)"
 
 
 @torch.inference_mode()
-def generation_benchmark(model: nn.Module, tokenizer, new_tokens: int = 64,
-                         prompt: str = "To be, or not to be, that is the question:", repeats: int = 5,
-                         graph: bool = True) -> GenerationBench:
+def generation_benchmark(
+    model: nn.Module,
+    tokenizer,
+    new_tokens: int = 64,
+    prompt: str = "To be, or not to be, that is the question:",
+    repeats: int = 5,
+    graph: bool = True,
+) -> GenerationBench:
     """Greedy decoding of ``new_tokens`` tokens at batch 1: eager, and on a GPU from a CUDA graph.
 
     After a warm-up, ``repeats`` runs of ``generate()``, each stamping its tokens as they
@@ -398,12 +456,22 @@ def generation_benchmark(model: nn.Module, tokenizer, new_tokens: int = 64,
     else:
         peak, kind = peak_rss_mb(), "process peak RSS"
     return GenerationBench(
-        device=str(device), new_tokens=new_tokens, prompt_tokens=ids.shape[1], repeats=repeats,
-        prefill_ms=statistics.median(prefill), decode_ms_per_token=decode, decode_ms_spread=spread,
-        tokens_per_s=1e3 / decode if decode > 0 else float("inf"), graph_decode_ms_per_token=graph_ms,
-        graph_decode_ms_spread=graph_spread, graph_tokens_per_s=1e3 / graph_ms if graph_ms else None,
-        graph_note=note, weights_mb=weights_bytes(model) / 2**20,
-        linear_weights_mb=linear_weights_bytes(model) / 2**20, peak_memory_mb=peak, peak_memory_kind=kind,
+        device=str(device),
+        new_tokens=new_tokens,
+        prompt_tokens=ids.shape[1],
+        repeats=repeats,
+        prefill_ms=statistics.median(prefill),
+        decode_ms_per_token=decode,
+        decode_ms_spread=spread,
+        tokens_per_s=1e3 / decode if decode > 0 else float("inf"),
+        graph_decode_ms_per_token=graph_ms,
+        graph_decode_ms_spread=graph_spread,
+        graph_tokens_per_s=1e3 / graph_ms if graph_ms else None,
+        graph_note=note,
+        weights_mb=weights_bytes(model) / 2**20,
+        linear_weights_mb=linear_weights_bytes(model) / 2**20,
+        peak_memory_mb=peak,
+        peak_memory_kind=kind,
     )
 
 
@@ -420,7 +488,9 @@ def _time(fn, repeats: int, device: torch.device) -> float:
     return statistics.median(times)
 
 
-def memory_bandwidth(device: torch.device | str = "cpu", megabytes: int = 256, repeats: int = 7) -> float:
+def memory_bandwidth(
+    device: torch.device | str = "cpu", megabytes: int = 256, repeats: int = 7
+) -> float:
     """Measured memory bandwidth in GB/s: a large tensor copy (bytes read + bytes written)."""
     device = torch.device(device)
     src = torch.empty(megabytes * 2**20 // 4, dtype=torch.float32, device=device).fill_(1.0)
@@ -442,7 +512,13 @@ def last_level_cache_bytes(default: int = 32 * 2**20) -> int:
     return max(sizes, default=default)
 
 
-GEMV_FORMATS = ("fp32", "bf16", "w4", "w3", "w3s")  # torch fp32/bf16; sqlab's packed 4/3-bit, 3-bit + 0.45% sparse
+GEMV_FORMATS = (
+    "fp32",
+    "bf16",
+    "w4",
+    "w3",
+    "w3s",
+)  # torch fp32/bf16; sqlab's packed 4/3-bit, 3-bit + 0.45% sparse
 SPARSE_DENSITY = 0.0045
 
 
@@ -461,19 +537,32 @@ def _gemv_operator(fmt: str, out_features: int, in_features: int, seed: int):
     csr = None
     if fmt.endswith("s"):
         nnz = round(SPARSE_DENSITY * out_features * in_features)
-        csr = to_csr(torch.randint(0, out_features, (nnz,), generator=gen),
-                     torch.randint(0, in_features, (nnz,), generator=gen), torch.randn(nnz, generator=gen),
-                     out_features)
-    idx = torch.randint(0, 1 << wbits, (out_features, in_features), generator=gen, dtype=torch.uint8)
-    layer = SqueezeLinear.from_parts(pack(idx, wbits), torch.randn(out_features, 1 << wbits, generator=gen).half(),
-                                     in_features, csr)
+        csr = to_csr(
+            torch.randint(0, out_features, (nnz,), generator=gen),
+            torch.randint(0, in_features, (nnz,), generator=gen),
+            torch.randn(nnz, generator=gen),
+            out_features,
+        )
+    idx = torch.randint(
+        0, 1 << wbits, (out_features, in_features), generator=gen, dtype=torch.uint8
+    )
+    layer = SqueezeLinear.from_parts(
+        pack(idx, wbits),
+        torch.randn(out_features, 1 << wbits, generator=gen).half(),
+        in_features,
+        csr,
+    )
     x = torch.randn(1, in_features, generator=gen)
     layer(x)  # prepare the kernel
     return (lambda: layer(x)), linear_weights_bytes(layer)
 
 
-def gemv_timings(shapes: list[tuple[int, int]], formats: tuple[str, ...] = GEMV_FORMATS, repeats: int = 7,
-                 cache_bytes: int | None = None) -> list[dict]:
+def gemv_timings(
+    shapes: list[tuple[int, int]],
+    formats: tuple[str, ...] = GEMV_FORMATS,
+    repeats: int = 7,
+    cache_bytes: int | None = None,
+) -> list[dict]:
     """Batch-1 matrix-vector products on the CPU, ``(out, in)`` weights in each format, timed honestly.
 
     Each timed round calls every one of ``copies`` independent weight copies once, with
@@ -488,7 +577,9 @@ def gemv_timings(shapes: list[tuple[int, int]], formats: tuple[str, ...] = GEMV_
         for fmt in formats:
             call, moved = _gemv_operator(fmt, out_features, in_features, seed=0)
             copies = max(1, -(-2 * cache_bytes // moved))
-            calls = [call] + [_gemv_operator(fmt, out_features, in_features, seed=c)[0] for c in range(1, copies)]
+            calls = [call] + [
+                _gemv_operator(fmt, out_features, in_features, seed=c)[0] for c in range(1, copies)
+            ]
             rounds = []
             for round_ in range(repeats + 1):
                 start = time.perf_counter()
@@ -497,8 +588,18 @@ def gemv_timings(shapes: list[tuple[int, int]], formats: tuple[str, ...] = GEMV_
                 if round_:  # the first round warms up
                     rounds.append((time.perf_counter() - start) / copies * 1e6)
             median, (low, high) = statistics.median(rounds), (min(rounds), max(rounds))
-            rows.append({"shape": [out_features, in_features], "format": fmt, "bytes": moved, "copies": copies,
-                         "us_median": median, "us_min": low, "us_max": high, "gbs": moved / median / 1e3})
+            rows.append(
+                {
+                    "shape": [out_features, in_features],
+                    "format": fmt,
+                    "bytes": moved,
+                    "copies": copies,
+                    "us_median": median,
+                    "us_min": low,
+                    "us_max": high,
+                    "gbs": moved / median / 1e3,
+                }
+            )
             del calls, call
     return rows
 
@@ -523,8 +624,12 @@ def linear_weights_bytes(model: nn.Module) -> int:
     if isinstance(model, SqueezeLinear):
         modules = [model]
     else:
-        modules = [m for _, block in decoder_blocks(model) for m in block.modules()
-                   if isinstance(m, (SqueezeLinear, nn.Linear))]
+        modules = [
+            m
+            for _, block in decoder_blocks(model)
+            for m in block.modules()
+            if isinstance(m, (SqueezeLinear, nn.Linear))
+        ]
     for module in modules:
         for t in (*module.buffers(), *module.parameters()):
             add(t)

@@ -39,15 +39,27 @@ _HANDLERS: dict[type, Callable] = {}
 
 def handles(config_type: type[MethodConfig]):
     """Register the function that quantizes a model with configs of ``config_type``."""
+
     def register(fn):
         _HANDLERS[config_type] = fn
         return fn
+
     return register
 
 
-def quantize(model: nn.Module, tokenizer, config: MethodConfig, *, fisher: dict | None = None,
-             simulate: bool = False, work_dir: str | Path | None = None, blocks: list[int] | None = None,
-             profile=None, cache: bool = True, progress: bool = True) -> QuantReport:
+def quantize(
+    model: nn.Module,
+    tokenizer,
+    config: MethodConfig,
+    *,
+    fisher: dict | None = None,
+    simulate: bool = False,
+    work_dir: str | Path | None = None,
+    blocks: list[int] | None = None,
+    profile=None,
+    cache: bool = True,
+    progress: bool = True,
+) -> QuantReport:
     """Quantize ``model`` in place with the method of ``config``, calibrating on ``config.calib``.
 
     SqueezeLLM computes (or loads) the Fisher information and packs
@@ -64,20 +76,59 @@ def quantize(model: nn.Module, tokenizer, config: MethodConfig, *, fisher: dict 
     handler = _HANDLERS.get(type(config))
     if handler is None:
         raise SqlabError(f"no quantizer is registered for {type(config).__name__}")
-    return handler(model, tokenizer, config, fisher=fisher, simulate=simulate, work_dir=work_dir, blocks=blocks,
-                   profile=profile, cache=cache, progress=progress)
+    return handler(
+        model,
+        tokenizer,
+        config,
+        fisher=fisher,
+        simulate=simulate,
+        work_dir=work_dir,
+        blocks=blocks,
+        profile=profile,
+        cache=cache,
+        progress=progress,
+    )
 
 
 @handles(SqueezeLLMConfig)
-def _squeezellm(model, tokenizer, config: SqueezeLLMConfig, *, fisher, simulate, work_dir, blocks, profile, cache,
-                progress) -> QuantReport:
+def _squeezellm(
+    model,
+    tokenizer,
+    config: SqueezeLLMConfig,
+    *,
+    fisher,
+    simulate,
+    work_dir,
+    blocks,
+    profile,
+    cache,
+    progress,
+) -> QuantReport:
     if fisher is None and config.needs_fisher:
-        fisher = compute_fisher(model, tokenizer, config.calib, config.nsamples, config.seqlen, config.seed,
-                                cache=cache, progress=progress)
-    if work_dir is None and cache and not simulate:  # simulated points are cached as results instead
+        fisher = compute_fisher(
+            model,
+            tokenizer,
+            config.calib,
+            config.nsamples,
+            config.seqlen,
+            config.seed,
+            cache=cache,
+            progress=progress,
+        )
+    if (
+        work_dir is None and cache and not simulate
+    ):  # simulated points are cached as results instead
         work_dir = assets.cache_path("quant", config.key(models.fingerprint(model)))
-    return quantize_model(model, config, fisher, simulate=simulate, work_dir=work_dir, blocks=blocks,
-                          profile=profile, progress=progress)
+    return quantize_model(
+        model,
+        config,
+        fisher,
+        simulate=simulate,
+        work_dir=work_dir,
+        blocks=blocks,
+        profile=profile,
+        progress=progress,
+    )
 
 
 def _linears_of(model, blocks: list[int] | None) -> set[str] | None:
@@ -94,19 +145,37 @@ def _rtn(model, tokenizer, config: RTNConfig, *, fisher, blocks, **_) -> QuantRe
 
 
 @handles(GPTQConfig)
-def _gptq(model, tokenizer, config: GPTQConfig, *, fisher, blocks, cache, progress, **_) -> QuantReport:
-    windows = data.calibration_windows(tokenizer, config.calib, config.nsamples, config.seqlen, config.seed)
+def _gptq(
+    model, tokenizer, config: GPTQConfig, *, fisher, blocks, cache, progress, **_
+) -> QuantReport:
+    windows = data.calibration_windows(
+        tokenizer, config.calib, config.nsamples, config.seqlen, config.seed
+    )
     key = config.key(models.fingerprint(model), blocks) if cache else None
-    return baselines.gptq_quantize_model(model, windows, config, fisher=fisher, cache_dir=assets.cache_path("hessians"),
-                                         cache_key=key, only_blocks=blocks, progress=progress)
+    return baselines.gptq_quantize_model(
+        model,
+        windows,
+        config,
+        fisher=fisher,
+        cache_dir=assets.cache_path("hessians"),
+        cache_key=key,
+        only_blocks=blocks,
+        progress=progress,
+    )
 
 
 def reference_config() -> dict:
     return {"method": "none", "label": "unquantized (fp16 size)", "wbits": 16}
 
 
-def sweep_configs(methods=("squeezellm",), wbits=(3, 4), outlier_pct=(0.0,), sensitive_pct=(0.0,),
-                  groupsize=(None,), **common) -> list[MethodConfig]:
+def sweep_configs(
+    methods=("squeezellm",),
+    wbits=(3, 4),
+    outlier_pct=(0.0,),
+    sensitive_pct=(0.0,),
+    groupsize=(None,),
+    **common,
+) -> list[MethodConfig]:
     """The grid: SqueezeLLM over outlier % × sensitive %, the baselines over group size.
 
     ``common`` settings (calibration, seed, ``weighted``, ``act_order``, ...) go to
@@ -115,7 +184,10 @@ def sweep_configs(methods=("squeezellm",), wbits=(3, 4), outlier_pct=(0.0,), sen
     configs = []
     for method, bits in itertools.product(methods, wbits):
         if method == "squeezellm":
-            grid = [{"outlier_pct": o, "sensitive_pct": s} for o, s in itertools.product(outlier_pct, sensitive_pct)]
+            grid = [
+                {"outlier_pct": o, "sensitive_pct": s}
+                for o, s in itertools.product(outlier_pct, sensitive_pct)
+            ]
         else:
             grid = [{"groupsize": g or None} for g in groupsize]
         configs += [config_for(method, bits, **common, **cell) for cell in grid]
@@ -132,8 +204,10 @@ def paper_configs(wbits=(3, 4), **common) -> list[MethodConfig]:
     configs = []
     for bits in wbits:
         configs += [config_for(m, bits, groupsize=g, **common) for m, g in PAPER_BASELINES]
-        configs += [config_for("squeezellm", bits, outlier_pct=o, sensitive_pct=s, **common)
-                    for o, s in PAPER_SQUEEZELLM]
+        configs += [
+            config_for("squeezellm", bits, outlier_pct=o, sensitive_pct=s, **common)
+            for o, s in PAPER_SQUEEZELLM
+        ]
     return configs
 
 
@@ -147,11 +221,15 @@ class EvalSettings:
     include_path: str | None = None  # a folder of the user's task YAMLs
 
     def as_dict(self, seqlen: int) -> dict:
-        settings = {"datasets": list(self.datasets), "seqlen": seqlen,
-                    "max_windows": self.max_windows}
+        settings = {
+            "datasets": list(self.datasets),
+            "seqlen": seqlen,
+            "max_windows": self.max_windows,
+        }
         if self.tasks:  # only then, so results without tasks keep their cache keys
-            settings.update(tasks=list(self.tasks), task_limit=self.task_limit,
-                            include_path=self.include_path)
+            settings.update(
+                tasks=list(self.tasks), task_limit=self.task_limit, include_path=self.include_path
+            )
         return settings
 
 
@@ -162,7 +240,9 @@ SPEED_VERSION = 2  # speed rows: medians of repeated runs, spreads, linear weigh
 
 def result_key(fingerprint: str, point: dict, evaluation: dict) -> str:
     version = CONFIGS[point["method"]].version if point.get("method") in CONFIGS else None
-    payload = json.dumps([RESULT_SCHEMA, version, fingerprint, point, evaluation], sort_keys=True, default=str)
+    payload = json.dumps(
+        [RESULT_SCHEMA, version, fingerprint, point, evaluation], sort_keys=True, default=str
+    )
     return hashlib.sha256(payload.encode()).hexdigest()[:20]
 
 
@@ -174,7 +254,10 @@ class _WindowStore:
         self.scored: dict[int, tuple[float, int]] = {}
         if path.exists():
             try:
-                self.scored = {int(k): (float(v[0]), int(v[1])) for k, v in json.loads(path.read_text()).items()}
+                self.scored = {
+                    int(k): (float(v[0]), int(v[1]))
+                    for k, v in json.loads(path.read_text()).items()
+                }
             except (ValueError, TypeError, IndexError, KeyError):
                 log.warning("ignoring an unreadable window cache %s", path)
 
@@ -191,8 +274,14 @@ class Sweeper:
     numbers exactly).
     """
 
-    def __init__(self, model_spec: str = "default", evaluation: EvalSettings | None = None,
-                 cache: bool = True, progress: bool = True, blocks: list[int] | None = None):
+    def __init__(
+        self,
+        model_spec: str = "default",
+        evaluation: EvalSettings | None = None,
+        cache: bool = True,
+        progress: bool = True,
+        blocks: list[int] | None = None,
+    ):
         self.spec, self.cache, self.progress = model_spec, cache, progress
         self.blocks = sorted(set(blocks)) if blocks is not None else None
         self.evaluation = evaluation or EvalSettings()
@@ -219,8 +308,9 @@ class Sweeper:
     def fisher(self, config: SqueezeLLMConfig) -> dict:
         key = (config.calib, config.nsamples, config.seqlen, config.seed)
         if key not in self._fisher:
-            self._fisher[key] = compute_fisher(self.model, self.tokenizer, *key, cache=self.cache,
-                                               progress=self.progress)
+            self._fisher[key] = compute_fisher(
+                self.model, self.tokenizer, *key, cache=self.cache, progress=self.progress
+            )
         return self._fisher[key]
 
     def profile(self):
@@ -258,20 +348,37 @@ class Sweeper:
         """
         from . import cpu_kernels
 
-        point = reference_config() if config is None else {**config.relevant(), "label": config.label()}
+        point = (
+            reference_config() if config is None else {**config.relevant(), "label": config.label()}
+        )
         device = str(models.default_device())
         # what the numbers depend on besides the point: how it is timed and which kernel runs
-        how = {"speed": new_tokens, "repeats": repeats, "device": device, "blocks": self.blocks,
-               "timing": SPEED_VERSION, "cpu_kernel": device == "cpu" and cpu_kernels.available()}
+        how = {
+            "speed": new_tokens,
+            "repeats": repeats,
+            "device": device,
+            "blocks": self.blocks,
+            "timing": SPEED_VERSION,
+            "cpu_kernel": device == "cpu" and cpu_kernels.available(),
+        }
         key = result_key(self.fingerprint, point, how)
         path = assets.cache_path("speed", f"{key}.json")
         if self.cache and path.exists():
             return {**json.loads(path.read_text()), "cached": True}
         model = models.load_model(self.spec)
         if config is not None:
-            quantize(model, self.tokenizer, config, fisher=self.fisher(config) if config.packed else None,
-                     blocks=self.blocks, cache=self.cache, progress=self.progress)
-        bench = evaluate.generation_benchmark(model, self.tokenizer, new_tokens=new_tokens, repeats=repeats)
+            quantize(
+                model,
+                self.tokenizer,
+                config,
+                fisher=self.fisher(config) if config.packed else None,
+                blocks=self.blocks,
+                cache=self.cache,
+                progress=self.progress,
+            )
+        bench = evaluate.generation_benchmark(
+            model, self.tokenizer, new_tokens=new_tokens, repeats=repeats
+        )
         row = {"label": point["label"], **bench.as_dict()}
         if self.cache:
             files.write_json(path, row)
@@ -283,13 +390,29 @@ class Sweeper:
         ``on_estimate(dataset, evaluate.Estimate, row)`` sees every intermediate estimate."""
         result = {}
         for d in self.evaluation.datasets:
-            store = _WindowStore(assets.cache_path("windows", result_key(self.fingerprint, point, {
-                "dataset": d, "seqlen": self.seqlen, "blocks": self.blocks}) + ".json") if self.cache else None)
+            store = _WindowStore(
+                assets.cache_path(
+                    "windows",
+                    result_key(
+                        self.fingerprint,
+                        point,
+                        {"dataset": d, "seqlen": self.seqlen, "blocks": self.blocks},
+                    )
+                    + ".json",
+                )
+                if self.cache
+                else None
+            )
             estimate = None
             for estimate in evaluate.perplexity_estimates(
-                    self.model, self.tokens(d), self.seqlen, max_windows=self.evaluation.max_windows,
-                    scored=store.scored if store else None, on_window=store.add if store else None,
-                    progress=self.progress):
+                self.model,
+                self.tokens(d),
+                self.seqlen,
+                max_windows=self.evaluation.max_windows,
+                scored=store.scored if store else None,
+                on_window=store.add if store else None,
+                progress=self.progress,
+            ):
                 if on_estimate is not None:
                     on_estimate(d, estimate, row or point)
             result[f"ppl_{d}"] = estimate.ppl
@@ -302,9 +425,13 @@ class Sweeper:
             return {}
         from .tasks import evaluate_tasks
 
-        found = evaluate_tasks(self.model, self.tokenizer, self.evaluation.tasks,
-                               include_path=self.evaluation.include_path,
-                               limit=self.evaluation.task_limit)
+        found = evaluate_tasks(
+            self.model,
+            self.tokenizer,
+            self.evaluation.tasks,
+            include_path=self.evaluation.include_path,
+            limit=self.evaluation.task_limit,
+        )
         return {task_column(r.task, r.main[0]): r.main[1] for r in found}
 
     def _restore(self) -> None:
@@ -317,28 +444,46 @@ class Sweeper:
         point refines window by window (``evaluate.Estimate``: value and 95% interval;
         ``row``: the point's settings and size, known before its evaluation).
         """
-        point = reference_config() if config is None else {**config.relevant(), "label": config.label()}
+        point = (
+            reference_config() if config is None else {**config.relevant(), "label": config.label()}
+        )
         found = self.cached(point)
         if found is not None:
             return {**found, "cached": True}
         start = time.perf_counter()
         if config is None:
-            weights = sum(m.weight.numel() for n, m in models.quantizable_linears(self.model).items()
-                          if self.blocks is None or models.split_name(n)[0] in self.blocks)
+            weights = sum(
+                m.weight.numel()
+                for n, m in models.quantizable_linears(self.model).items()
+                if self.blocks is None or models.split_name(n)[0] in self.blocks
+            )
             row = {**point, "bits_per_weight": 16.0, "size_mb": weights * 2 / 2**20, "layers": []}
         else:
             fisher = self.fisher(config) if config.packed else None
             try:
-                report = quantize(self.model, self.tokenizer, config, fisher=fisher, simulate=True,
-                                  blocks=self.blocks,
-                                  profile=self.profile() if getattr(config, "uses_outliers", False) else None,
-                                  cache=self.cache, progress=self.progress)
-                row = {**point, "bits_per_weight": report.bits_per_weight, "size_mb": report.size_mb,
-                       "bits_breakdown": report.bits_breakdown(),
-                       "outlier_range": report.outlier_range, "sparse_pct": report.sparse_pct
-                       if config.packed else 0.0,
-                       "layers": [{"name": s.name, "mse": s.mse, "weighted_error": s.weighted_error}
-                                  for s in report.layers]}
+                report = quantize(
+                    self.model,
+                    self.tokenizer,
+                    config,
+                    fisher=fisher,
+                    simulate=True,
+                    blocks=self.blocks,
+                    profile=self.profile() if getattr(config, "uses_outliers", False) else None,
+                    cache=self.cache,
+                    progress=self.progress,
+                )
+                row = {
+                    **point,
+                    "bits_per_weight": report.bits_per_weight,
+                    "size_mb": report.size_mb,
+                    "bits_breakdown": report.bits_breakdown(),
+                    "outlier_range": report.outlier_range,
+                    "sparse_pct": report.sparse_pct if config.packed else 0.0,
+                    "layers": [
+                        {"name": s.name, "mse": s.mse, "weighted_error": s.weighted_error}
+                        for s in report.layers
+                    ],
+                }
                 row.update(self._evaluate(point, on_estimate, row))
             finally:
                 self._restore()
@@ -355,7 +500,9 @@ class Sweeper:
 
         points = ([None] if include_reference else []) + list(configs)
         rows = []
-        for config in tqdm(points, desc="sweep", unit="point", disable=not self.progress, leave=False):
+        for config in tqdm(
+            points, desc="sweep", unit="point", disable=not self.progress, leave=False
+        ):
             row = self.run_point(config)
             rows.append(row)
             if on_row is not None:
@@ -363,8 +510,18 @@ class Sweeper:
         return pd.DataFrame(rows)
 
 
-TABLE_COLUMNS = ("label", "method", "wbits", "outlier_pct", "sensitive_pct", "groupsize", "act_order", "weighted",
-                 "bits_per_weight", "size_mb")
+TABLE_COLUMNS = (
+    "label",
+    "method",
+    "wbits",
+    "outlier_pct",
+    "sensitive_pct",
+    "groupsize",
+    "act_order",
+    "weighted",
+    "bits_per_weight",
+    "size_mb",
+)
 
 
 def task_column(task: str, metric: str) -> str:
@@ -374,8 +531,10 @@ def task_column(task: str, metric: str) -> str:
 
 def _score_columns(frame) -> tuple[list[str], list[str]]:
     """The perplexity columns and the task columns of a sweep table."""
-    return ([c for c in frame.columns if c.startswith("ppl_")],
-            [c for c in frame.columns if ":" in c])
+    return (
+        [c for c in frame.columns if c.startswith("ppl_")],
+        [c for c in frame.columns if ":" in c],
+    )
 
 
 def tidy(frame):
@@ -392,22 +551,34 @@ def render(frame) -> str:
     ppl, scores = _score_columns(frame)
     names = [c[4:] for c in ppl] + scores
     widths = [max(12, len(n)) for n in names]
-    head = f"{'method':<38} {'bits/weight':>11} {'size MB':>8} " + \
-        " ".join(f"{n:>{w}}" for n, w in zip(names, widths)) + f" {'time s':>7}"
+    head = (
+        f"{'method':<38} {'bits/weight':>11} {'size MB':>8} "
+        + " ".join(f"{n:>{w}}" for n, w in zip(names, widths))
+        + f" {'time s':>7}"
+    )
     lines = [head, "-" * len(head)]
     for _, r in frame.iterrows():
-        lines.append(f"{r['label']:<38} {r['bits_per_weight']:>11.3f} {r['size_mb']:>8.1f} "
-                     + " ".join(f"{r[c]:>{w}.3f}" for c, w in zip(ppl + scores, widths))
-                     + f" {r['seconds']:>7.1f}" + (" (cached)" if r.get("cached") else ""))
+        lines.append(
+            f"{r['label']:<38} {r['bits_per_weight']:>11.3f} {r['size_mb']:>8.1f} "
+            + " ".join(f"{r[c]:>{w}.3f}" for c, w in zip(ppl + scores, widths))
+            + f" {r['seconds']:>7.1f}"
+            + (" (cached)" if r.get("cached") else "")
+        )
     return "\n".join(lines)
 
 
-REFERENCE_NOTE = ("reference weights: SmolLM2-135M-Instruct dequantized from its published Q4_1 GGUF; "
-                  "computed in fp32 on the CPU, sized as fp16")
+REFERENCE_NOTE = (
+    "reference weights: SmolLM2-135M-Instruct dequantized from its published Q4_1 GGUF; "
+    "computed in fp32 on the CPU, sized as fp16"
+)
 
 
-def run_demo(max_windows: int | None = None, seqlen: int | None = None, fast: bool = False,
-             progress: bool = True):
+def run_demo(
+    max_windows: int | None = None,
+    seqlen: int | None = None,
+    fast: bool = False,
+    progress: bool = True,
+):
     """The main job: the comparison table on the default model.
 
     Rows: unquantized; RTN per-channel 3/4-bit; SqueezeLLM dense-only and 0.45%
@@ -418,13 +589,23 @@ def run_demo(max_windows: int | None = None, seqlen: int | None = None, fast: bo
     size = preset(fast)
     calib = size.calib
     configs = [RTNConfig(wbits=b) for b in (3, 4)]
-    configs += [SqueezeLLMConfig(wbits=b, outlier_pct=o, sensitive_pct=s, **calib)
-                for b in (3, 4) for o, s in ((0.0, 0.0), (0.45, 0.05))]
+    configs += [
+        SqueezeLLMConfig(wbits=b, outlier_pct=o, sensitive_pct=s, **calib)
+        for b in (3, 4)
+        for o, s in ((0.0, 0.0), (0.45, 0.05))
+    ]
     evaluation = EvalSettings(("shakespeare",), seqlen, max_windows or size.windows)
     sweeper = Sweeper("default", evaluation, progress=progress, blocks=size.blocks)
     frame = sweeper.run(configs)
     blocks = "0-1 (fast mode)" if fast else f"all {len(models.decoder_blocks(sweeper.model))}"
-    settings = {"model": "default (SmolLM2-135M-Instruct)", "dataset": "shakespeare",
-                "eval_texts": list(data.EVAL_TEXTS), "seqlen": sweeper.seqlen, "windows": evaluation.max_windows,
-                "calibration": calib, "quantized_blocks": blocks, "note": REFERENCE_NOTE}
+    settings = {
+        "model": "default (SmolLM2-135M-Instruct)",
+        "dataset": "shakespeare",
+        "eval_texts": list(data.EVAL_TEXTS),
+        "seqlen": sweeper.seqlen,
+        "windows": evaluation.max_windows,
+        "calibration": calib,
+        "quantized_blocks": blocks,
+        "note": REFERENCE_NOTE,
+    }
     return frame, settings

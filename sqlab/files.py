@@ -102,10 +102,21 @@ def digest(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = N
 # safetensors' names of torch dtypes, in the order of its Dtype enum: its writer lays tensors out
 # by that rank, highest first, then by name
 SAFETENSORS_DTYPES = {
-    torch.bool: "BOOL", torch.uint8: "U8", torch.int8: "I8", torch.float8_e5m2: "F8_E5M2",
-    torch.float8_e4m3fn: "F8_E4M3", torch.int16: "I16", torch.uint16: "U16", torch.float16: "F16",
-    torch.bfloat16: "BF16", torch.int32: "I32", torch.uint32: "U32", torch.float32: "F32",
-    torch.float64: "F64", torch.int64: "I64", torch.uint64: "U64",
+    torch.bool: "BOOL",
+    torch.uint8: "U8",
+    torch.int8: "I8",
+    torch.float8_e5m2: "F8_E5M2",
+    torch.float8_e4m3fn: "F8_E4M3",
+    torch.int16: "I16",
+    torch.uint16: "U16",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int32: "I32",
+    torch.uint32: "U32",
+    torch.float32: "F32",
+    torch.float64: "F64",
+    torch.int64: "I64",
+    torch.uint64: "U64",
 }
 _RANK = {dtype: rank for rank, dtype in enumerate(SAFETENSORS_DTYPES)}
 
@@ -123,9 +134,12 @@ class TensorSpec:
         return math.prod(self.shape) * torch.empty(0, dtype=self.dtype).element_size()
 
 
-def write_safetensors(path: str | Path, specs: Iterable[TensorSpec],
-                      pieces: Callable[[TensorSpec], Iterable[torch.Tensor]],
-                      metadata: dict[str, str] | None = None) -> Path:
+def write_safetensors(
+    path: str | Path,
+    specs: Iterable[TensorSpec],
+    pieces: Callable[[TensorSpec], Iterable[torch.Tensor]],
+    metadata: dict[str, str] | None = None,
+) -> Path:
     """A safetensors file written one tensor, or one piece of a tensor, at a time; atomic.
 
     The header comes from ``specs`` alone; then ``pieces(spec)`` yields each tensor's
@@ -139,8 +153,11 @@ def write_safetensors(path: str | Path, specs: Iterable[TensorSpec],
     header: dict = {"__metadata__": dict(sorted(metadata.items()))} if metadata else {}
     offset = 0
     for spec in specs:
-        header[spec.name] = {"dtype": SAFETENSORS_DTYPES[spec.dtype], "shape": list(spec.shape),
-                             "data_offsets": [offset, offset + spec.nbytes]}
+        header[spec.name] = {
+            "dtype": SAFETENSORS_DTYPES[spec.dtype],
+            "shape": list(spec.shape),
+            "data_offsets": [offset, offset + spec.nbytes],
+        }
         offset += spec.nbytes
     text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
     text += b" " * (-len(text) % 8)
@@ -151,19 +168,27 @@ def write_safetensors(path: str | Path, specs: Iterable[TensorSpec],
             written = 0
             for piece in pieces(spec):
                 if piece.dtype != spec.dtype:
-                    raise ValueError(f"{spec.name}: a piece of dtype {piece.dtype}, expected "
-                                     f"{spec.dtype}")
+                    raise ValueError(
+                        f"{spec.name}: a piece of dtype {piece.dtype}, expected {spec.dtype}"
+                    )
                 data = piece.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
                 f.write(data.data)
                 written += data.nbytes
             if written != spec.nbytes:
-                raise ValueError(f"{spec.name}: {written} bytes written, its shape "
-                                 f"{spec.shape} needs {spec.nbytes}")
+                raise ValueError(
+                    f"{spec.name}: {written} bytes written, its shape "
+                    f"{spec.shape} needs {spec.nbytes}"
+                )
     return Path(path)
 
 
-def save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path,
-                     metadata: dict[str, str] | None = None, *, checksum: bool = False) -> Path:
+def save_safetensors(
+    tensors: dict[str, torch.Tensor],
+    path: str | Path,
+    metadata: dict[str, str] | None = None,
+    *,
+    checksum: bool = False,
+) -> Path:
     """``safetensors.torch.save_file``, atomic and byte-reproducible (``write_safetensors``).
 
     ``checksum`` stores the SHA-256 of the tensors and the metadata in the
@@ -193,15 +218,20 @@ class SafetensorsReader:
                 size = int.from_bytes(f.read(8), "little")
                 header = json.loads(f.read(size))
             self.metadata = header.pop("__metadata__", None) or {}
-            self.entries = {k: (names[v["dtype"]], tuple(v["shape"]),
-                                8 + size + v["data_offsets"][0]) for k, v in header.items()}
+            self.entries = {
+                k: (names[v["dtype"]], tuple(v["shape"]), 8 + size + v["data_offsets"][0])
+                for k, v in header.items()
+            }
             end = 8 + size + max((v["data_offsets"][1] for v in header.values()), default=0)
             if self.path.stat().st_size < end:
-                raise ValueError(f"it ends at byte {self.path.stat().st_size}, its header says "
-                                 f"{end}")
+                raise ValueError(
+                    f"it ends at byte {self.path.stat().st_size}, its header says {end}"
+                )
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise SqlabError(f"cannot read {str(self.path)!r}: missing, truncated or not a "
-                             f"safetensors file ({type(exc).__name__}: {exc})") from exc
+            raise SqlabError(
+                f"cannot read {str(self.path)!r}: missing, truncated or not a "
+                f"safetensors file ({type(exc).__name__}: {exc})"
+            ) from exc
 
     def keys(self):
         return self.entries.keys()
@@ -229,13 +259,15 @@ class SafetensorsReader:
                 if f.readinto(memoryview(view)) != view.nbytes:
                     raise OSError("the file ends early")
         except OSError as exc:
-            raise SqlabError(f"cannot read {name} from {str(self.path)!r}: "
-                             f"{_why(exc) if exc.strerror else exc}") from exc
+            raise SqlabError(
+                f"cannot read {name} from {str(self.path)!r}: {_why(exc) if exc.strerror else exc}"
+            ) from exc
         return out
 
 
-def load_safetensors(path: str | Path, *,
-                     verify: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def load_safetensors(
+    path: str | Path, *, verify: bool = False
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Tensors and metadata of a safetensors file.
 
     ``SqlabError`` if it is unreadable or, with ``verify``, if its stored checksum
@@ -247,24 +279,31 @@ def load_safetensors(path: str | Path, *,
             tensors = {key: f.get_tensor(key) for key in f.keys()}
     except Exception as exc:  # safetensors raises its own error types for damaged files
         said = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise SqlabError(f"cannot read {str(path)!r}: missing, truncated or not a safetensors "
-                         f"file ({said})") from exc
+        raise SqlabError(
+            f"cannot read {str(path)!r}: missing, truncated or not a safetensors file ({said})"
+        ) from exc
     if verify:
         expected, found = metadata.get(CHECKSUM), digest(tensors, metadata)
         if expected is None:
-            raise SqlabError(f"{str(path)!r} records no checksum (an older sqlab wrote it), so it "
-                             "cannot be trusted")
+            raise SqlabError(
+                f"{str(path)!r} records no checksum (an older sqlab wrote it), so it "
+                "cannot be trusted"
+            )
         if expected != found:
-            raise SqlabError(f"{str(path)!r} is damaged: its content has SHA-256 {found[:12]}..., "
-                             f"the file records {expected[:12]}...")
+            raise SqlabError(
+                f"{str(path)!r} is damaged: its content has SHA-256 {found[:12]}..., "
+                f"the file records {expected[:12]}..."
+            )
     return tensors, metadata
 
 
 def _absolute(path: str | Path, what: str) -> Path:
     absolute = Path(os.path.abspath(os.path.expanduser(str(path))))
     if not absolute.name:
-        raise SqlabError(f"{what} {str(path)!r} names no directory that can be written; give a "
-                         "path such as out/model-w3")
+        raise SqlabError(
+            f"{what} {str(path)!r} names no directory that can be written; give a "
+            "path such as out/model-w3"
+        )
     return absolute
 
 
@@ -275,9 +314,11 @@ def _probe(folder: Path, path: str | Path, what: str) -> None:
         os.close(fd)
         os.unlink(name)
     except OSError as exc:
-        raise SqlabError(f"{what} {str(path)!r} is not writable: cannot create files in "
-                         f"{str(folder)!r} ({_why(exc)}); choose a location you can write "
-                         "to") from exc
+        raise SqlabError(
+            f"{what} {str(path)!r} is not writable: cannot create files in "
+            f"{str(folder)!r} ({_why(exc)}); choose a location you can write "
+            "to"
+        ) from exc
 
 
 def _existing_parent(path: Path, given: str | Path, what: str) -> Path:
@@ -285,8 +326,9 @@ def _existing_parent(path: Path, given: str | Path, what: str) -> Path:
     while not parent.exists():
         parent = parent.parent
     if not parent.is_dir():
-        raise SqlabError(f"{what} {str(given)!r} cannot be created: {str(parent)!r} is a file, "
-                         "not a directory")
+        raise SqlabError(
+            f"{what} {str(given)!r} cannot be created: {str(parent)!r} is a file, not a directory"
+        )
     return parent
 
 
@@ -298,8 +340,10 @@ def writable_dir(path: str | Path, what: str) -> Path:
     """
     absolute = _absolute(path, what)
     if absolute.exists() and not absolute.is_dir():
-        raise SqlabError(f"{what} {str(path)!r} is a file; expected a directory (a new one, or a "
-                         "sqlab checkpoint to replace)")
+        raise SqlabError(
+            f"{what} {str(path)!r} is a file; expected a directory (a new one, or a "
+            "sqlab checkpoint to replace)"
+        )
     _probe(_existing_parent(absolute, path, what), path, what)
     if absolute.is_dir():
         _probe(absolute, path, what)
@@ -310,15 +354,19 @@ def writable_file(path: str | Path, what: str) -> Path:
     """The absolute path of an output file, checked before any long work."""
     absolute = _absolute(path, what)
     if absolute.is_dir():
-        raise SqlabError(f"{what} {str(path)!r} is a directory; expected a file name such as "
-                         "out/result.json")
+        raise SqlabError(
+            f"{what} {str(path)!r} is a directory; expected a file name such as out/result.json"
+        )
     _probe(_existing_parent(absolute, path, what), path, what)
     return absolute
 
 
 def _partials(out: Path) -> list[Path]:
-    return [p for p in out.parent.glob(f".{out.name}.tmp-*")
-            if p.is_dir() and not p.is_symlink() and (p / PARTIAL_MARKER).is_file()]
+    return [
+        p
+        for p in out.parent.glob(f".{out.name}.tmp-*")
+        if p.is_dir() and not p.is_symlink() and (p / PARTIAL_MARKER).is_file()
+    ]
 
 
 def partial_dir(out: Path) -> Path:
@@ -413,16 +461,19 @@ def _acquire(key: str, what: str) -> int:
             Path(key).parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(key, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as exc:
-            raise SqlabError(f"cannot create the lock file {key!r} for {what}: "
-                             f"{_why(exc)}") from exc
+            raise SqlabError(
+                f"cannot create the lock file {key!r} for {what}: {_why(exc)}"
+            ) from exc
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = " ".join(os.read(fd, 4096).decode(errors="replace").split())
             os.close(fd)
-            raise SqlabError(f"another sqlab run ({holder or 'starting up'}) is writing {what}; "
-                             "wait for it to finish, or choose another output (its lock: "
-                             f"{key})") from None
+            raise SqlabError(
+                f"another sqlab run ({holder or 'starting up'}) is writing {what}; "
+                "wait for it to finish, or choose another output (its lock: "
+                f"{key})"
+            ) from None
         try:
             current = os.stat(key).st_ino == os.fstat(fd).st_ino
         except FileNotFoundError:

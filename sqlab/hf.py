@@ -26,8 +26,12 @@ from .errors import SqlabError
 log = logging.getLogger(__name__)
 
 REGISTRY = "transformers.quantizers.auto"
-HOOKS = ("register_quantization_config", "register_quantizer", "AUTO_QUANTIZER_MAPPING",
-         "AUTO_QUANTIZATION_CONFIG_MAPPING")
+HOOKS = (
+    "register_quantization_config",
+    "register_quantizer",
+    "AUTO_QUANTIZER_MAPPING",
+    "AUTO_QUANTIZATION_CONFIG_MAPPING",
+)
 _problem: str | None = "not registered yet"
 
 
@@ -45,10 +49,14 @@ def register() -> str | None:
         return _problem
     hooks = [h for h in HOOKS if not hasattr(auto, h)]
     if hooks:
-        _problem = (f"transformers {transformers.__version__} has no {', '.join(hooks)} in "
-                    f"{REGISTRY} (its hooks for third-party quantization methods)")
-        log.warning("sqlab cannot register the squeezellm method: %s; load checkpoints with "
-                    "sqlab.load", _problem)
+        _problem = (
+            f"transformers {transformers.__version__} has no {', '.join(hooks)} in "
+            f"{REGISTRY} (its hooks for third-party quantization methods)"
+        )
+        log.warning(
+            "sqlab cannot register the squeezellm method: %s; load checkpoints with sqlab.load",
+            _problem,
+        )
         return _problem
     from .hf_quantizer import SqueezeLLMConfig, SqueezeLLMHfQuantizer
 
@@ -64,8 +72,10 @@ def require() -> None:
     """Raise ``SqlabError`` unless ``from_pretrained`` can load SqueezeLLM checkpoints here."""
     problem = register()
     if problem is not None:
-        raise SqlabError(f"transformers cannot load SqueezeLLM checkpoints in this environment: "
-                         f"{problem}; use sqlab.load(DIR)")
+        raise SqlabError(
+            f"transformers cannot load SqueezeLLM checkpoints in this environment: "
+            f"{problem}; use sqlab.load(DIR)"
+        )
 
 
 class _RegisterAfterImport(importlib.abc.MetaPathFinder):

@@ -29,9 +29,15 @@ class SqueezeLLMConfig(QuantizationConfigMixin):
     """``quantization_config`` of a SqueezeLLM checkpoint (what ``checkpoint.quantization_config``
     writes); settings sqlab does not read (calibration, labels) are kept as given."""
 
-    def __init__(self, wbits: int | list[int] = 3, outlier_pct: float = 0.0,
-                 sensitive_pct: float = 0.0, format: str = checkpoint.FORMAT,
-                 dtype: str = "float16", **kwargs):
+    def __init__(
+        self,
+        wbits: int | list[int] = 3,
+        outlier_pct: float = 0.0,
+        sensitive_pct: float = 0.0,
+        format: str = checkpoint.FORMAT,
+        dtype: str = "float16",
+        **kwargs,
+    ):
         kwargs.pop("quant_method", None)
         self.quant_method = checkpoint.QUANT_METHOD
         self.wbits, self.outlier_pct, self.sensitive_pct = wbits, outlier_pct, sensitive_pct
@@ -39,11 +45,14 @@ class SqueezeLLMConfig(QuantizationConfigMixin):
         self.__dict__.update(kwargs)
         widths = wbits if isinstance(wbits, list) else [wbits]
         if not widths or any(isinstance(w, bool) or w not in (3, 4) for w in widths):
-            raise SqlabError(f"quantization_config has wbits {wbits!r}; SqueezeLLM checkpoints "
-                             "are 3- or 4-bit")
+            raise SqlabError(
+                f"quantization_config has wbits {wbits!r}; SqueezeLLM checkpoints are 3- or 4-bit"
+            )
         if format not in checkpoint.READABLE:
-            raise SqlabError(f"quantization_config has format {format!r}; this sqlab reads "
-                             f"{', '.join(checkpoint.READABLE)}")
+            raise SqlabError(
+                f"quantization_config has format {format!r}; this sqlab reads "
+                f"{', '.join(checkpoint.READABLE)}"
+            )
         checkpoint.storage_dtype(dtype)
 
 
@@ -52,8 +61,10 @@ def _stored(checkpoint_files: list[str]) -> dict[str, tuple[tuple[int, ...], tor
     shapes = {}
     for path in checkpoint_files:
         if not str(path).endswith(".safetensors"):
-            raise SqlabError(f"{path!r} is not a safetensors file; SqueezeLLM checkpoints are "
-                             "loaded from safetensors only")
+            raise SqlabError(
+                f"{path!r} is not a safetensors file; SqueezeLLM checkpoints are "
+                "loaded from safetensors only"
+            )
         try:
             with safe_open(str(path), framework="pt") as f:
                 for key in f.keys():
@@ -62,14 +73,24 @@ def _stored(checkpoint_files: list[str]) -> dict[str, tuple[tuple[int, ...], tor
         except SqlabError:
             raise
         except Exception as exc:
-            raise SqlabError(f"cannot read {str(path)!r}: missing, truncated or not a safetensors "
-                             f"file ({exc})") from exc
+            raise SqlabError(
+                f"cannot read {str(path)!r}: missing, truncated or not a safetensors file ({exc})"
+            ) from exc
     return shapes
 
 
-_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64,
-           "I32": torch.int32, "I64": torch.int64, "I16": torch.int16, "I8": torch.int8,
-           "U8": torch.uint8, "BOOL": torch.bool}
+_DTYPES = {
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F32": torch.float32,
+    "F64": torch.float64,
+    "I32": torch.int32,
+    "I64": torch.int64,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
 
 
 class SqueezeLLMHfQuantizer(HfQuantizer):
@@ -77,25 +98,32 @@ class SqueezeLLMHfQuantizer(HfQuantizer):
 
     requires_calibration = True  # transformers refuses to quantize on the fly with it
 
-    def _process_model_before_weight_loading(self, model, checkpoint_files=None, dtype=None,
-                                             **kwargs):
+    def _process_model_before_weight_loading(
+        self, model, checkpoint_files=None, dtype=None, **kwargs
+    ):
         if checkpoint_files is None:
             import transformers
 
-            raise SqlabError(f"transformers {transformers.__version__} does not tell quantizers "
-                             "which weight files it loads, so it cannot build SqueezeLinear layers "
-                             "before loading; load SqueezeLLM checkpoints with sqlab.load(DIR), or "
-                             "use transformers 5")
+            raise SqlabError(
+                f"transformers {transformers.__version__} does not tell quantizers "
+                "which weight files it loads, so it cannot build SqueezeLinear layers "
+                "before loading; load SqueezeLLM checkpoints with sqlab.load(DIR), or "
+                "use transformers 5"
+            )
         stored = _stored(checkpoint_files)
         source = ", ".join(str(p) for p in checkpoint_files) or "the checkpoint"
         layers = checkpoint.group_shapes(stored)
         if not layers:
-            raise SqlabError(f"{source} holds no packed layers ('*.qweight'), but its config says "
-                             "quant_method 'squeezellm'")
+            raise SqlabError(
+                f"{source} holds no packed layers ('*.qweight'), but its config says "
+                "quant_method 'squeezellm'"
+            )
         checkpoint.install_shells(model, layers, source, bias_dtype=dtype)
         guards = {f"^{re.escape(k)}$" for k in stored if checkpoint.is_guard(k, stored)}
         model._keys_to_ignore_on_load_unexpected = {
-            *(model._keys_to_ignore_on_load_unexpected or ()), *guards}
+            *(model._keys_to_ignore_on_load_unexpected or ()),
+            *guards,
+        }
         self._source = source
         return model
 

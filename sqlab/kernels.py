@@ -39,11 +39,15 @@ from .config import check_wbits
 from .errors import SqlabError
 from .packing import CSR, GROUP, check_csr, packed_rows
 
-KERNEL_DIR = Path(os.environ.get("SQLAB_KERNEL_DIR", Path(__file__).resolve().parents[1] / "kernels"))
+KERNEL_DIR = Path(
+    os.environ.get("SQLAB_KERNEL_DIR", Path(__file__).resolve().parents[1] / "kernels")
+)
 
 MAX_GEMV_TOKENS = 8  # more tokens (a prompt) dequantize once and use cuBLAS
 SHARED_LIMIT = 48 * 1024  # per block, static + dynamic, without an opt-in attribute
-STATIC_EXTRA = 16  # lut_gemv.cu's `last` flag beside the table, padded to the dynamic part's alignment
+STATIC_EXTRA = (
+    16  # lut_gemv.cu's `last` flag beside the table, padded to the dynamic part's alignment
+)
 DQ_ROWS, DQ_GROUPS = 32, 8  # lut_gemv.cu's dequantization tile: W_hat rows x groups of 32 inputs
 SPMV_THREADS = 256
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -52,6 +56,7 @@ _NAMES = "float32, float16 or bfloat16"
 
 
 # --- backends ------------------------------------------------------------------------------------
+
 
 class Backend:
     """Where kernels run. Subclasses compile a source and launch cuLaunchKernel-style."""
@@ -68,7 +73,9 @@ class Backend:
         """A handle of kernel ``name`` in ``file`` compiled with ``defines``, for ``device``."""
         raise NotImplementedError
 
-    def launch(self, function, grid: tuple, block: tuple, shared: int, stream: int, params: int) -> None:
+    def launch(
+        self, function, grid: tuple, block: tuple, shared: int, stream: int, params: int
+    ) -> None:
         """Launch ``function``; ``params`` is the address of an array of argument addresses."""
         raise NotImplementedError
 
@@ -104,7 +111,9 @@ class CupyBackend(Backend):
         _cupy().cuda.driver.launchKernel(function, *grid, *block, shared, stream, params, 0)
 
     def stream(self, device: torch.device) -> int:
-        return _raw_stream(device.index if device.index is not None else torch.cuda.current_device())
+        return _raw_stream(
+            device.index if device.index is not None else torch.cuda.current_device()
+        )
 
     def sm_count(self, device: torch.device) -> int:
         return _sm_count(device)
@@ -176,6 +185,7 @@ def use_gemv(tokens: int) -> bool:
 
 # --- sources and parameter blocks ----------------------------------------------------------------
 
+
 @functools.lru_cache(maxsize=None)
 def _source(file: str) -> str:
     """A kernel source with its local ``#include "x.cuh"`` lines inlined.
@@ -185,8 +195,12 @@ def _source(file: str) -> str:
     """
     path = KERNEL_DIR / file
     if not path.is_file():
-        raise SqlabError(f"kernel source {path} not found; set SQLAB_KERNEL_DIR to the repository's kernels/ folder")
-    return re.sub(r'^#include "([\w.]+)"$', lambda m: _source(m.group(1)), path.read_text(), flags=re.M)
+        raise SqlabError(
+            f"kernel source {path} not found; set SQLAB_KERNEL_DIR to the repository's kernels/ folder"
+        )
+    return re.sub(
+        r'^#include "([\w.]+)"$', lambda m: _source(m.group(1)), path.read_text(), flags=re.M
+    )
 
 
 def _options(defines: tuple[tuple[str, int], ...]) -> tuple[str, ...]:
@@ -202,20 +216,29 @@ class Params:
     """
 
     def __init__(self, args: tuple):
-        self.slots = [ctypes.c_int(a) if isinstance(a, int) else
-                      ctypes.c_void_p(0 if a is None else a.data_ptr()) for a in args]
+        self.slots = [
+            ctypes.c_int(a)
+            if isinstance(a, int)
+            else ctypes.c_void_p(0 if a is None else a.data_ptr())
+            for a in args
+        ]
         self.array = (ctypes.c_void_p * len(args))(*(ctypes.addressof(s) for s in self.slots))
         self.address = ctypes.addressof(self.array)
 
 
 # --- checks at the boundary ----------------------------------------------------------------------
 
-def _check(t: Tensor | None, name: str, *, dtypes: tuple | None = None, shape: tuple | None = None) -> None:
+
+def _check(
+    t: Tensor | None, name: str, *, dtypes: tuple | None = None, shape: tuple | None = None
+) -> None:
     if not isinstance(t, Tensor):
         raise SqlabError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if dtypes is not None and t.dtype not in dtypes:
         accepted = ", ".join(str(d).replace("torch.", "") for d in dtypes)
-        raise SqlabError(f"{name} has dtype {str(t.dtype).replace('torch.', '')}; accepted: {accepted}")
+        raise SqlabError(
+            f"{name} has dtype {str(t.dtype).replace('torch.', '')}; accepted: {accepted}"
+        )
     if shape is not None and tuple(t.shape) != tuple(shape):
         raise SqlabError(f"{name} has shape {tuple(t.shape)}, expected {tuple(shape)}")
     if not t.is_contiguous():
@@ -234,7 +257,9 @@ def _kernel_device(chosen: Backend, **tensors: Tensor | None) -> torch.device:
     return first
 
 
-def _check_csr(csr: CSR, out_features: int, in_features: int, name: str = "the sparse part") -> None:
+def _check_csr(
+    csr: CSR, out_features: int, in_features: int, name: str = "the sparse part"
+) -> None:
     _check(csr.rows, "rows", dtypes=(torch.int32,), shape=(out_features + 1,))
     nnz = csr.cols.numel()
     _check(csr.cols, "cols", dtypes=(torch.int32,), shape=(nnz,))
@@ -247,15 +272,24 @@ def _check_packed(qweight: Tensor, lut: Tensor, wbits: int, in_features: int) ->
     check_wbits(wbits)
     _check(qweight, "qweight", dtypes=(torch.int32,))
     if qweight.ndim != 2 or qweight.shape[0] != packed_rows(in_features, wbits):
-        raise SqlabError(f"qweight has shape {tuple(qweight.shape)}; {wbits}-bit packing of {in_features} inputs "
-                         f"needs ({packed_rows(in_features, wbits)}, out_features)")
+        raise SqlabError(
+            f"qweight has shape {tuple(qweight.shape)}; {wbits}-bit packing of {in_features} inputs "
+            f"needs ({packed_rows(in_features, wbits)}, out_features)"
+        )
     out_features = qweight.shape[1]
     _check(lut, "lut", dtypes=DTYPES, shape=(out_features, 1 << wbits))
     return out_features
 
 
-def check_parts(qweight: Tensor, lut: Tensor, wbits: int, in_features: int, csr: CSR | None, bias: Tensor | None,
-                name: str = "the layer") -> int:
+def check_parts(
+    qweight: Tensor,
+    lut: Tensor,
+    wbits: int,
+    in_features: int,
+    csr: CSR | None,
+    bias: Tensor | None,
+    name: str = "the layer",
+) -> int:
     """Check a packed layer's buffers once, before kernels index memory with them; returns ``out_features``.
 
     Shapes and dtypes of ``qweight``/``lut``/``bias``, and the sparse part's structure
@@ -271,11 +305,14 @@ def check_parts(qweight: Tensor, lut: Tensor, wbits: int, in_features: int, csr:
 
 def _tokens_2d(x: Tensor, in_features: int, name: str = "x") -> Tensor:
     if x.ndim not in (1, 2) or x.shape[-1] != in_features:
-        raise SqlabError(f"{name} has shape {tuple(x.shape)}; expected ({in_features},) or (tokens, {in_features})")
+        raise SqlabError(
+            f"{name} has shape {tuple(x.shape)}; expected ({in_features},) or (tokens, {in_features})"
+        )
     return x.reshape(-1, in_features)
 
 
 # --- LUT-GEMV plans ------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class GemvConfig:
@@ -301,10 +338,14 @@ class GemvConfig:
 
 # Measured on an H100 (benchmarks/tune_gemv.py): 16-bit activations look weights up in
 # pairs, 4-bit ones from a 256-entry table per column (32 KB at 32 columns per block).
-_PAIRS = {3: GemvConfig(bn=64, ky=4, tuple=2, depth=2, blocks_per_sm=4, min_groups=8),
-          4: GemvConfig(bn=32, ky=4, tuple=2, depth=2, blocks_per_sm=4, min_groups=8)}
+_PAIRS = {
+    3: GemvConfig(bn=64, ky=4, tuple=2, depth=2, blocks_per_sm=4, min_groups=8),
+    4: GemvConfig(bn=32, ky=4, tuple=2, depth=2, blocks_per_sm=4, min_groups=8),
+}
 _SINGLES = GemvConfig(bn=64, ky=4, tuple=1, depth=2, blocks_per_sm=4, min_groups=8)
-_OVERRIDE: contextvars.ContextVar[GemvConfig | None] = contextvars.ContextVar("sqlab_gemv_config", default=None)
+_OVERRIDE: contextvars.ContextVar[GemvConfig | None] = contextvars.ContextVar(
+    "sqlab_gemv_config", default=None
+)
 
 
 def gemv_config(wbits: int, x_dtype: torch.dtype) -> GemvConfig:
@@ -330,13 +371,23 @@ def _x_bytes(config: GemvConfig, x_dtype: torch.dtype) -> int:
     return 2 if config.tuple == 2 and x_dtype == torch.float16 else 4
 
 
-def _gemv_defines(wbits: int, dtype: torch.dtype, lut: Tensor, csr: CSR | None, bias: Tensor | None) -> tuple:
+def _gemv_defines(
+    wbits: int, dtype: torch.dtype, lut: Tensor, csr: CSR | None, bias: Tensor | None
+) -> tuple:
     """lut_gemv.cu's compile-time constants; absent parts take x's kind (one module serves all)."""
     vals = csr.vals.dtype if csr is not None and csr.nnz else dtype
     config = gemv_config(wbits, dtype)
-    return (("WBITS", wbits), ("X_KIND", _KIND[dtype]), ("LUT_KIND", _KIND[lut.dtype]), ("VAL_KIND", _KIND[vals]),
-            ("BIAS_KIND", _KIND[dtype if bias is None else bias.dtype]), ("BN", config.bn), ("KY", config.ky),
-            ("TUPLE", config.tuple), ("DEPTH", config.depth))
+    return (
+        ("WBITS", wbits),
+        ("X_KIND", _KIND[dtype]),
+        ("LUT_KIND", _KIND[lut.dtype]),
+        ("VAL_KIND", _KIND[vals]),
+        ("BIAS_KIND", _KIND[dtype if bias is None else bias.dtype]),
+        ("BN", config.bn),
+        ("KY", config.ky),
+        ("TUPLE", config.tuple),
+        ("DEPTH", config.depth),
+    )
 
 
 @dataclass(frozen=True)
@@ -355,8 +406,16 @@ class GemvPlan:
         return self.grid[1]
 
 
-def gemv_plan(in_features: int, out_features: int, wbits: int, tokens: int, x_dtype: torch.dtype,
-              sparse: bool, sm_count: int, splits: int | None = None) -> GemvPlan:
+def gemv_plan(
+    in_features: int,
+    out_features: int,
+    wbits: int,
+    tokens: int,
+    x_dtype: torch.dtype,
+    sparse: bool,
+    sm_count: int,
+    splits: int | None = None,
+) -> GemvPlan:
     """Grid, block and shared memory for ``lut_gemv`` (mirrors lut_gemv.cu's layout).
 
     K is split into slices until the grid has about ``config.blocks_per_sm`` blocks per SM
@@ -365,8 +424,10 @@ def gemv_plan(in_features: int, out_features: int, wbits: int, tokens: int, x_dt
     if not 1 <= tokens <= MAX_GEMV_TOKENS:
         raise SqlabError(f"the LUT-GEMV takes 1 to {MAX_GEMV_TOKENS} tokens, got {tokens}")
     if in_features < 1 or out_features < 1:
-        raise SqlabError(f"the LUT-GEMV needs at least one input and one output, got {in_features} -> "
-                         f"{out_features}")
+        raise SqlabError(
+            f"the LUT-GEMV needs at least one input and one output, got {in_features} -> "
+            f"{out_features}"
+        )
     # static shared: one 32-bit word per table entry and column, and the flag; both count
     # towards the limit, so a plan that filled it with x alone would fail to launch
     config = gemv_config(wbits, x_dtype)
@@ -387,7 +448,14 @@ def gemv_plan(in_features: int, out_features: int, wbits: int, tokens: int, x_dt
     per_block = max(1, min(per_block, max_groups, groups))
     splits = -(-groups // per_block)
     per_block = -(-groups // splits)  # even out the slices
-    return GemvPlan(config, (col_blocks, splits), (config.bn, rows), per_block, per_block * x_group + sums, table)
+    return GemvPlan(
+        config,
+        (col_blocks, splits),
+        (config.bn, rows),
+        per_block,
+        per_block * x_group + sums,
+        table,
+    )
 
 
 @functools.lru_cache(maxsize=None)
@@ -396,6 +464,7 @@ def _sm_count(device: torch.device) -> int:
 
 
 # --- split-K counters for captured graphs --------------------------------------------------------
+
 
 class CounterArena:
     """Zeroed split-K counters for the launches captured into one CUDA graph.
@@ -411,9 +480,11 @@ class CounterArena:
 
     def take(self, n: int) -> int:
         if self.used + n > self.counters.numel():
-            raise SqlabError(f"the graph needs more than {self.counters.numel()} split-K counters; "
-                             "make a CounterArena with a larger size")
-        pointer = self.counters[self.used:].data_ptr()
+            raise SqlabError(
+                f"the graph needs more than {self.counters.numel()} split-K counters; "
+                "make a CounterArena with a larger size"
+            )
+        pointer = self.counters[self.used :].data_ptr()
         self.used += n
         return pointer
 
@@ -422,7 +493,9 @@ class CounterArena:
         self.counters.zero_()
 
 
-_ARENA: contextvars.ContextVar[CounterArena | None] = contextvars.ContextVar("sqlab_counter_arena", default=None)
+_ARENA: contextvars.ContextVar[CounterArena | None] = contextvars.ContextVar(
+    "sqlab_counter_arena", default=None
+)
 
 
 @contextlib.contextmanager
@@ -444,15 +517,28 @@ _X, _PARTIAL, _COUNTERS, _Y = 2, 7, 8, 9
 class _Launch:
     """One token count's prepared LUT-GEMV launch: geometry, parameter block, the varying slots."""
 
-    __slots__ = ("tokens", "plan", "params", "grid", "block", "shared", "x", "y", "function", "counters",
-                 "workspace")
+    __slots__ = (
+        "tokens",
+        "plan",
+        "params",
+        "grid",
+        "block",
+        "shared",
+        "x",
+        "y",
+        "function",
+        "counters",
+        "workspace",
+    )
 
     def __init__(self, tokens: int, plan: GemvPlan, params: Params):
         self.tokens, self.plan, self.params = tokens, plan, params
         self.grid, self.block, self.shared = (*plan.grid, 1), (*plan.block, 1), plan.shared
         self.x, self.y = params.slots[_X], params.slots[_Y]
         self.function = None  # compiled on first use
-        self.counters: Tensor | None = None  # split-K only: the layer's own counters and partial sums
+        self.counters: Tensor | None = (
+            None  # split-K only: the layer's own counters and partial sums
+        )
         self.workspace: Tensor | None = None
 
 
@@ -465,9 +551,19 @@ class GemvKernels:
     tokens with one launch; more tokens dequantize and use a matmul.
     """
 
-    def __init__(self, qweight: Tensor, lut: Tensor, wbits: int, in_features: int, dtype: torch.dtype,
-                 csr: CSR | None = None, bias: Tensor | None = None, name: str = "SqueezeLinear",
-                 splits: int | None = None, chosen: Backend | None = None):
+    def __init__(
+        self,
+        qweight: Tensor,
+        lut: Tensor,
+        wbits: int,
+        in_features: int,
+        dtype: torch.dtype,
+        csr: CSR | None = None,
+        bias: Tensor | None = None,
+        name: str = "SqueezeLinear",
+        splits: int | None = None,
+        chosen: Backend | None = None,
+    ):
         if dtype not in DTYPES:
             raise SqlabError(f"the kernels take {_NAMES} activations, got {dtype}")
         self.out_features = check_parts(qweight, lut, wbits, in_features, csr, bias, name)
@@ -493,11 +589,40 @@ class GemvKernels:
                 self._launches[tokens] = self._prepare(tokens, sms, splits)
 
     def _prepare(self, tokens: int, sms: int, splits: int | None) -> _Launch:
-        plan = gemv_plan(self.in_features, self.out_features, self.wbits, tokens, self.dtype, self.sparse, sms,
-                         splits)
-        rows, cols, vals = (self.csr.rows, self.csr.cols, self.csr.vals) if self.sparse else (None, None, None)
-        launch = _Launch(tokens, plan, Params((self.qweight, self.lut, None, rows, cols, vals, self.bias, None, None, None,
-                                       self.in_features, self.out_features, plan.groups_per_block)))
+        plan = gemv_plan(
+            self.in_features,
+            self.out_features,
+            self.wbits,
+            tokens,
+            self.dtype,
+            self.sparse,
+            sms,
+            splits,
+        )
+        rows, cols, vals = (
+            (self.csr.rows, self.csr.cols, self.csr.vals) if self.sparse else (None, None, None)
+        )
+        launch = _Launch(
+            tokens,
+            plan,
+            Params(
+                (
+                    self.qweight,
+                    self.lut,
+                    None,
+                    rows,
+                    cols,
+                    vals,
+                    self.bias,
+                    None,
+                    None,
+                    None,
+                    self.in_features,
+                    self.out_features,
+                    plan.groups_per_block,
+                )
+            ),
+        )
         if plan.splits > 1:
             launch.counters = torch.zeros(plan.grid[0], dtype=torch.int32, device=self.device)
             launch.params.slots[_COUNTERS].value = launch.counters.data_ptr()
@@ -505,8 +630,13 @@ class GemvKernels:
 
     def resident(self) -> tuple[Tensor, ...]:
         """The tensors this layer's launches keep (split-K counters and partial sums)."""
-        return tuple(t for launch in self._launches[1:] if launch is not None
-                     for t in (launch.counters, launch.workspace) if t is not None)
+        return tuple(
+            t
+            for launch in self._launches[1:]
+            if launch is not None
+            for t in (launch.counters, launch.workspace)
+            if t is not None
+        )
 
     def reset_counters(self) -> None:
         """Zero this layer's split-K counters (a complete launch leaves them at zero)."""
@@ -517,7 +647,9 @@ class GemvKernels:
     def __call__(self, x: Tensor, out: Tensor | None = None) -> Tensor:
         shape = x.shape
         if shape[-1] != self.in_features:
-            raise SqlabError(f"input has shape {tuple(shape)}; the layer takes (..., {self.in_features})")
+            raise SqlabError(
+                f"input has shape {tuple(shape)}; the layer takes (..., {self.in_features})"
+            )
         if not x.is_contiguous():
             x = x.contiguous()
         tokens = x.numel() // self.in_features if self.in_features else 0
@@ -530,7 +662,9 @@ class GemvKernels:
                 out_shape = self._out_shapes[shape] = (*shape[:-1], self.out_features)
             out = x.new_empty(out_shape)
         if launch.function is None:
-            launch.function = self.backend.function("lut_gemv.cu", f"lut_gemv_{tokens}", self.defines, self.device)
+            launch.function = self.backend.function(
+                "lut_gemv.cu", f"lut_gemv_{tokens}", self.defines, self.device
+            )
         launch.x.value = x.data_ptr()
         launch.y.value = out.data_ptr()
         if launch.counters is not None:
@@ -541,13 +675,25 @@ class GemvKernels:
             if launch.workspace is None:
                 launch.workspace = self._workspace(launch)
                 launch.params.slots[_PARTIAL].value = launch.workspace.data_ptr()
-        self.backend.launch(launch.function, launch.grid, launch.block, launch.shared, self.backend.stream(self.device),
-                            launch.params.address)
+        self.backend.launch(
+            launch.function,
+            launch.grid,
+            launch.block,
+            launch.shared,
+            self.backend.stream(self.device),
+            launch.params.address,
+        )
         return out
 
     def _launch(self, launch: _Launch) -> None:
-        self.backend.launch(launch.function, launch.grid, launch.block, launch.shared, self.backend.stream(self.device),
-                            launch.params.address)
+        self.backend.launch(
+            launch.function,
+            launch.grid,
+            launch.block,
+            launch.shared,
+            self.backend.stream(self.device),
+            launch.params.address,
+        )
 
     def _launch_captured(self, launch: _Launch, arena: CounterArena) -> None:
         """A launch for a graph: the graph's own counters and partial sums, not the layer's."""
@@ -565,7 +711,11 @@ class GemvKernels:
 
     def _workspace(self, launch: _Launch) -> Tensor:
         """fp32 partial sums, (splits, tokens, out_features)."""
-        return torch.empty((launch.plan.splits, launch.tokens, self.out_features), dtype=torch.float32, device=self.device)
+        return torch.empty(
+            (launch.plan.splits, launch.tokens, self.out_features),
+            dtype=torch.float32,
+            device=self.device,
+        )
 
     def _matmul(self, x: Tensor) -> Tensor:
         """A prompt (more than 8 tokens), or a layer without inputs: ``W_hat`` once, then a matmul."""
@@ -574,12 +724,30 @@ class GemvKernels:
 
     def dequantize(self) -> Tensor:
         """``W_hat`` ``(out_features, in_features)`` in the activation dtype, by the kernels."""
-        return dequantize_packed(self.qweight, self.lut, self.wbits, self.in_features, self.csr, self.dtype,
-                                 chosen=self.backend, checked=True)
+        return dequantize_packed(
+            self.qweight,
+            self.lut,
+            self.wbits,
+            self.in_features,
+            self.csr,
+            self.dtype,
+            chosen=self.backend,
+            checked=True,
+        )
 
 
-def lut_gemv(qweight: Tensor, lut: Tensor, x: Tensor, wbits: int, in_features: int, out: Tensor | None = None, *,
-             csr: CSR | None = None, bias: Tensor | None = None, splits: int | None = None) -> Tensor:
+def lut_gemv(
+    qweight: Tensor,
+    lut: Tensor,
+    x: Tensor,
+    wbits: int,
+    in_features: int,
+    out: Tensor | None = None,
+    *,
+    csr: CSR | None = None,
+    bias: Tensor | None = None,
+    splits: int | None = None,
+) -> Tensor:
     """``y = x @ W_hat.T (+ S x) (+ bias)`` straight from the packed weights, for 1-8 tokens.
 
     ``qweight`` int32 ``(ceil(in/32)·wbits, out)``, ``lut`` ``(out, 2**wbits)``, ``x``
@@ -597,13 +765,17 @@ def lut_gemv(qweight: Tensor, lut: Tensor, x: Tensor, wbits: int, in_features: i
     _check(x2, "x", dtypes=DTYPES)
     tokens = x2.shape[0]
     if not 1 <= tokens <= MAX_GEMV_TOKENS:
-        raise SqlabError(f"lut_gemv takes 1 to {MAX_GEMV_TOKENS} tokens, got {tokens}; "
-                         "for more, dequantize() and use a matmul")
+        raise SqlabError(
+            f"lut_gemv takes 1 to {MAX_GEMV_TOKENS} tokens, got {tokens}; "
+            "for more, dequantize() and use a matmul"
+        )
     y_shape = (tokens, out_features) if x.ndim == 2 else (out_features,)
     if out is not None:
         _check(out, "out", dtypes=(x.dtype,), shape=y_shape)
         if _overlaps(out, x):
-            raise SqlabError("out overlaps x; the kernel reads x while it writes out, so give a separate buffer")
+            raise SqlabError(
+                "out overlaps x; the kernel reads x while it writes out, so give a separate buffer"
+            )
     kernel = GemvKernels(qweight, lut, wbits, in_features, x.dtype, csr, bias, splits=splits)
     _kernel_device(kernel.backend, qweight=qweight, x=x, out=out)
     return kernel(x, out)
@@ -617,8 +789,16 @@ def _overlaps(a: Tensor, b: Tensor) -> bool:
 
 # --- sparse part ---------------------------------------------------------------------------------
 
-def spmv(rows: Tensor, cols: Tensor, vals: Tensor, x: Tensor, out: Tensor, startrows: Tensor | None = None,
-         nnz_per_thread: int | None = None) -> Tensor:
+
+def spmv(
+    rows: Tensor,
+    cols: Tensor,
+    vals: Tensor,
+    x: Tensor,
+    out: Tensor,
+    startrows: Tensor | None = None,
+    nnz_per_thread: int | None = None,
+) -> Tensor:
     """``out += S @ x`` for the CSR matrix ``S`` (``rows`` ``(out_features + 1,)``).
 
     ``x`` is ``(tokens, in_features)`` or ``(in_features,)``; ``out`` float32 of
@@ -629,24 +809,37 @@ def spmv(rows: Tensor, cols: Tensor, vals: Tensor, x: Tensor, out: Tensor, start
     """
     _check(rows, "rows", dtypes=(torch.int32,))
     if rows.ndim != 1 or rows.numel() < 1:
-        raise SqlabError(f"rows must be the (out_features + 1,) row pointers, got shape {tuple(rows.shape)}")
+        raise SqlabError(
+            f"rows must be the (out_features + 1,) row pointers, got shape {tuple(rows.shape)}"
+        )
     out_features, nnz = rows.numel() - 1, cols.numel()
     _check(cols, "cols", dtypes=(torch.int32,), shape=(nnz,))
     _check(vals, "vals", dtypes=DTYPES, shape=(nnz,))
     _check(x, "x", dtypes=DTYPES)
     if x.ndim not in (1, 2):
-        raise SqlabError(f"x must be (in_features,) or (tokens, in_features), got shape {tuple(x.shape)}")
+        raise SqlabError(
+            f"x must be (in_features,) or (tokens, in_features), got shape {tuple(x.shape)}"
+        )
     in_features, tokens = x.shape[-1], (x.shape[0] if x.ndim == 2 else 1)
-    _check(out, "out", dtypes=(torch.float32,), shape=(tokens, out_features) if x.ndim == 2 else (out_features,))
+    _check(
+        out,
+        "out",
+        dtypes=(torch.float32,),
+        shape=(tokens, out_features) if x.ndim == 2 else (out_features,),
+    )
     threads = None
     if startrows is not None:
         if not isinstance(nnz_per_thread, int) or nnz_per_thread < 1:
-            raise SqlabError(f"a balanced SpMV needs the nnz_per_thread its startrows were made with, "
-                             f"got {nnz_per_thread!r}")
+            raise SqlabError(
+                f"a balanced SpMV needs the nnz_per_thread its startrows were made with, "
+                f"got {nnz_per_thread!r}"
+            )
         threads = -(-nnz // nnz_per_thread)
         _check(startrows, "startrows", dtypes=(torch.int32,), shape=(threads,))
     chosen = backend()
-    device = _kernel_device(chosen, rows=rows, cols=cols, vals=vals, x=x, out=out, startrows=startrows)
+    device = _kernel_device(
+        chosen, rows=rows, cols=cols, vals=vals, x=x, out=out, startrows=startrows
+    )
     check_csr(CSR(rows, cols, vals), out_features, in_features)
     if startrows is not None:
         _check_startrows(rows, startrows, nnz_per_thread)
@@ -654,12 +847,38 @@ def spmv(rows: Tensor, cols: Tensor, vals: Tensor, x: Tensor, out: Tensor, start
         return out
     defines = (("X_KIND", _KIND[x.dtype]), ("VAL_KIND", _KIND[vals.dtype]))
     if startrows is None:
-        _launch_once(chosen, device, "spmv.cu", "spmv_rows", defines, (-(-out_features // SPMV_THREADS),),
-                     (rows, cols, vals, x, out, out_features, in_features, tokens))
+        _launch_once(
+            chosen,
+            device,
+            "spmv.cu",
+            "spmv_rows",
+            defines,
+            (-(-out_features // SPMV_THREADS),),
+            (rows, cols, vals, x, out, out_features, in_features, tokens),
+        )
     else:
-        _launch_once(chosen, device, "spmv.cu", "spmv_balanced", defines, (-(-threads // SPMV_THREADS),),
-                     (rows, cols, vals, x, out, startrows, nnz, nnz_per_thread, threads, out_features, in_features,
-                      tokens))
+        _launch_once(
+            chosen,
+            device,
+            "spmv.cu",
+            "spmv_balanced",
+            defines,
+            (-(-threads // SPMV_THREADS),),
+            (
+                rows,
+                cols,
+                vals,
+                x,
+                out,
+                startrows,
+                nnz,
+                nnz_per_thread,
+                threads,
+                out_features,
+                in_features,
+                tokens,
+            ),
+        )
     return out
 
 
@@ -667,27 +886,55 @@ def _check_startrows(rows: Tensor, startrows: Tensor, nnz_per_thread: int) -> No
     """Each thread's first row must hold its first stored value (the kernel walks from there)."""
     first = torch.arange(startrows.numel(), device=rows.device, dtype=torch.int64) * nnz_per_thread
     start = startrows.long()
-    if startrows.numel() and (bool((start < 0).any()) or bool((start >= rows.numel() - 1).any())
-                              or bool((rows.long()[start] > first).any())
-                              or bool((rows.long()[start + 1] <= first).any())):
-        raise SqlabError(f"startrows do not match rows for {nnz_per_thread} values per thread; make them with "
-                         "sqlab.packing.balanced_startrows(rows, nnz_per_thread)")
+    if startrows.numel() and (
+        bool((start < 0).any())
+        or bool((start >= rows.numel() - 1).any())
+        or bool((rows.long()[start] > first).any())
+        or bool((rows.long()[start + 1] <= first).any())
+    ):
+        raise SqlabError(
+            f"startrows do not match rows for {nnz_per_thread} values per thread; make them with "
+            "sqlab.packing.balanced_startrows(rows, nnz_per_thread)"
+        )
 
 
-def _launch_once(chosen: Backend, device: torch.device, file: str, name: str, defines: tuple, grid: tuple,
-                 args: tuple, block: tuple = (SPMV_THREADS,)) -> None:
+def _launch_once(
+    chosen: Backend,
+    device: torch.device,
+    file: str,
+    name: str,
+    defines: tuple,
+    grid: tuple,
+    args: tuple,
+    block: tuple = (SPMV_THREADS,),
+) -> None:
     """An unprepared launch (checked by the caller); ``grid``/``block`` of up to three dimensions."""
     params = Params(args)
     pad = lambda dims: (*dims, *(1,) * (3 - len(dims)))  # noqa: E731
-    chosen.launch(chosen.function(file, name, defines, device), pad(grid), pad(block), 0, chosen.stream(device),
-                  params.address)
+    chosen.launch(
+        chosen.function(file, name, defines, device),
+        pad(grid),
+        pad(block),
+        0,
+        chosen.stream(device),
+        params.address,
+    )
 
 
 # --- dequantization ------------------------------------------------------------------------------
 
-def dequantize_packed(qweight: Tensor, lut: Tensor, wbits: int, in_features: int, csr: CSR | None = None,
-                      dtype: torch.dtype = torch.float16, *, chosen: Backend | None = None,
-                      checked: bool = False) -> Tensor:
+
+def dequantize_packed(
+    qweight: Tensor,
+    lut: Tensor,
+    wbits: int,
+    in_features: int,
+    csr: CSR | None = None,
+    dtype: torch.dtype = torch.float16,
+    *,
+    chosen: Backend | None = None,
+    checked: bool = False,
+) -> Tensor:
     """``W_hat = lut[row, index] + S`` as an ``(out_features, in_features)`` matrix on the GPU.
 
     ``checked``: the caller (a ``GemvKernels``) has validated the buffers already.
@@ -701,26 +948,58 @@ def dequantize_packed(qweight: Tensor, lut: Tensor, wbits: int, in_features: int
         if sparse:
             _check_csr(csr, out_features, in_features)
     out_features = lut.shape[0]
-    device = _kernel_device(chosen, qweight=qweight, lut=lut, **({"rows": csr.rows} if sparse else {}))
+    device = _kernel_device(
+        chosen, qweight=qweight, lut=lut, **({"rows": csr.rows} if sparse else {})
+    )
     weight = torch.empty((out_features, in_features), dtype=dtype, device=device)
     if not weight.numel():
         return weight
     defines = _gemv_defines(wbits, dtype, lut, csr, None)
-    _launch_once(chosen, device, "lut_gemv.cu", "dequantize_dense", defines,
-                 (-(-out_features // DQ_ROWS), -(-in_features // (GROUP * DQ_GROUPS))),
-                 (qweight, lut, weight, in_features, out_features), block=(DQ_ROWS * DQ_GROUPS,))
+    _launch_once(
+        chosen,
+        device,
+        "lut_gemv.cu",
+        "dequantize_dense",
+        defines,
+        (-(-out_features // DQ_ROWS), -(-in_features // (GROUP * DQ_GROUPS))),
+        (qweight, lut, weight, in_features, out_features),
+        block=(DQ_ROWS * DQ_GROUPS,),
+    )
     if sparse:  # stream-ordered after the dense part, which it overwrites at its positions
-        _launch_once(chosen, device, "lut_gemv.cu", "dequantize_sparse", defines,
-                     (-(-out_features // SPMV_THREADS),),
-                     (qweight, lut, csr.rows, csr.cols, csr.vals, weight, in_features, out_features))
+        _launch_once(
+            chosen,
+            device,
+            "lut_gemv.cu",
+            "dequantize_sparse",
+            defines,
+            (-(-out_features // SPMV_THREADS),),
+            (qweight, lut, csr.rows, csr.cols, csr.vals, weight, in_features, out_features),
+        )
     return weight
 
 
 def dequantize(layer, dtype: torch.dtype = torch.float16) -> Tensor:
     """A ``SqueezeLinear``'s ``W_hat`` ``(out_features, in_features)`` in ``dtype``, on its GPU."""
-    return dequantize_packed(layer.qweight, layer.lookup_table, layer.wbits, layer.in_features, layer.csr(), dtype)
+    return dequantize_packed(
+        layer.qweight, layer.lookup_table, layer.wbits, layer.in_features, layer.csr(), dtype
+    )
 
 
-__all__ = ["available", "use_gemv", "gemv_plan", "GemvPlan", "GemvKernels", "lut_gemv", "spmv", "dequantize",
-           "dequantize_packed", "Backend", "CupyBackend", "use_backend", "backend", "CounterArena",
-           "capture_scope", "MAX_GEMV_TOKENS"]
+__all__ = [
+    "available",
+    "use_gemv",
+    "gemv_plan",
+    "GemvPlan",
+    "GemvKernels",
+    "lut_gemv",
+    "spmv",
+    "dequantize",
+    "dequantize_packed",
+    "Backend",
+    "CupyBackend",
+    "use_backend",
+    "backend",
+    "CounterArena",
+    "capture_scope",
+    "MAX_GEMV_TOKENS",
+]

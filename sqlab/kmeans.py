@@ -68,8 +68,9 @@ class KMeansResult:
         return assign(self.x, self.centroids)
 
 
-def weighted_kmeans(x: Tensor, weight: Tensor | None, k: int, *, iters: int = 50, restarts: int = 2,
-                    seed: int = 0) -> KMeansResult:
+def weighted_kmeans(
+    x: Tensor, weight: Tensor | None, k: int, *, iters: int = 50, restarts: int = 2, seed: int = 0
+) -> KMeansResult:
     """Weighted k-means of every row of ``x`` (rows, n) with ``weight`` (rows, n) >= 0.
 
     ``weight=None`` is plain (unweighted) k-means; negative weights count as zero,
@@ -85,12 +86,16 @@ def weighted_kmeans(x: Tensor, weight: Tensor | None, k: int, *, iters: int = 50
     x = x.detach()
     weight = torch.ones_like(x) if weight is None else weight.detach()
     if weight.shape != x.shape:
-        raise ValueError(f"weight shape {tuple(weight.shape)} differs from x shape {tuple(x.shape)}")
+        raise ValueError(
+            f"weight shape {tuple(weight.shape)} differs from x shape {tuple(x.shape)}"
+        )
     rows, n = x.shape
     step = max(1, CHUNK_ELEMENTS // max(n, 1))
     with torch.inference_mode():
-        parts = [_kmeans_chunk(x[i : i + step], weight[i : i + step], k, iters, restarts, seed + i)
-                 for i in range(0, rows, step)]
+        parts = [
+            _kmeans_chunk(x[i : i + step], weight[i : i + step], k, iters, restarts, seed + i)
+            for i in range(0, rows, step)
+        ]
         centroids, sse = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
     # plain tensors again, usable with autograd
     return KMeansResult(centroids.clone(), sse.clone(), x)
@@ -105,10 +110,13 @@ def cluster(x: Tensor, weight: Tensor | None, config) -> KMeansResult:
         try:
             return optimal_kmeans(x, weight, k)
         except SqlabError as exc:
-            raise SqlabError(f"kmeans='optimal' runs a compiled dynamic program: {exc}; or use "
-                             "QuantConfig(kmeans='fast') (sqlab quantize --kmeans fast)") from exc
-    return weighted_kmeans(x, weight, k, iters=config.kmeans_iters, restarts=config.kmeans_restarts,
-                           seed=config.seed)
+            raise SqlabError(
+                f"kmeans='optimal' runs a compiled dynamic program: {exc}; or use "
+                "QuantConfig(kmeans='fast') (sqlab quantize --kmeans fast)"
+            ) from exc
+    return weighted_kmeans(
+        x, weight, k, iters=config.kmeans_iters, restarts=config.kmeans_restarts, seed=config.seed
+    )
 
 
 def optimal_kmeans(x: Tensor, weight: Tensor | None, k: int) -> KMeansResult:
@@ -128,17 +136,32 @@ def optimal_kmeans(x: Tensor, weight: Tensor | None, k: int) -> KMeansResult:
     if not 2 <= k <= 256:
         raise ValueError(f"k must be in [2, 256], got {k}")
     xs = x.detach().to(device="cpu", dtype=torch.float32).contiguous()
-    fs = None if weight is None else weight.detach().to(device="cpu", dtype=torch.float32).contiguous()
+    fs = (
+        None
+        if weight is None
+        else weight.detach().to(device="cpu", dtype=torch.float32).contiguous()
+    )
     if fs is not None and fs.shape != xs.shape:
         raise ValueError(f"weight shape {tuple(fs.shape)} differs from x shape {tuple(xs.shape)}")
     for t in (xs, fs):  # one float64 sum is finite exactly when every (moderate) entry is
-        if t is not None and not math.isfinite(float(t.sum(dtype=torch.float64))) and not bool(torch.isfinite(t).all()):
+        if (
+            t is not None
+            and not math.isfinite(float(t.sum(dtype=torch.float64)))
+            and not bool(torch.isfinite(t).all())
+        ):
             raise ValueError("x and weight must be finite")
     rows, n = xs.shape
     centroids = torch.empty(rows, k, dtype=torch.float32)
     sse = torch.empty(rows, dtype=torch.float64)
-    library(source_name=KMEANS_SOURCE).sq_kmeans_dp(xs.data_ptr(), None if fs is None else fs.data_ptr(), rows, n,
-                                                     k, centroids.data_ptr(), sse.data_ptr())
+    library(source_name=KMEANS_SOURCE).sq_kmeans_dp(
+        xs.data_ptr(),
+        None if fs is None else fs.data_ptr(),
+        rows,
+        n,
+        k,
+        centroids.data_ptr(),
+        sse.data_ptr(),
+    )
     return KMeansResult(centroids.to(x.device), sse.to(x.device), x)
 
 
@@ -195,7 +218,9 @@ class _Row:
         return _Row(self.xs[keep], self.f01[keep], self.f2[keep] if f2 else self.f2[:0])
 
 
-def _kmeans_chunk(x: Tensor, weight: Tensor, k: int, iters: int, restarts: int, seed: int) -> tuple[Tensor, Tensor]:
+def _kmeans_chunk(
+    x: Tensor, weight: Tensor, k: int, iters: int, restarts: int, seed: int
+) -> tuple[Tensor, Tensor]:
     data, shift, total = _prepare(x, weight)
     rows, n = data.xs.shape
     bins = max(BINS, 4 * k)
@@ -207,7 +232,11 @@ def _kmeans_chunk(x: Tensor, weight: Tensor, k: int, iters: int, restarts: int, 
         starts.append(lo + (hi - lo) * (torch.arange(k, device=x.device) + 0.5) / k)
     gen = torch.Generator(device=x.device).manual_seed(seed)
     starts += [_kmeans_plus_plus(coarse, k, gen) for _ in range(2, restarts)]
-    batch = coarse if len(starts) == 1 else coarse.select(torch.arange(rows, device=x.device).repeat(len(starts)))
+    batch = (
+        coarse
+        if len(starts) == 1
+        else coarse.select(torch.arange(rows, device=x.device).repeat(len(starts)))
+    )
     c = _refine(batch, torch.cat(starts), iters)
     sse = batch.sse(c, *_bounds(batch.edges(c))).view(len(starts), rows)
     best_c = c.view(len(starts), rows, k)[sse.argmin(0), torch.arange(rows, device=x.device)]
@@ -286,7 +315,9 @@ def _coarse(data: _Row, bins: int) -> _Row:
     lo_x, hi_x = xs[:, :1], xs[:, -1:]
     steps = torch.arange(1, bins - half + 1, device=xs.device) / (bins - half + 1)
     by_width = torch.searchsorted(xs, (lo_x + (hi_x - lo_x) * steps).contiguous())
-    pos = torch.cat([by_count.new_zeros(rows, 1), by_count, by_width, by_count.new_full((rows, 1), n)], 1)
+    pos = torch.cat(
+        [by_count.new_zeros(rows, 1), by_count, by_width, by_count.new_full((rows, 1), n)], 1
+    )
     pos = pos.sort(1).values
     f01, f2 = data.f01.gather(1, pos), data.f2.gather(1, pos)
     lo, hi = _bounds(pos)
@@ -328,7 +359,9 @@ def _two_split(data: _Row, lo: Tensor, hi: Tensor, iters: int = 2) -> Tensor:
     centre = data.mean(lo, hi, data.xs.gather(1, lo.clamp_max(data.xs.shape[1] - 1)))  # (rows, c)
     split = inside(torch.searchsorted(data.xs, centre.contiguous(), right=True))  # (rows, c)
     for _ in range(iters):
-        weight, moment = data.sums(torch.cat([lo, split], 1), torch.cat([split, hi], 1))  # (rows, 2c) each
+        weight, moment = data.sums(
+            torch.cat([lo, split], 1), torch.cat([split, hi], 1)
+        )  # (rows, 2c) each
         means = moment / weight.clamp_min(TINY)  # (rows, 2c): left halves, then right halves
         midpoint = (means[:, :count] + means[:, count:]) * 0.5  # (rows, c)
         split = inside(torch.searchsorted(data.xs, midpoint.contiguous(), right=True))
@@ -339,7 +372,9 @@ def _split_gains(data: _Row, lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor]:
     """For every interval: its best two-way split point and the SSE that split saves (both (rows, c))."""
     count = lo.shape[1]
     split = _two_split(data, lo, hi)  # (rows, c)
-    cost = data.cost(torch.cat([lo, lo, split], 1), torch.cat([hi, split, hi], 1))  # (rows, 3c): whole, left, right
+    cost = data.cost(
+        torch.cat([lo, lo, split], 1), torch.cat([hi, split, hi], 1)
+    )  # (rows, 3c): whole, left, right
     gain = cost[:, :count] - cost[:, count : 2 * count] - cost[:, 2 * count :]  # (rows, c)
     return split, torch.where(hi - lo >= 2, gain, -1.0)
 
@@ -362,8 +397,10 @@ def _divisive(data: _Row, k: int) -> Tensor:
     """
     rows, n = data.xs.shape
     device = data.xs.device
-    edges = torch.stack([torch.zeros(rows, dtype=torch.long, device=device),
-                         torch.full((rows,), n, device=device)], 1)
+    edges = torch.stack(
+        [torch.zeros(rows, dtype=torch.long, device=device), torch.full((rows,), n, device=device)],
+        1,
+    )
     while edges.shape[1] - 1 < k:
         count = edges.shape[1] - 1
         r = min((count + 1) // 2, k - count)
@@ -417,21 +454,33 @@ def _refine(data: _Row, centroids: Tensor, iters: int, moves: int = 4) -> Tensor
         cost = part.cost(lo, hi)  # (r, k)
         # the cheapest merge of two neighbours ...
         merge_cost = part.cost(lo[:, :-1], hi[:, 1:]) - cost[:, :-1] - cost[:, 1:]  # (r, k - 1)
-        merge_at = merge_cost.argmin(1, keepdim=True)  # (r, 1): merges clusters merge_at, merge_at + 1
+        merge_at = merge_cost.argmin(
+            1, keepdim=True
+        )  # (r, 1): merges clusters merge_at, merge_at + 1
         # ... paid for by the best split of a cluster not involved in it; the best split
         # is nearly always found among the costliest few clusters
         cluster = torch.arange(k, device=centroids.device)[None, :]
-        others = torch.where((cluster == merge_at) | (cluster == merge_at + 1), -1.0, cost)  # (r, k)
+        others = torch.where(
+            (cluster == merge_at) | (cluster == merge_at + 1), -1.0, cost
+        )  # (r, k)
         pool = others.topk(min(SPLIT_CANDIDATES, k - 2), 1).indices  # (r, candidates)
-        split, gain = _split_gains(part, lo.gather(1, pool), hi.gather(1, pool))  # (r, candidates) each
+        split, gain = _split_gains(
+            part, lo.gather(1, pool), hi.gather(1, pool)
+        )  # (r, candidates) each
         best = gain.argmax(1, keepdim=True)  # (r, 1)
-        pays = gain.gather(1, best)[:, 0] > merge_cost.gather(1, merge_at)[:, 0] * (1 + 1e-12) + 1e-18
+        pays = (
+            gain.gather(1, best)[:, 0] > merge_cost.gather(1, merge_at)[:, 0] * (1 + 1e-12) + 1e-18
+        )
         keep = pays.nonzero().squeeze(1)
         if keep.numel() == 0:
             break
         # new edges: drop the edge between the merged pair, add the split point
         drop = torch.ones_like(edges, dtype=torch.bool).scatter(1, merge_at + 1, False)
-        moved = torch.cat([edges[drop].reshape(edges.shape[0], k), split.gather(1, best)], 1)[keep].sort(1).values
+        moved = (
+            torch.cat([edges[drop].reshape(edges.shape[0], k), split.gather(1, best)], 1)[keep]
+            .sort(1)
+            .values
+        )
         rows, part = rows[keep], part.select(keep)
         centroids[rows] = _lloyd(part, _interval_means(part, moved), iters)
     return centroids
@@ -457,4 +506,3 @@ def _kmeans_plus_plus(data: _Row, k: int, gen: torch.Generator, candidates: int 
         centres.append(values.gather(1, best))
         d2 = new_d2.gather(1, best[:, :, None].expand(rows, 1, n))[:, 0]
     return torch.cat(centres, 1).to(data.xs.dtype).sort(1).values
-

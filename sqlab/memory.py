@@ -141,14 +141,19 @@ def command_peak_rss(argv: list[str], env: dict | None = None) -> dict:
     import subprocess
     import sys
 
-    proc = subprocess.run([sys.executable, "-c", _PRELUDE, *argv], capture_output=True, text=True,
-                          env={**os.environ, **(env or {})})
+    proc = subprocess.run(
+        [sys.executable, "-c", _PRELUDE, *argv],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+    )
     try:
         found = json.loads(proc.stdout.strip().splitlines()[-1])
     except (IndexError, ValueError):
         return {"status": proc.returncode, "stderr": proc.stderr, "stdout": proc.stdout}
-    found.update(above_baseline=found["peak"] - found["baseline"], stderr=proc.stderr,
-                 stdout=proc.stdout)
+    found.update(
+        above_baseline=found["peak"] - found["baseline"], stderr=proc.stderr, stdout=proc.stdout
+    )
     return found
 
 
@@ -172,5 +177,6 @@ def release_freed_tensors(threshold: int = 4 << 20, keep: int = 64 << 20) -> boo
     except (OSError, AttributeError):
         return False
     m_trim_threshold, m_mmap_threshold = -1, -3
-    return bool(set_option(m_mmap_threshold, threshold)) and \
-        bool(set_option(m_trim_threshold, keep))
+    return bool(set_option(m_mmap_threshold, threshold)) and bool(
+        set_option(m_trim_threshold, keep)
+    )

@@ -24,12 +24,21 @@ from .errors import SqlabError
 log = logging.getLogger(__name__)
 
 LLAMA_LINEARS = (
-    "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-    "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj",
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
 )
 OPT_LINEARS = (
-    "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj",
-    "fc1", "fc2",
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.out_proj",
+    "fc1",
+    "fc2",
 )
 
 
@@ -54,8 +63,10 @@ GENERIC = Family("generic", None, None)
 FAMILIES: dict[str, Family] = {"llama": LLAMA, "mistral": LLAMA, "opt": OPT}
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
-SPECS_ACCEPTED = ("'default', a local Hugging Face model directory, a .gguf file, "
-                  "or a hub id such as 'meta-llama/Llama-2-7b-hf'")
+SPECS_ACCEPTED = (
+    "'default', a local Hugging Face model directory, a .gguf file, "
+    "or a hub id such as 'meta-llama/Llama-2-7b-hf'"
+)
 
 
 def family_of(model: nn.Module) -> Family:
@@ -83,8 +94,12 @@ def decoder_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
     and leaving those weights in full precision would misstate every result.
     """
     blocks = _find_blocks(model)
-    stacked = [(f"{prefix}.{name}", tuple(p.shape)) for prefix, block in blocks
-               for name, p in block.named_parameters() if p.ndim > 2]
+    stacked = [
+        (f"{prefix}.{name}", tuple(p.shape))
+        for prefix, block in blocks
+        for name, p in block.named_parameters()
+        if p.ndim > 2
+    ]
     if stacked:
         shown = ", ".join(f"{name} {shape}" for name, shape in stacked[:4])
         raise SqlabError(
@@ -99,11 +114,15 @@ def decoder_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
 def _find_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
     family = family_of(model)
     if family.blocks is not None:
-        return [(f"{family.blocks}.{i}", block) for i, block in enumerate(_get(model, family.blocks))]
+        return [
+            (f"{family.blocks}.{i}", block) for i, block in enumerate(_get(model, family.blocks))
+        ]
     # generic: the longest ModuleList that holds linears is the stack of blocks
     best = None
     for name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and any(isinstance(m, nn.Linear) for m in module.modules()):
+        if isinstance(module, nn.ModuleList) and any(
+            isinstance(m, nn.Linear) for m in module.modules()
+        ):
             if best is None or len(module) > len(best[1]):
                 best = (name, module)
     if best is None:
@@ -125,17 +144,21 @@ def block_linears(model: nn.Module, block: nn.Module) -> dict[str, nn.Linear]:
         module = _get(block, name)
         if not isinstance(module, nn.Linear):
             found_kind = "nothing" if module is None else type(module).__name__
-            raise SqlabError(f"{family.name} block {type(block).__name__} has no nn.Linear {name!r} "
-                             f"(found {found_kind}; is the model already quantized?)")
+            raise SqlabError(
+                f"{family.name} block {type(block).__name__} has no nn.Linear {name!r} "
+                f"(found {found_kind}; is the model already quantized?)"
+            )
         found[name] = module
     return found
 
 
 def quantizable_linears(model: nn.Module) -> dict[str, nn.Linear]:
     """Every quantizable linear, keyed by qualified module name, in forward order."""
-    return {f"{prefix}.{name}": linear
-            for prefix, block in decoder_blocks(model)
-            for name, linear in block_linears(model, block).items()}
+    return {
+        f"{prefix}.{name}": linear
+        for prefix, block in decoder_blocks(model)
+        for name, linear in block_linears(model, block).items()
+    }
 
 
 def split_name(name: str) -> tuple[int, str]:
@@ -173,12 +196,16 @@ def resolve(spec: str) -> ModelSource:
     if spec == "default":
         path = assets.default_model_dir()
         if not (path / "config.json").exists():
-            raise SqlabError(f"the default model is not fetched yet (looked in {path}); run `sqlab fetch`")
+            raise SqlabError(
+                f"the default model is not fetched yet (looked in {path}); run `sqlab fetch`"
+            )
         return ModelSource(spec, str(path))
     path = Path(spec).expanduser()
     if path.is_dir():
         if not (path / "config.json").exists():
-            raise SqlabError(f"model directory {spec!r} has no config.json; expected {SPECS_ACCEPTED}")
+            raise SqlabError(
+                f"model directory {spec!r} has no config.json; expected {SPECS_ACCEPTED}"
+            )
         return ModelSource(spec, str(path))
     if path.is_file():
         if path.suffix != ".gguf":
@@ -200,8 +227,10 @@ def _from_hub(loader, source: ModelSource, **kwargs):
     except Exception as exc:  # a damaged file surfaces as OSError, ValueError, SafetensorError, ...
         said = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         if not source.hub or not isinstance(exc, OSError):
-            raise SqlabError(f"could not load model {source.spec!r}: a file of it is missing, "
-                             f"truncated or not what its name says ({said})") from exc
+            raise SqlabError(
+                f"could not load model {source.spec!r}: a file of it is missing, "
+                f"truncated or not what its name says ({said})"
+            ) from exc
         raise SqlabError(
             f"could not load {source.spec!r} from the Hugging Face hub "
             f"({'the hub is unreachable' if kwargs.get('local_files_only') else said}). "
@@ -210,9 +239,14 @@ def _from_hub(loader, source: ModelSource, **kwargs):
         ) from exc
 
 
-def load_model(spec: str, device: torch.device | str | None = None,
-               dtype: torch.dtype | None = None, *, device_map: dict | str | None = None,
-               max_memory: dict | None = None) -> nn.Module:
+def load_model(
+    spec: str,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+    *,
+    device_map: dict | str | None = None,
+    max_memory: dict | None = None,
+) -> nn.Module:
     """Load a causal LM in eval mode: fp32 on the CPU, fp16 on a GPU by default.
 
     ``device_map`` (and ``max_memory``) spread the model over several devices through
@@ -249,8 +283,9 @@ def context_length(model: nn.Module) -> int | None:
     return None
 
 
-def check_seqlen(model: nn.Module, seqlen: int, available: int | None = None,
-                 what: str = "the text") -> None:
+def check_seqlen(
+    model: nn.Module, seqlen: int, available: int | None = None, what: str = "the text"
+) -> None:
     """``seqlen`` must fit the model's context (and, given ``available``, the text)."""
     if isinstance(seqlen, bool) or not isinstance(seqlen, int) or seqlen < 2:
         raise SqlabError(f"seqlen must be an integer >= 2, got {seqlen!r}")

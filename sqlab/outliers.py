@@ -115,7 +115,9 @@ class OutlierProfile:
             return 0.0
         q1, q3 = self._q[:, 0], self._q[:, 1]
         iqr = q3 - q1
-        t = torch.maximum((q1 - r * iqr).abs(), (q3 + r * iqr).abs()).float()  # iqr_threshold per matrix
+        t = torch.maximum(
+            (q1 - r * iqr).abs(), (q3 + r * iqr).abs()
+        ).float()  # iqr_threshold per matrix
         below = torch.searchsorted(self._sorted, t[:, None]).squeeze(1).double()
         return 100.0 * float(((self._length - below) * self._scale).sum()) / self.total
 
@@ -137,8 +139,10 @@ class OutlierProfile:
         if (target, tolerance_pct) in self._solved:
             return self._solved[(target, tolerance_pct)]
         if self.share(0.0) < target:
-            raise SqlabError(f"outlier_pct {target} is out of reach: even r = 0 (T = max(|q1|, |q3|)) makes only "
-                             f"{self.share(0.0):.3f}% of the weights outliers")
+            raise SqlabError(
+                f"outlier_pct {target} is out of reach: even r = 0 (T = max(|q1|, |q3|)) makes only "
+                f"{self.share(0.0):.3f}% of the weights outliers"
+            )
         lo, hi = 0.0, 1.0
         while self.share(hi) > target:
             hi *= 2
@@ -150,8 +154,13 @@ class OutlierProfile:
         r = hi if abs(self.share(hi) - target) <= abs(self.share(lo) - target) else lo
         got = self.exact_share(r)
         if abs(got - target) > tolerance_pct:
-            log.warning("outlier share %.4f%% at r=%.4f misses the target %.4f%% by more than %.2f points",
-                        got, r, target, tolerance_pct)
+            log.warning(
+                "outlier share %.4f%% at r=%.4f misses the target %.4f%% by more than %.2f points",
+                got,
+                r,
+                target,
+                tolerance_pct,
+            )
         log.info("IQR range r = %.4f gives %.4f%% outliers (target %.4f%%)", r, got, target)
         self._solved[(target, tolerance_pct)] = r
         return r
@@ -165,8 +174,15 @@ class OutlierProfile:
         rows = []
         for name, w in self.weights.items():
             block, module = split_name(name)
-            rows.append({"name": name, "block": block, "module": module, "threshold": self.threshold(name, r),
-                         "outlier_pct": 100.0 * self.exact_count(name, r) / w.numel()})
+            rows.append(
+                {
+                    "name": name,
+                    "block": block,
+                    "module": module,
+                    "threshold": self.threshold(name, r),
+                    "outlier_pct": 100.0 * self.exact_count(name, r) / w.numel(),
+                }
+            )
         return pd.DataFrame(rows)
 
 
@@ -193,10 +209,15 @@ class SparseSplit:
     sensitive: int
 
 
-def split(weight: Tensor, fisher: Tensor | None, threshold: float | None, sensitive_pct: float) -> SparseSplit:
+def split(
+    weight: Tensor, fisher: Tensor | None, threshold: float | None, sensitive_pct: float
+) -> SparseSplit:
     """Choose the sparse entries of one matrix: ``|w| >= threshold``, then top-Fisher values."""
-    outliers = (weight.abs() >= threshold if threshold is not None
-                else torch.zeros(weight.shape, dtype=torch.bool, device=weight.device))
+    outliers = (
+        weight.abs() >= threshold
+        if threshold is not None
+        else torch.zeros(weight.shape, dtype=torch.bool, device=weight.device)
+    )
     sensitive = torch.zeros_like(outliers)
     if sensitive_pct > 0:
         if fisher is None:
@@ -205,8 +226,14 @@ def split(weight: Tensor, fisher: Tensor | None, threshold: float | None, sensit
     return SparseSplit(outliers | sensitive, int(outliers.sum()), int(sensitive.sum()))
 
 
-def overlap(weight: Tensor, fisher: Tensor, threshold: float, sensitive_pct: float) -> dict[str, int]:
+def overlap(
+    weight: Tensor, fisher: Tensor, threshold: float, sensitive_pct: float
+) -> dict[str, int]:
     """How many outliers are also among the top ``sensitive_pct`` by Fisher (chosen without excluding them)."""
     out = weight.abs() >= threshold
     sens = sensitive_mask(fisher, sensitive_pct)
-    return {"outliers": int(out.sum()), "sensitive": int(sens.sum()), "both": int((out & sens).sum())}
+    return {
+        "outliers": int(out.sum()),
+        "sensitive": int(sens.sum()),
+        "both": int((out & sens).sum()),
+    }

@@ -26,8 +26,6 @@ from .errors import SqlabError
 GROUP = 32  # input positions per group of wbits words
 
 
-
-
 def packed_rows(in_features: int, wbits: int) -> int:
     """Rows of ``qweight`` for ``in_features`` inputs (padded up to a multiple of 32)."""
     return -(-in_features // GROUP) * wbits
@@ -42,7 +40,9 @@ def pack(indices: Tensor, wbits: int) -> Tensor:
     """Pack ``(out_features, in_features)`` indices in ``[0, 2**wbits)`` into int32 ``qweight``."""
     check_wbits(wbits)
     if indices.ndim != 2:
-        raise SqlabError(f"indices must be (out_features, in_features), got shape {tuple(indices.shape)}")
+        raise SqlabError(
+            f"indices must be (out_features, in_features), got shape {tuple(indices.shape)}"
+        )
     out_features, in_features = indices.shape
     idx = indices.to(torch.int64)
     if idx.numel() and (idx.min() < 0 or idx.max() >= 1 << wbits):
@@ -51,7 +51,9 @@ def pack(indices: Tensor, wbits: int) -> Tensor:
     idx = torch.nn.functional.pad(idx, (0, padded - in_features))
     groups = idx.T.reshape(padded // GROUP, GROUP, out_features)  # (groups, 32, out)
     word, bit = _bit_positions(wbits, idx.device)
-    words = torch.zeros(padded // GROUP, wbits + 1, out_features, dtype=torch.int64, device=idx.device)
+    words = torch.zeros(
+        padded // GROUP, wbits + 1, out_features, dtype=torch.int64, device=idx.device
+    )
     for j in range(GROUP):  # 32 bit positions, each a whole-tensor operation
         value = groups[:, j]
         words[:, word[j]] |= (value << bit[j]) & 0xFFFFFFFF
@@ -65,8 +67,10 @@ def unpack(qweight: Tensor, wbits: int, in_features: int) -> Tensor:
     check_wbits(wbits)
     rows, out_features = qweight.shape
     if rows != packed_rows(in_features, wbits):
-        raise SqlabError(f"qweight has {rows} rows; {wbits}-bit packing of {in_features} inputs needs "
-                         f"{packed_rows(in_features, wbits)}")
+        raise SqlabError(
+            f"qweight has {rows} rows; {wbits}-bit packing of {in_features} inputs needs "
+            f"{packed_rows(in_features, wbits)}"
+        )
     words = qweight.to(torch.int64) & 0xFFFFFFFF
     groups = words.reshape(-1, wbits, out_features)
     groups = torch.cat([groups, torch.zeros_like(groups[:, :1])], 1)  # a zero word past the end
@@ -103,28 +107,39 @@ def check_csr(csr: CSR, out_features: int, in_features: int, name: str = "the sp
     if rows.dtype != torch.int32 or cols.dtype != torch.int32:
         raise SqlabError(f"{name}: rows and cols must be int32, got {rows.dtype} and {cols.dtype}")
     if rows.ndim != 1 or rows.numel() != out_features + 1:
-        raise SqlabError(f"{name}: rows has shape {tuple(rows.shape)}; {out_features} output rows need "
-                         f"({out_features + 1},)")
+        raise SqlabError(
+            f"{name}: rows has shape {tuple(rows.shape)}; {out_features} output rows need "
+            f"({out_features + 1},)"
+        )
     nnz = cols.numel()
     if cols.ndim != 1 or vals.ndim != 1 or vals.numel() != nnz:
-        raise SqlabError(f"{name}: cols and vals must be 1-D of equal length, got shapes {tuple(cols.shape)} "
-                         f"and {tuple(vals.shape)}")
+        raise SqlabError(
+            f"{name}: cols and vals must be 1-D of equal length, got shapes {tuple(cols.shape)} "
+            f"and {tuple(vals.shape)}"
+        )
     r = rows.long()
     if int(r[0]) != 0 or int(r[-1]) != nnz or bool((r[1:] < r[:-1]).any()):
-        raise SqlabError(f"{name}: rows must rise from 0 to nnz = {nnz} without decreasing, got first "
-                         f"{int(r[0])}, last {int(r[-1])}" + (", and a decrease" if (r[1:] < r[:-1]).any() else ""))
+        raise SqlabError(
+            f"{name}: rows must rise from 0 to nnz = {nnz} without decreasing, got first "
+            f"{int(r[0])}, last {int(r[-1])}"
+            + (", and a decrease" if (r[1:] < r[:-1]).any() else "")
+        )
     if nnz:
         low, high = int(cols.min()), int(cols.max())
         if low < 0 or high >= in_features:
             bad = low if low < 0 else high
-            raise SqlabError(f"{name}: column index {bad} out of range; the layer has {in_features} inputs")
+            raise SqlabError(
+                f"{name}: column index {bad} out of range; the layer has {in_features} inputs"
+            )
         if not bool(torch.isfinite(vals).all()):
             raise SqlabError(f"{name}: the sparse values contain NaN or Inf")
         key = csr_row_indices(rows) * in_features + cols.long()
         runs = 1 + int((key[1:] != key[:-1]).sum())
         if runs != torch.unique(key).numel():
-            raise SqlabError(f"{name}: a position is stored in entries that are not adjacent; a repeated "
-                             "(row, column) must follow itself")
+            raise SqlabError(
+                f"{name}: a position is stored in entries that are not adjacent; a repeated "
+                "(row, column) must follow itself"
+            )
 
 
 def to_csr(rows: Tensor, cols: Tensor, vals: Tensor, out_features: int) -> CSR:
@@ -194,7 +209,9 @@ def _two_sum(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
     return s, (a - (s - bb)) + (b - bb)
 
 
-def correct_sparse(rows: Tensor, cols: Tensor, target: Tensor, lut: Tensor, out_features: int) -> tuple[Tensor, CSR]:
+def correct_sparse(
+    rows: Tensor, cols: Tensor, target: Tensor, lut: Tensor, out_features: int
+) -> tuple[Tensor, CSR]:
     """The dense index at each sparse position and the sparse part ``S``, exact in ``target``'s dtype.
 
     At a sparse position the dense part still decodes to some centroid ``c`` of
@@ -226,7 +243,11 @@ def correct_sparse(rows: Tensor, cols: Tensor, target: Tensor, lut: Tensor, out_
         base = (target.double() - c.double()).to(dtype)
         for v in (base, torch.nextafter(base, up), torch.nextafter(base, down)):
             hit = ~found & (c + v == target)
-            index, first, found = torch.where(hit, choice, index), torch.where(hit, v, first), found | hit
+            index, first, found = (
+                torch.where(hit, choice, index),
+                torch.where(hit, v, first),
+                found | hit,
+            )
         if found.all():
             break
     if not found.all():
@@ -235,17 +256,26 @@ def correct_sparse(rows: Tensor, cols: Tensor, target: Tensor, lut: Tensor, out_
             c = cands.gather(1, choice[:, None])[:, 0]
             v1, v2 = _two_sum(target, -c)
             hit = ~found & ((c + v1) + v2 == target)
-            index, first, second = torch.where(hit, choice, index), torch.where(hit, v1, first), \
-                torch.where(hit, v2, second)
+            index, first, second = (
+                torch.where(hit, choice, index),
+                torch.where(hit, v1, first),
+                torch.where(hit, v2, second),
+            )
             found, two = found | hit, two | hit
             if found.all():
                 break
-    csr = to_csr(torch.cat([rows, rows[two]]), torch.cat([cols, cols[two]]), torch.cat([first, second[two]]),
-                 out_features)
+    csr = to_csr(
+        torch.cat([rows, rows[two]]),
+        torch.cat([cols, cols[two]]),
+        torch.cat([first, second[two]]),
+        out_features,
+    )
     return index, csr
 
 
-def reconstruct(indices: Tensor, lut: Tensor, csr: CSR | None, dtype: torch.dtype | None = None) -> Tensor:
+def reconstruct(
+    indices: Tensor, lut: Tensor, csr: CSR | None, dtype: torch.dtype | None = None
+) -> Tensor:
     """``W_hat = lut[row, index] + S`` as a dense ``(out_features, in_features)`` matrix.
 
     Computed in the sparse values' dtype (the precision ``correct_sparse`` made the

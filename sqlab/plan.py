@@ -102,8 +102,10 @@ def _config(spec: str):
             values = json.loads(path.read_text())
             return AutoConfig.for_model(values.pop("model_type"), **values)
         except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise SqlabError(f"{spec!r} is not a model config.json with a model_type "
-                             f"({type(exc).__name__}: {exc})") from exc
+            raise SqlabError(
+                f"{spec!r} is not a model config.json with a model_type "
+                f"({type(exc).__name__}: {exc})"
+            ) from exc
     return _from_hub(AutoConfig.from_pretrained, resolve(spec))
 
 
@@ -113,14 +115,16 @@ def model_shape(spec_or_config, name: str | None = None) -> ModelShape:
 
     from .models import _find_blocks, block_linears, decoder_blocks
 
-    config = spec_or_config if not isinstance(spec_or_config, (str, Path)) \
-        else _config(spec_or_config)
+    config = (
+        spec_or_config if not isinstance(spec_or_config, (str, Path)) else _config(spec_or_config)
+    )
     try:
         with torch.device("meta"):  # no tensor is ever allocated
             model = AutoModelForCausalLM.from_config(config)
     except Exception as exc:  # an unknown architecture, a config missing its fields
-        raise SqlabError(f"cannot build model {name or spec_or_config!r} from its config: "
-                         f"{exc}") from exc
+        raise SqlabError(
+            f"cannot build model {name or spec_or_config!r} from its config: {exc}"
+        ) from exc
     refused, sizes, groups = None, [], []
     try:
         blocks = decoder_blocks(model)
@@ -138,17 +142,27 @@ def model_shape(spec_or_config, name: str | None = None) -> ModelShape:
     hidden = getattr(text, "hidden_size", 0)
     head_dim = getattr(text, "head_dim", None) or hidden // max(heads, 1)
     return ModelShape(
-        name=str(name or spec_or_config if isinstance(spec_or_config, (str, Path))
-                 else name or config.model_type),
-        model_type=config.model_type, params=sum(p.numel() for p in model.parameters()),
-        quantizable=sum(map(sum, sizes)), blocks=len(blocks),
+        name=str(
+            name or spec_or_config
+            if isinstance(spec_or_config, (str, Path))
+            else name or config.model_type
+        ),
+        model_type=config.model_type,
+        params=sum(p.numel() for p in model.parameters()),
+        quantizable=sum(map(sum, sizes)),
+        blocks=len(blocks),
         block_weights=max(map(sum, sizes), default=0),
         largest_linear=max((max(s) for s in sizes if s), default=0),
-        largest_group=max(groups, default=0), matrices=sum(map(len, sizes)), hidden=hidden,
+        largest_group=max(groups, default=0),
+        matrices=sum(map(len, sizes)),
+        hidden=hidden,
         kv=getattr(text, "num_key_value_heads", heads) * head_dim,
         intermediate=getattr(text, "intermediate_size", None)
         or getattr(text, "ffn_dim", 4 * hidden),
-        heads=heads, vocab=getattr(text, "vocab_size", 0), refused=refused)
+        heads=heads,
+        vocab=getattr(text, "vocab_size", 0),
+        refused=refused,
+    )
 
 
 def activation_bytes(m: ModelShape, seqlen: int, b: int, checkpointing: bool) -> int:
@@ -161,13 +175,17 @@ def activation_bytes(m: ModelShape, seqlen: int, b: int, checkpointing: bool) ->
     return seqlen * (m.blocks * per_block + head)
 
 
-def fisher_need(m: ModelShape, seqlen: int, b: int, checkpointing: bool, offload: str,
-                devices: int = 1) -> tuple[int, int]:
+def fisher_need(
+    m: ModelShape, seqlen: int, b: int, checkpointing: bool, offload: str, devices: int = 1
+) -> tuple[int, int]:
     """(bytes per device, bytes of host memory) of the Fisher pass with this strategy; with several
     devices the blocks, their accumulators and activations are spread evenly."""
     acc = 4 * m.quantizable
-    device = (m.params * b + activation_bytes(m, seqlen, b, checkpointing)
-              + (acc if offload == "none" else 0)) / devices
+    device = (
+        m.params * b
+        + activation_bytes(m, seqlen, b, checkpointing)
+        + (acc if offload == "none" else 0)
+    ) / devices
     device += (b + 4) * m.largest_linear
     return int(device), acc if offload == "cpu" else 0
 
@@ -180,8 +198,9 @@ def _fisher_strategy(m: ModelShape, plan: Plan) -> dict:
     capacity = (plan.gpu_mem_gb if plan.gpus else plan.cpu_mem_gb) * GIB * USABLE
     host = plan.cpu_mem_gb * GIB * USABLE
     counts = [1] + ([plan.gpus] if plan.gpus > 1 else [])
-    ladder = [(n, ckpt, off) for n in counts for ckpt in (False, True)
-              for off in ("none", "cpu", "disk")]
+    ladder = [
+        (n, ckpt, off) for n in counts for ckpt in (False, True) for off in ("none", "cpu", "disk")
+    ]
     if not plan.gpus:  # on the CPU the accumulators already are in host memory
         ladder = [s for s in ladder if s[2] != "cpu"]
     fitting = []
@@ -189,14 +208,33 @@ def _fisher_strategy(m: ModelShape, plan: Plan) -> dict:
         device, pinned = fisher_need(m, plan.seqlen, b, ckpt, offload, n)
         if device <= capacity and (offload != "cpu" or pinned <= host):
             seconds = _fisher_seconds(m, plan, ckpt, offload)
-            fitting.append((seconds, order, {
-                "fits": True, "devices": n, "checkpointing": ckpt, "offload": offload,
-                "device_gb": device / GIB, "host_gb": pinned / GIB, "seconds": seconds}))
+            fitting.append(
+                (
+                    seconds,
+                    order,
+                    {
+                        "fits": True,
+                        "devices": n,
+                        "checkpointing": ckpt,
+                        "offload": offload,
+                        "device_gb": device / GIB,
+                        "host_gb": pinned / GIB,
+                        "seconds": seconds,
+                    },
+                )
+            )
     if fitting:
         return min(fitting, key=lambda f: f[:2])[2]
     device, _ = fisher_need(m, plan.seqlen, b, True, "disk", max(counts))
-    return {"fits": False, "devices": max(counts), "checkpointing": True, "offload": "disk",
-            "device_gb": device / GIB, "host_gb": 0.0, "seconds": None}
+    return {
+        "fits": False,
+        "devices": max(counts),
+        "checkpointing": True,
+        "offload": "disk",
+        "device_gb": device / GIB,
+        "host_gb": 0.0,
+        "seconds": None,
+    }
 
 
 def _fisher_seconds(m: ModelShape, plan: Plan, checkpointing: bool, offload: str) -> float:
@@ -218,16 +256,28 @@ def _quantize_strategy(m: ModelShape, plan: Plan, threads: int) -> dict:
     working = 8 * m.block_weights + KMEANS_BYTES * m.largest_group + PROFILE_BYTES * m.matrices
     whole = 4 * m.params + 4 * m.quantizable  # the in-memory path: the model and its Fisher
     on_gpu = plan.gpus > 0
-    return {"streamed": True, "block_gb": working / GIB, "in_memory_gb": whole / GIB,
-            "kmeans": "fast" if on_gpu else "optimal",
-            "kmeans_device": "cuda" if on_gpu else f"cpu ({threads} threads)",
-            "kmeans_seconds": None if on_gpu else
-            m.quantizable * KMEANS_CPU_S[plan.wbits] / threads}
+    return {
+        "streamed": True,
+        "block_gb": working / GIB,
+        "in_memory_gb": whole / GIB,
+        "kmeans": "fast" if on_gpu else "optimal",
+        "kmeans_device": "cuda" if on_gpu else f"cpu ({threads} threads)",
+        "kmeans_seconds": None if on_gpu else m.quantizable * KMEANS_CPU_S[plan.wbits] / threads,
+    }
 
 
-def plan(spec: str, *, gpus: int = 0, gpu_mem_gb: float | None = None,
-         cpu_mem_gb: float | None = None, seqlen: int | None = None, nsamples: int | None = None,
-         wbits: int = 3, threads: int | None = None, shape: ModelShape | None = None) -> Plan:
+def plan(
+    spec: str,
+    *,
+    gpus: int = 0,
+    gpu_mem_gb: float | None = None,
+    cpu_mem_gb: float | None = None,
+    seqlen: int | None = None,
+    nsamples: int | None = None,
+    wbits: int = 3,
+    threads: int | None = None,
+    shape: ModelShape | None = None,
+) -> Plan:
     """The plan for quantizing ``spec`` on ``gpus`` GPUs of ``gpu_mem_gb`` each (none: the CPU).
 
     ``cpu_mem_gb`` is the host's memory (default: this machine's); ``seqlen`` and
@@ -240,12 +290,20 @@ def plan(spec: str, *, gpus: int = 0, gpu_mem_gb: float | None = None,
     if wbits not in KMEANS_CPU_S:
         raise SqlabError(f"wbits must be 3 or 4, got {wbits!r}")
     if gpus and not (isinstance(gpu_mem_gb, (int, float)) and gpu_mem_gb > 0):
-        raise SqlabError(f"with {gpus} GPUs give each one's memory in GB (--gpu-mem), got "
-                         f"{gpu_mem_gb!r}")
+        raise SqlabError(
+            f"with {gpus} GPUs give each one's memory in GB (--gpu-mem), got {gpu_mem_gb!r}"
+        )
     cpu_mem_gb = cpu_mem_gb or _host_memory_gb()
     shape = shape or model_shape(spec)
-    result = Plan(shape, gpus, gpu_mem_gb if gpus else None, cpu_mem_gb,
-                  seqlen or (2048 if gpus else 512), nsamples or (100 if gpus else 16), wbits)
+    result = Plan(
+        shape,
+        gpus,
+        gpu_mem_gb if gpus else None,
+        cpu_mem_gb,
+        seqlen or (2048 if gpus else 512),
+        nsamples or (100 if gpus else 16),
+        wbits,
+    )
     b = 2 if gpus else 4
     result.stages = {
         "weights": shape.params * b / GIB,
@@ -262,8 +320,10 @@ def plan(spec: str, *, gpus: int = 0, gpu_mem_gb: float | None = None,
     result.quantize = _quantize_strategy(shape, result, threads)
     result.stages["quantize_block"] = result.quantize["block_gb"]
     if not result.fisher["fits"]:
-        result.notes.append("the Fisher pass does not fit even with checkpointing and accumulators "
-                            "on disk: add GPUs or use a shorter --seqlen")
+        result.notes.append(
+            "the Fisher pass does not fit even with checkpointing and accumulators "
+            "on disk: add GPUs or use a shorter --seqlen"
+        )
     return result
 
 
@@ -286,49 +346,69 @@ def _duration(seconds: float | None) -> str:
 def render(p: Plan) -> str:
     """The plan as text: memory per stage, the strategy, estimated times."""
     m = p.model
-    where = f"{p.gpus} GPU{'s' if p.gpus != 1 else ''} x {p.gpu_mem_gb:g} GB" if p.gpus \
-        else "the CPU"
-    lines = [f"{m.name} ({m.model_type}): {m.params / 1e9:.2f}B parameters, {m.blocks} decoder "
-             f"blocks, {m.quantizable / 1e9:.2f}B quantizable weights in {m.matrices} matrices",
-             f"on {where}, host memory {p.cpu_mem_gb:.0f} GB; calibration {p.nsamples} x "
-             f"{p.seqlen} tokens; {'fp16' if p.gpus else 'fp32'} compute", "",
-             "memory per stage (GiB)"]
-    labels = {"weights": "weights", "gradients_in_flight": "gradients in flight (one linear)",
-              "fisher_accumulators": "Fisher accumulators (fp32)",
-              "activations": f"activations, {p.seqlen} tokens",
-              "activations_checkpointed": "activations with checkpointing",
-              "quantize_block": "quantization, one block streamed"}
+    where = (
+        f"{p.gpus} GPU{'s' if p.gpus != 1 else ''} x {p.gpu_mem_gb:g} GB" if p.gpus else "the CPU"
+    )
+    lines = [
+        f"{m.name} ({m.model_type}): {m.params / 1e9:.2f}B parameters, {m.blocks} decoder "
+        f"blocks, {m.quantizable / 1e9:.2f}B quantizable weights in {m.matrices} matrices",
+        f"on {where}, host memory {p.cpu_mem_gb:.0f} GB; calibration {p.nsamples} x "
+        f"{p.seqlen} tokens; {'fp16' if p.gpus else 'fp32'} compute",
+        "",
+        "memory per stage (GiB)",
+    ]
+    labels = {
+        "weights": "weights",
+        "gradients_in_flight": "gradients in flight (one linear)",
+        "fisher_accumulators": "Fisher accumulators (fp32)",
+        "activations": f"activations, {p.seqlen} tokens",
+        "activations_checkpointed": "activations with checkpointing",
+        "quantize_block": "quantization, one block streamed",
+    }
     lines += [f"  {labels[k]:<36} {v:>9.2f}" for k, v in p.stages.items()]
     if m.refused:
-        return "\n".join(lines + ["", "strategy: none, sqlab does not quantize this model:",
-                                  f"  {m.refused}"])
+        return "\n".join(
+            lines + ["", "strategy: none, sqlab does not quantize this model:", f"  {m.refused}"]
+        )
     f, q = p.fisher, p.quantize
-    place = {"none": "beside the weights", "cpu": "in pinned host memory" if p.gpus
-             else "in host memory", "disk": "on disk (memory-mapped)"}[f["offload"]]
-    spread = f"spread over {f['devices']} GPUs (accelerate device_map)" if f["devices"] > 1 \
+    place = {
+        "none": "beside the weights",
+        "cpu": "in pinned host memory" if p.gpus else "in host memory",
+        "disk": "on disk (memory-mapped)",
+    }[f["offload"]]
+    spread = (
+        f"spread over {f['devices']} GPUs (accelerate device_map)"
+        if f["devices"] > 1
         else ("on one GPU" if p.gpus else "on the CPU")
-    lines += ["", "strategy",
-              f"  Fisher: {'fits' if f['fits'] else 'DOES NOT FIT'}: model {spread}, "
-              f"{'gradient checkpointing' if f['checkpointing'] else 'no checkpointing'}, "
-              f"accumulators {place}; {f['device_gb']:.1f} GiB per "
-              f"{'GPU' if p.gpus else 'process'}"
-              + (f", {f['host_gb']:.1f} GiB pinned" if f["host_gb"] else ""),
-              f"  quantization: streamed block by block from the safetensors shards "
-              f"({q['block_gb']:.2f} GiB at a time instead of {q['in_memory_gb']:.1f} GiB), "
-              f"k-means {q['kmeans']} on {q['kmeans_device']} (sqlab quantize --kmeans "
-              f"{q['kmeans']})",
-              "", "time (estimates from the assumptions in sqlab/plan.py)",
-              f"  Fisher: {_duration(f['seconds'])} (assumed {GPU_TFLOPS:g} TFLOP/s per GPU"
-              if p.gpus else
-              f"  Fisher: {_duration(f['seconds'])} (assumed {CPU_GFLOPS:g} GFLOP/s per core",
-              ]
-    lines[-1] += "; the GPUs of a device_map work one after another)" if f["devices"] > 1 \
-        else ")"
-    lines.append(f"  k-means: {_duration(q['kmeans_seconds'])}" + (
-        " (no GPU measurement yet: benchmarks/kmeans.py --shape 7b on a GPU gives one)"
-        if q["kmeans_seconds"] is None else
-        f" ({KMEANS_CPU_S[p.wbits] * 1e9:.0f} ns per weight and thread at {p.wbits} bits, "
-        "measured)"))
+    )
+    lines += [
+        "",
+        "strategy",
+        f"  Fisher: {'fits' if f['fits'] else 'DOES NOT FIT'}: model {spread}, "
+        f"{'gradient checkpointing' if f['checkpointing'] else 'no checkpointing'}, "
+        f"accumulators {place}; {f['device_gb']:.1f} GiB per "
+        f"{'GPU' if p.gpus else 'process'}"
+        + (f", {f['host_gb']:.1f} GiB pinned" if f["host_gb"] else ""),
+        f"  quantization: streamed block by block from the safetensors shards "
+        f"({q['block_gb']:.2f} GiB at a time instead of {q['in_memory_gb']:.1f} GiB), "
+        f"k-means {q['kmeans']} on {q['kmeans_device']} (sqlab quantize --kmeans "
+        f"{q['kmeans']})",
+        "",
+        "time (estimates from the assumptions in sqlab/plan.py)",
+        f"  Fisher: {_duration(f['seconds'])} (assumed {GPU_TFLOPS:g} TFLOP/s per GPU"
+        if p.gpus
+        else f"  Fisher: {_duration(f['seconds'])} (assumed {CPU_GFLOPS:g} GFLOP/s per core",
+    ]
+    lines[-1] += "; the GPUs of a device_map work one after another)" if f["devices"] > 1 else ")"
+    lines.append(
+        f"  k-means: {_duration(q['kmeans_seconds'])}"
+        + (
+            " (no GPU measurement yet: benchmarks/kmeans.py --shape 7b on a GPU gives one)"
+            if q["kmeans_seconds"] is None
+            else f" ({KMEANS_CPU_S[p.wbits] * 1e9:.0f} ns per weight and thread at {p.wbits} bits, "
+            "measured)"
+        )
+    )
     lines += [f"note: {n}" for n in p.notes]
     return "\n".join(lines)
 
@@ -339,12 +419,16 @@ def fisher_setup(spec: str, seqlen: int, nsamples: int) -> tuple:
     from .sensitivity import FisherStrategy
 
     gpus = torch.cuda.device_count()
-    memory = min((torch.cuda.get_device_properties(i).total_memory for i in range(gpus)),
-                 default=0) / GIB
+    memory = (
+        min((torch.cuda.get_device_properties(i).total_memory for i in range(gpus)), default=0)
+        / GIB
+    )
     found = plan(spec, gpus=gpus, gpu_mem_gb=memory or None, seqlen=seqlen, nsamples=nsamples)
     fisher = found.fisher or {"checkpointing": False, "offload": "none", "devices": 1}
     load = {}
     if fisher["devices"] > 1:  # accelerate balances the blocks over the GPUs within these caps
-        load = {"device_map": "auto", "max_memory": {i: f"{memory * USABLE:.0f}GiB"
-                                                     for i in range(gpus)}}
+        load = {
+            "device_map": "auto",
+            "max_memory": {i: f"{memory * USABLE:.0f}GiB" for i in range(gpus)},
+        }
     return FisherStrategy(fisher["checkpointing"], fisher["offload"]), load

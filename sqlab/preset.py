@@ -26,8 +26,12 @@ class Preset:
         return dict(calib="shakespeare", nsamples=self.nsamples, seqlen=self.calib_seqlen)
 
 
-FULL = Preset(fast=False, nsamples=16, calib_seqlen=512, windows=32, blocks=None, tokens=32, repeats=5)
-FAST = Preset(fast=True, nsamples=2, calib_seqlen=128, windows=2, blocks=[0, 1], tokens=8, repeats=2)
+FULL = Preset(
+    fast=False, nsamples=16, calib_seqlen=512, windows=32, blocks=None, tokens=32, repeats=5
+)
+FAST = Preset(
+    fast=True, nsamples=2, calib_seqlen=128, windows=2, blocks=[0, 1], tokens=8, repeats=2
+)
 
 
 def fast_mode() -> bool:

@@ -29,39 +29,75 @@ class SqueezeLinear(nn.Module):
     (``bias_dtype``, by default that of ``vals``).
     """
 
-    def __init__(self, in_features: int, out_features: int, wbits: int, nnz: int = 0, bias: bool = False,
-                 lut_dtype: torch.dtype = torch.float16, vals_dtype: torch.dtype = torch.float32,
-                 device=None, bias_dtype: torch.dtype | None = None):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        wbits: int,
+        nnz: int = 0,
+        bias: bool = False,
+        lut_dtype: torch.dtype = torch.float16,
+        vals_dtype: torch.dtype = torch.float32,
+        device=None,
+        bias_dtype: torch.dtype | None = None,
+    ):
         super().__init__()
         check_wbits(wbits)
         self.in_features, self.out_features, self.wbits = in_features, out_features, wbits
-        self.name = ""  # the module's name in its model, for messages (set by the quantizer and loaders)
-        self.register_buffer("qweight", torch.zeros(packed_rows(in_features, wbits), out_features,
-                                                    dtype=torch.int32, device=device))
-        self.register_buffer("lookup_table", torch.zeros(out_features, 2**wbits, dtype=lut_dtype, device=device))
+        self.name = (
+            ""  # the module's name in its model, for messages (set by the quantizer and loaders)
+        )
+        self.register_buffer(
+            "qweight",
+            torch.zeros(
+                packed_rows(in_features, wbits), out_features, dtype=torch.int32, device=device
+            ),
+        )
+        self.register_buffer(
+            "lookup_table", torch.zeros(out_features, 2**wbits, dtype=lut_dtype, device=device)
+        )
         if nnz:
-            self.register_buffer("rows", torch.zeros(out_features + 1, dtype=torch.int32, device=device))
+            self.register_buffer(
+                "rows", torch.zeros(out_features + 1, dtype=torch.int32, device=device)
+            )
             self.register_buffer("cols", torch.zeros(nnz, dtype=torch.int32, device=device))
             self.register_buffer("vals", torch.zeros(nnz, dtype=vals_dtype, device=device))
         else:
             self.rows = self.cols = self.vals = None
         if bias:
-            self.register_buffer("bias", torch.zeros(out_features, dtype=bias_dtype or vals_dtype,
-                                                     device=device))
+            self.register_buffer(
+                "bias", torch.zeros(out_features, dtype=bias_dtype or vals_dtype, device=device)
+            )
         else:
             self.bias = None
 
     @classmethod
-    def from_parts(cls, qweight: Tensor, lookup_table: Tensor, in_features: int, csr: CSR | None = None,
-                   bias: Tensor | None = None) -> "SqueezeLinear":
+    def from_parts(
+        cls,
+        qweight: Tensor,
+        lookup_table: Tensor,
+        in_features: int,
+        csr: CSR | None = None,
+        bias: Tensor | None = None,
+    ) -> "SqueezeLinear":
         out_features, k = lookup_table.shape
         wbits = {8: 3, 16: 4}.get(k)
         if wbits is None:
-            raise SqlabError(f"lookup_table has {k} entries per row; expected 8 (3-bit) or 16 (4-bit)")
+            raise SqlabError(
+                f"lookup_table has {k} entries per row; expected 8 (3-bit) or 16 (4-bit)"
+            )
         nnz = csr.nnz if csr is not None else 0
         vals_dtype = csr.vals.dtype if nnz else (bias.dtype if bias is not None else torch.float32)
-        layer = cls(in_features, out_features, wbits, nnz, bias is not None, lookup_table.dtype, vals_dtype,
-                    device=qweight.device)
+        layer = cls(
+            in_features,
+            out_features,
+            wbits,
+            nnz,
+            bias is not None,
+            lookup_table.dtype,
+            vals_dtype,
+            device=qweight.device,
+        )
         layer.qweight.copy_(qweight)
         layer.lookup_table.copy_(lookup_table)
         if nnz:
@@ -84,12 +120,16 @@ class SqueezeLinear(nn.Module):
         """
         expected = (packed_rows(self.in_features, self.wbits), self.out_features)
         if self.qweight.dtype != torch.int32 or tuple(self.qweight.shape) != expected:
-            raise SqlabError(f"{name}.qweight is {self.qweight.dtype} of shape {tuple(self.qweight.shape)}; "
-                             f"{self.wbits}-bit packing of {self.in_features} inputs needs int32 {expected}")
+            raise SqlabError(
+                f"{name}.qweight is {self.qweight.dtype} of shape {tuple(self.qweight.shape)}; "
+                f"{self.wbits}-bit packing of {self.in_features} inputs needs int32 {expected}"
+            )
         lut = self.lookup_table
         if tuple(lut.shape) != (self.out_features, 1 << self.wbits) or not lut.is_floating_point():
-            raise SqlabError(f"{name}.lookup_table is {lut.dtype} of shape {tuple(lut.shape)}; expected floats "
-                             f"of shape ({self.out_features}, {1 << self.wbits})")
+            raise SqlabError(
+                f"{name}.lookup_table is {lut.dtype} of shape {tuple(lut.shape)}; expected floats "
+                f"of shape ({self.out_features}, {1 << self.wbits})"
+            )
         if not bool(torch.isfinite(lut).all()):
             raise SqlabError(f"{name}.lookup_table contains NaN or Inf")
         if self.vals is not None:
@@ -141,24 +181,49 @@ class SqueezeLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         kernel = self.__dict__.get("_kernel")
         if kernel is not None and x.dtype == kernel.dtype and x.get_device() == kernel.device_index:
-            return kernel(x)  # the prepared launch: no checks, no planning, two pointers and a launch
+            return kernel(
+                x
+            )  # the prepared launch: no checks, no planning, two pointers and a launch
         return self._first_call(x)
 
     def _first_call(self, x: Tensor) -> Tensor:
         """A call on a new device or dtype: prepare the kernels there (GPU, or the CPU LUT-GEMV)."""
         name = self.name or f"SqueezeLinear({self.in_features} -> {self.out_features})"
         chosen = kernels.backend()
-        if chosen.accepts(x.device) and x.dtype in kernels.DTYPES and chosen.unavailable_reason() is None:
+        if (
+            chosen.accepts(x.device)
+            and x.dtype in kernels.DTYPES
+            and chosen.unavailable_reason() is None
+        ):
             self.__dict__["_kernel"] = kernels.GemvKernels(
-                self.qweight, self.lookup_table, self.wbits, self.in_features, x.dtype, self.csr(), self.bias,
-                name=name, chosen=chosen)
+                self.qweight,
+                self.lookup_table,
+                self.wbits,
+                self.in_features,
+                x.dtype,
+                self.csr(),
+                self.bias,
+                name=name,
+                chosen=chosen,
+            )
             return self.__dict__["_kernel"](x)
-        if x.device.type == "cpu" and x.dtype in kernels.DTYPES and self.qweight.device.type == "cpu":
+        if (
+            x.device.type == "cpu"
+            and x.dtype in kernels.DTYPES
+            and self.qweight.device.type == "cpu"
+        ):
             reason = cpu_kernels.unavailable_reason()
             if reason is None:
                 self.__dict__["_kernel"] = cpu_kernels.CpuGemv(
-                    self.qweight, self.lookup_table, self.wbits, self.in_features, x.dtype, self.csr(), self.bias,
-                    name=name)
+                    self.qweight,
+                    self.lookup_table,
+                    self.wbits,
+                    self.in_features,
+                    x.dtype,
+                    self.csr(),
+                    self.bias,
+                    name=name,
+                )
                 return self.__dict__["_kernel"](x)
             cpu_kernels.warn_unavailable(reason)
         # no kernel for this device: compute with the dequantized weight (kept on the CPU,
@@ -171,9 +236,13 @@ class SqueezeLinear(nn.Module):
         lut = self.lookup_table
         bits = {"indices": self.qweight.numel() * 32, "lut": lut.numel() * lut.element_size() * 8}
         if self.vals is not None:
-            bits["sparse"] = sum(t.numel() * t.element_size() * 8 for t in (self.rows, self.cols, self.vals))
+            bits["sparse"] = sum(
+                t.numel() * t.element_size() * 8 for t in (self.rows, self.cols, self.vals)
+            )
         return bits
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, wbits={self.wbits}, "
-                f"nnz={self.nnz}, bias={self.bias is not None}")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, wbits={self.wbits}, "
+            f"nnz={self.nnz}, bias={self.bias is not None}"
+        )

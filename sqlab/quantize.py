@@ -30,6 +30,7 @@ from .qlinear import SqueezeLinear
 
 log = logging.getLogger(__name__)
 
+
 @dataclass
 class QuantizedWeight:
     """One matrix, quantized: indices, a LUT per row, and the sparse part."""
@@ -50,17 +51,22 @@ class QuantizedWeight:
     def storage_bits(self) -> dict[str, int]:
         """Bits the packed layer stores, from shapes alone: indices, LUT, sparse part (rows, cols, vals)."""
         out_features, in_features = self.indices.shape
-        bits = {"indices": packed_rows(in_features, self.wbits) * out_features * 32,
-                "lut": self.lut.numel() * self.lut.element_size() * 8}
+        bits = {
+            "indices": packed_rows(in_features, self.wbits) * out_features * 32,
+            "lut": self.lut.numel() * self.lut.element_size() * 8,
+        }
         if self.csr is not None:
-            bits["sparse"] = sum(t.numel() * t.element_size() * 8 for t in (self.csr.rows, self.csr.cols,
-                                                                             self.csr.vals))
+            bits["sparse"] = sum(
+                t.numel() * t.element_size() * 8
+                for t in (self.csr.rows, self.csr.cols, self.csr.vals)
+            )
         return bits
 
     def to_layer(self, bias: Tensor | None, name: str = "") -> SqueezeLinear:
         """The packed ``SqueezeLinear``."""
-        layer = SqueezeLinear.from_parts(pack(self.indices, self.wbits), self.lut, self.indices.shape[1], self.csr,
-                                         bias)
+        layer = SqueezeLinear.from_parts(
+            pack(self.indices, self.wbits), self.lut, self.indices.shape[1], self.csr, bias
+        )
         layer.name = name
         return layer
 
@@ -116,16 +122,23 @@ class QuantReport:
         return 100 * sum(s.outliers for s in self.layers) / self.weights
 
     def as_dict(self) -> dict:
-        return {"config": self.config.as_dict(), "outlier_range": self.outlier_range,
-                "bits_per_weight": self.bits_per_weight, "size_mb": self.size_mb,
-                "outlier_pct": self.outlier_pct, "sparse_pct": self.sparse_pct,
-                "layers": [asdict(s) for s in self.layers]}
+        return {
+            "config": self.config.as_dict(),
+            "outlier_range": self.outlier_range,
+            "bits_per_weight": self.bits_per_weight,
+            "size_mb": self.size_mb,
+            "outlier_pct": self.outlier_pct,
+            "sparse_pct": self.sparse_pct,
+            "layers": [asdict(s) for s in self.layers],
+        }
 
 
 def check_finite(name: str, tensor: Tensor, what: str) -> None:
     # one float64 sum is finite exactly when every entry is (weights and Fisher values are far
     # from overflowing it), and costs less than a mask of the whole tensor
-    if not math.isfinite(float(tensor.sum(dtype=torch.float64))) and not bool(torch.isfinite(tensor).all()):
+    if not math.isfinite(float(tensor.sum(dtype=torch.float64))) and not bool(
+        torch.isfinite(tensor).all()
+    ):
         raise SqlabError(f"{what} of {name} contain NaN or Inf; cannot quantize it")
 
 
@@ -135,25 +148,39 @@ def kmeans_weights(weight: Tensor, fisher: Tensor | None, sparse: Tensor, weight
     A row whose remaining importances are all zero falls back to uniform weights
     over its dense positions.
     """
-    base = fisher.float().clamp_min(0) if weighted and fisher is not None else torch.ones_like(weight, dtype=torch.float32)
+    base = (
+        fisher.float().clamp_min(0)
+        if weighted and fisher is not None
+        else torch.ones_like(weight, dtype=torch.float32)
+    )
     dense = (~sparse).float()
     importance = base * dense
     empty = importance.sum(1, keepdim=True) <= 0
     return torch.where(empty, dense, importance)
 
 
-def quantize_group(weights: dict[str, Tensor], fishers: dict[str, Tensor | None], config: SqueezeLLMConfig,
-                   thresholds: dict[str, float | None]) -> dict[str, QuantizedWeight]:
+def quantize_group(
+    weights: dict[str, Tensor],
+    fishers: dict[str, Tensor | None],
+    config: SqueezeLLMConfig,
+    thresholds: dict[str, float | None],
+) -> dict[str, QuantizedWeight]:
     """Quantize matrices of equal ``in_features`` together: one batched k-means over all their rows.
 
     ``thresholds`` are the outlier thresholds ``T`` of the matrices (``None``: no outliers).
     """
     splits, importances = {}, {}
     for name, w in weights.items():
-        splits[name] = outliers.split(w, fishers.get(name), thresholds.get(name), config.sensitive_pct)
+        splits[name] = outliers.split(
+            w, fishers.get(name), thresholds.get(name), config.sensitive_pct
+        )
         importances[name] = kmeans_weights(w, fishers.get(name), splits[name].mask, config.weighted)
     names = list(weights)
-    km = cluster(torch.cat([weights[n].float() for n in names]), torch.cat([importances[n] for n in names]), config)
+    km = cluster(
+        torch.cat([weights[n].float() for n in names]),
+        torch.cat([importances[n] for n in names]),
+        config,
+    )
     result, start = {}, 0
     for name in names:
         w = weights[name]
@@ -172,8 +199,9 @@ def quantize_group(weights: dict[str, Tensor], fishers: dict[str, Tensor | None]
     return result
 
 
-def quantize_block(weights: dict[str, Tensor], fisher, config: QuantConfig,
-                   thresholds: dict[str, float]) -> dict[str, QuantizedWeight]:
+def quantize_block(
+    weights: dict[str, Tensor], fisher, config: SqueezeLLMConfig, thresholds: dict[str, float]
+) -> dict[str, QuantizedWeight]:
     """One decoder block's matrices (``{name: (out_features, in_features)}``), each group of equal
     ``in_features`` in one batched k-means; ``fisher`` maps names to Fisher values (or is None)."""
     done: dict[str, QuantizedWeight] = {}
@@ -181,18 +209,32 @@ def quantize_block(weights: dict[str, Tensor], fisher, config: QuantConfig,
     for name, w in weights.items():
         by_width.setdefault(w.shape[1], []).append(name)
     for names in by_width.values():
-        done.update(quantize_group({n: weights[n] for n in names},
-                                   {n: fisher[n] if fisher is not None else None for n in names},
-                                   config, {n: thresholds.get(n) for n in names}))
+        done.update(
+            quantize_group(
+                {n: weights[n] for n in names},
+                {n: fisher[n] if fisher is not None else None for n in names},
+                config,
+                {n: thresholds.get(n) for n in names},
+            )
+        )
     return done
 
 
-def layer_stats(name: str, weight: Tensor, fisher: Tensor | None, q: QuantizedWeight, w_hat: Tensor) -> LayerStats:
+def layer_stats(
+    name: str, weight: Tensor, fisher: Tensor | None, q: QuantizedWeight, w_hat: Tensor
+) -> LayerStats:
     """Errors of one matrix against its reconstruction ``w_hat``, and its storage."""
     diff2 = (weight.float() - w_hat.float()) ** 2
     weighted = float((fisher.float() * diff2).sum()) if fisher is not None else float("nan")
-    return LayerStats(name, tuple(weight.shape), q.outliers, q.sensitive, weighted, float(diff2.mean()),
-                      q.storage_bits())
+    return LayerStats(
+        name,
+        tuple(weight.shape),
+        q.outliers,
+        q.sensitive,
+        weighted,
+        float(diff2.mean()),
+        q.storage_bits(),
+    )
 
 
 def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
@@ -200,8 +242,9 @@ def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
     setattr(root.get_submodule(parent) if parent else root, child, module)
 
 
-def outlier_thresholds(model: nn.Module, config: SqueezeLLMConfig,
-                       profile: outliers.OutlierProfile | None = None) -> tuple[float | None, dict[str, float]]:
+def outlier_thresholds(
+    model: nn.Module, config: SqueezeLLMConfig, profile: outliers.OutlierProfile | None = None
+) -> tuple[float | None, dict[str, float]]:
     """The IQR range ``r`` for this run (given, solved for ``outlier_pct``, or none) and each matrix's ``T``.
 
     ``profile`` reuses a summary of the model's (unquantized) weights across runs.
@@ -209,8 +252,14 @@ def outlier_thresholds(model: nn.Module, config: SqueezeLLMConfig,
     if not config.uses_outliers:
         return None, {}
     if profile is None:
-        profile = outliers.OutlierProfile({n: m.weight.detach() for n, m in quantizable_linears(model).items()})
-    r = config.outlier_range if config.outlier_range is not None else profile.solve(config.outlier_pct)
+        profile = outliers.OutlierProfile(
+            {n: m.weight.detach() for n, m in quantizable_linears(model).items()}
+        )
+    r = (
+        config.outlier_range
+        if config.outlier_range is not None
+        else profile.solve(config.outlier_pct)
+    )
     return float(r), {n: profile.threshold(n, r) for n in profile.matrices}
 
 
@@ -231,11 +280,16 @@ class _WorkDir:
             try:
                 found = json.loads(marker.read_text())
             except (OSError, ValueError) as exc:
-                log.warning("%s is damaged (%s); writing it again (each block is checked on its "
-                            "own)", marker, exc)
+                log.warning(
+                    "%s is damaged (%s); writing it again (each block is checked on its own)",
+                    marker,
+                    exc,
+                )
         if found is not None and found != json.loads(json.dumps(identity)):
-            raise SqlabError(f"work directory {str(self.path)!r} holds blocks of a different run "
-                             f"({marker}); delete it or choose another directory")
+            raise SqlabError(
+                f"work directory {str(self.path)!r} holds blocks of a different run "
+                f"({marker}); delete it or choose another directory"
+            )
         if found is None:
             files.write_json(marker, identity)
 
@@ -249,19 +303,23 @@ class _WorkDir:
         try:
             tensors, meta = files.load_safetensors(path, verify=True)
             if meta.get("run") != self.run:
-                raise SqlabError(f"it belongs to another run ({meta.get('run')!r}, this run is "
-                                 f"{self.run!r})")
+                raise SqlabError(
+                    f"it belongs to another run ({meta.get('run')!r}, this run is {self.run!r})"
+                )
             result = {}
             for name, info in json.loads(meta["layers"]).items():
-                part = {k[len(name) + 1:]: t for k, t in tensors.items()
-                        if k.startswith(f"{name}.")}
+                part = {
+                    k[len(name) + 1 :]: t for k, t in tensors.items() if k.startswith(f"{name}.")
+                }
                 csr = CSR(part["rows"], part["cols"], part["vals"]) if "vals" in part else None
                 indices = unpack(part["qweight"], info["wbits"], info["in_features"])
-                result[name] = QuantizedWeight(indices, part["lookup_table"], csr, info["outliers"],
-                                               info["sensitive"])
+                result[name] = QuantizedWeight(
+                    indices, part["lookup_table"], csr, info["outliers"], info["sensitive"]
+                )
         except (SqlabError, KeyError, TypeError, ValueError) as exc:
-            log.warning("block %d: %s is unusable (%s); quantizing the block again", index, path,
-                        exc)
+            log.warning(
+                "block %d: %s is unusable (%s); quantizing the block again", index, path, exc
+            )
             return None
         return result
 
@@ -271,18 +329,33 @@ class _WorkDir:
             tensors[f"{name}.qweight"] = pack(q.indices, q.wbits)
             tensors[f"{name}.lookup_table"] = q.lut
             if q.csr is not None:
-                tensors[f"{name}.rows"], tensors[f"{name}.cols"], tensors[f"{name}.vals"] = \
-                    q.csr.rows, q.csr.cols, q.csr.vals
-            layers[name] = {"wbits": q.wbits, "in_features": q.indices.shape[1],
-                            "outliers": q.outliers, "sensitive": q.sensitive}
+                tensors[f"{name}.rows"], tensors[f"{name}.cols"], tensors[f"{name}.vals"] = (
+                    q.csr.rows,
+                    q.csr.cols,
+                    q.csr.vals,
+                )
+            layers[name] = {
+                "wbits": q.wbits,
+                "in_features": q.indices.shape[1],
+                "outliers": q.outliers,
+                "sensitive": q.sensitive,
+            }
         meta = {"layers": json.dumps(layers, sort_keys=True), "run": self.run}
         files.save_safetensors(tensors, self.file(index), meta, checksum=True)
 
 
 @torch.no_grad()
-def quantize_model(model: nn.Module, config: SqueezeLLMConfig, fisher: dict[str, Tensor] | None = None, *,
-                   simulate: bool = False, work_dir: str | Path | None = None, blocks: list[int] | None = None,
-                   profile: outliers.OutlierProfile | None = None, progress: bool = True) -> QuantReport:
+def quantize_model(
+    model: nn.Module,
+    config: SqueezeLLMConfig,
+    fisher: dict[str, Tensor] | None = None,
+    *,
+    simulate: bool = False,
+    work_dir: str | Path | None = None,
+    blocks: list[int] | None = None,
+    profile: outliers.OutlierProfile | None = None,
+    progress: bool = True,
+) -> QuantReport:
     """Quantize every quantizable linear of ``model`` in place; returns per-layer statistics.
 
     ``fisher`` maps module names to Fisher information of their weights; it is
@@ -294,13 +367,17 @@ def quantize_model(model: nn.Module, config: SqueezeLLMConfig, fisher: dict[str,
     them again).
     """
     if fisher is None and (config.weighted or config.sensitive_pct > 0):
-        raise SqlabError("SqueezeLLM needs the Fisher information (sqlab.compute_fisher); pass fisher=..., "
-                         "or use weighted=False with sensitive_pct=0 for plain k-means")
+        raise SqlabError(
+            "SqueezeLLM needs the Fisher information (sqlab.compute_fisher); pass fisher=..., "
+            "or use weighted=False with sensitive_pct=0 for plain k-means"
+        )
     chosen = list(enumerate(decoder_blocks(model)))
     if blocks is not None:
         bad = [b for b in blocks if not 0 <= b < len(chosen)]
         if bad:
-            raise SqlabError(f"block indices {bad} out of range; the model has {len(chosen)} decoder blocks")
+            raise SqlabError(
+                f"block indices {bad} out of range; the model has {len(chosen)} decoder blocks"
+            )
         chosen = [chosen[b] for b in sorted(set(blocks))]
     for _, (prefix, block) in chosen:
         for short, linear in block_linears(model, block).items():
@@ -311,30 +388,48 @@ def quantize_model(model: nn.Module, config: SqueezeLLMConfig, fisher: dict[str,
             if name not in fisher:
                 raise SqlabError(f"the Fisher information has no entry for {name}")
             if tuple(fisher[name].shape) != tuple(linear.weight.shape):
-                raise SqlabError(f"the Fisher information of {name} has shape {tuple(fisher[name].shape)}, "
-                                 f"the weight has {tuple(linear.weight.shape)}")
+                raise SqlabError(
+                    f"the Fisher information of {name} has shape {tuple(fisher[name].shape)}, "
+                    f"the weight has {tuple(linear.weight.shape)}"
+                )
             check_finite(name, fisher[name], "Fisher values")
     outlier_range, thresholds = outlier_thresholds(model, config, profile)
     store = None
     if work_dir is not None:
         from .models import fingerprint
 
-        store = _WorkDir(work_dir, {"config": config.as_dict(), "outlier_range": outlier_range,
-                                    "model": fingerprint(model)})
+        store = _WorkDir(
+            work_dir,
+            {
+                "config": config.as_dict(),
+                "outlier_range": outlier_range,
+                "model": fingerprint(model),
+            },
+        )
     stats = []
-    for index, (prefix, block) in tqdm(chosen, desc=f"SqueezeLLM {config.wbits}-bit", unit="block",
-                                       disable=not progress, leave=False):
+    for index, (prefix, block) in tqdm(
+        chosen,
+        desc=f"SqueezeLLM {config.wbits}-bit",
+        unit="block",
+        disable=not progress,
+        leave=False,
+    ):
         members = {f"{prefix}.{n}": m for n, m in block_linears(model, block).items()}
         done = store.load(index) if store is not None else None
         if done is None:
-            done = quantize_block({n: m.weight.detach() for n, m in members.items()}, fisher,
-                                  config, thresholds)
+            done = quantize_block(
+                {n: m.weight.detach() for n, m in members.items()}, fisher, config, thresholds
+            )
             if store is not None:
                 store.save(index, done)
         for name, linear in members.items():
             q = done[name]
             w_hat = q.dequantize(linear.weight.dtype)
-            stats.append(layer_stats(name, linear.weight, fisher[name] if fisher is not None else None, q, w_hat))
+            stats.append(
+                layer_stats(
+                    name, linear.weight, fisher[name] if fisher is not None else None, q, w_hat
+                )
+            )
             if simulate:  # the reconstruction in the nn.Linear: no packing at all
                 linear.weight.copy_(w_hat)
             else:

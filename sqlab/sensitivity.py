@@ -70,8 +70,9 @@ class FisherInformation(dict):
     peak_kind: str | None = None
 
 
-def _accumulators(linears: dict[str, nn.Linear], offload: str,
-                  offload_dir: Path | None) -> dict[str, torch.Tensor]:
+def _accumulators(
+    linears: dict[str, nn.Linear], offload: str, offload_dir: Path | None
+) -> dict[str, torch.Tensor]:
     """Zeroed fp32 accumulators, one per weight, where ``offload`` puts them."""
     found = {}
     for name, m in linears.items():
@@ -133,10 +134,15 @@ def _checkpointed(blocks: list[nn.Module]):
                 block.forward = forward
 
 
-def fisher_information(model: nn.Module, windows: torch.Tensor, *, progress: bool = True,
-                       strategy: FisherStrategy | None = None,
-                       offload_dir: str | Path | None = None,
-                       measure: bool = False) -> FisherInformation:
+def fisher_information(
+    model: nn.Module,
+    windows: torch.Tensor,
+    *,
+    progress: bool = True,
+    strategy: FisherStrategy | None = None,
+    offload_dir: str | Path | None = None,
+    measure: bool = False,
+) -> FisherInformation:
     """Diagonal Fisher of every quantizable weight, ``{module name: (out_features, in_features)}`` fp32.
 
     ``windows`` is ``(nsamples, seqlen)`` token ids; one backward pass per window.
@@ -155,11 +161,16 @@ def fisher_information(model: nn.Module, windows: torch.Tensor, *, progress: boo
     hooks = []
     devices = {p.device for p in model.parameters()}
     measure = measure or any(d.type == "cuda" for d in devices)
-    stored = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
-              for t in model.state_dict().values() if t.device.type == "cpu"}
+    stored = {
+        t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+        for t in model.state_dict().values()
+        if t.device.type == "cpu"
+    }
     params = sum(stored.values())  # tied tensors once
-    peak = TensorPeak(devices, baseline=params + sum(
-        f.numel() * 4 for f in fisher.values() if strategy.offload != "disk"))
+    peak = TensorPeak(
+        devices,
+        baseline=params + sum(f.numel() * 4 for f in fisher.values() if strategy.offload != "disk"),
+    )
     blocks = [block for _, block in decoder_blocks(model)] if strategy.checkpointing else []
     try:
         model.eval()  # no dropout: the Fisher of the deployed model
@@ -168,9 +179,10 @@ def fisher_information(model: nn.Module, windows: torch.Tensor, *, progress: boo
         for name, m in linears.items():
             m.weight.requires_grad_(True)
             hooks.append(m.weight.register_post_accumulate_grad_hook(_square_into(fisher[name])))
-        with _checkpointed(blocks), (peak if measure else contextlib.nullcontext()):
-            for window in tqdm(windows, desc="Fisher", unit="sample", disable=not progress,
-                               leave=False):
+        with _checkpointed(blocks), peak if measure else contextlib.nullcontext():
+            for window in tqdm(
+                windows, desc="Fisher", unit="sample", disable=not progress, leave=False
+            ):
                 ids = window[None].to(device)
                 loss = model(ids, labels=ids, use_cache=False).loss
                 loss.backward()
@@ -187,13 +199,16 @@ def fisher_information(model: nn.Module, windows: torch.Tensor, *, progress: boo
         log.info("Fisher: %.1f MiB %s", peak.bytes / 2**20, peak.kind)
     for name, f in fisher.items():
         if not torch.isfinite(f).all():
-            raise SqlabError(f"the Fisher information of {name} is not finite (NaN or Inf gradients); "
-                             "check the model's weights and the calibration data")
+            raise SqlabError(
+                f"the Fisher information of {name} is not finite (NaN or Inf gradients); "
+                "check the model's weights and the calibration data"
+            )
     return fisher
 
 
-def fisher_cache_path(model: nn.Module | str, corpus: str, nsamples: int, seqlen: int,
-                      seed: int) -> Path:
+def fisher_cache_path(
+    model: nn.Module | str, corpus: str, nsamples: int, seqlen: int, seed: int
+) -> Path:
     """The cache file of a Fisher run; ``model`` is the model or its ``fingerprint``."""
     digest = model if isinstance(model, str) else fingerprint(model)
     key = f"{digest}-{corpus.replace('/', '_').replace(':', '_')}-n{nsamples}-l{seqlen}-s{seed}"
@@ -208,8 +223,10 @@ def load_fisher(path: Path, model: nn.Module | None = None) -> dict[str, torch.T
             if name not in fisher:
                 raise SqlabError(f"Fisher file {str(path)!r} has no entry for {name}")
             if tuple(fisher[name].shape) != tuple(linear.weight.shape):
-                raise SqlabError(f"Fisher of {name} in {str(path)!r} has shape {tuple(fisher[name].shape)}, "
-                                 f"the model's weight has {tuple(linear.weight.shape)}")
+                raise SqlabError(
+                    f"Fisher of {name} in {str(path)!r} has shape {tuple(fisher[name].shape)}, "
+                    f"the model's weight has {tuple(linear.weight.shape)}"
+                )
     return fisher
 
 
@@ -217,10 +234,19 @@ def save_fisher(fisher: dict[str, torch.Tensor], path: Path) -> None:
     save_safetensors(fisher, path)
 
 
-def compute_fisher(model: nn.Module, tokenizer, corpus: str = "shakespeare", nsamples: int = 16,
-                   seqlen: int = 512, seed: int = 0, *, cache: bool = True,
-                   progress: bool = True, strategy: FisherStrategy | None = None,
-                   offload_dir: str | Path | None = None) -> dict[str, torch.Tensor]:
+def compute_fisher(
+    model: nn.Module,
+    tokenizer,
+    corpus: str = "shakespeare",
+    nsamples: int = 16,
+    seqlen: int = 512,
+    seed: int = 0,
+    *,
+    cache: bool = True,
+    progress: bool = True,
+    strategy: FisherStrategy | None = None,
+    offload_dir: str | Path | None = None,
+) -> dict[str, torch.Tensor]:
     """Fisher information on ``nsamples`` calibration windows of ``corpus``, cached on disk.
 
     ``strategy`` and ``offload_dir`` as in ``fisher_information`` (the result, and so
@@ -237,8 +263,9 @@ def compute_fisher(model: nn.Module, tokenizer, corpus: str = "shakespeare", nsa
         except SqlabError as exc:  # a damaged cache entry is computed again, not trusted
             log.warning("%s; computing the Fisher information again", exc)
     windows = calibration_windows(tokenizer, corpus, nsamples, seqlen, seed)
-    fisher = fisher_information(model, windows, progress=progress, strategy=strategy,
-                                offload_dir=offload_dir)
+    fisher = fisher_information(
+        model, windows, progress=progress, strategy=strategy, offload_dir=offload_dir
+    )
     if cache:
         save_fisher(fisher, path)
     return fisher
@@ -260,10 +287,19 @@ def fisher_summary(fisher: dict[str, torch.Tensor]):
         block, module = split_name(name)
         flat = f.reshape(-1).float()
         sample = _even_sample(flat, 1 << 20).sort().values
-        rows.append({"name": name, "block": block, "module": module, "numel": flat.numel(),
-                     "total": float(flat.sum()), "mean": float(flat.mean()),
-                     "median": float(sample[sample.numel() // 2]), "p99": float(sample[int(0.99 * (sample.numel() - 1))]),
-                     "max": float(flat.max())})
+        rows.append(
+            {
+                "name": name,
+                "block": block,
+                "module": module,
+                "numel": flat.numel(),
+                "total": float(flat.sum()),
+                "mean": float(flat.mean()),
+                "median": float(sample[sample.numel() // 2]),
+                "p99": float(sample[int(0.99 * (sample.numel() - 1))]),
+                "max": float(flat.max()),
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -280,7 +316,9 @@ def top_mass(fisher: dict[str, torch.Tensor], pcts=(0.05, 0.45, 1.0, 5.0)) -> di
     return {p: held[p] / total for p in pcts}
 
 
-def fisher_by_module(fisher: dict[str, torch.Tensor], per_matrix: int = 4096) -> dict[str, torch.Tensor]:
+def fisher_by_module(
+    fisher: dict[str, torch.Tensor], per_matrix: int = 4096
+) -> dict[str, torch.Tensor]:
     """An evenly spaced sample of every matrix's Fisher values, pooled per module (for histograms)."""
     from .models import split_name
 

@@ -30,8 +30,14 @@ from . import files, outliers
 from .config import QuantConfig
 from .errors import SqlabError
 from .models import block_linears, decoder_blocks, default_device, default_dtype, resolve
-from .quantize import (QuantReport, _WorkDir, check_finite, layer_stats, outlier_thresholds,
-                       quantize_block)
+from .quantize import (
+    QuantReport,
+    _WorkDir,
+    check_finite,
+    layer_stats,
+    outlier_thresholds,
+    quantize_block,
+)
 
 log = logging.getLogger(__name__)
 
@@ -74,8 +80,9 @@ class ShardedModel:
                 first.setdefault(id(tensor), key)
         missing = [k for k in self._keys if self._stored(k) is None]
         if missing:  # stored under other names, which from_pretrained converts
-            raise Unstreamable(f"cannot stream {spec!r}: its weight files lack "
-                               f"{', '.join(missing[:3])}")
+            raise Unstreamable(
+                f"cannot stream {spec!r}: its weight files lack {', '.join(missing[:3])}"
+            )
 
     def _readers(self, spec: str) -> dict[str, files.SafetensorsReader]:
         """The reader of every stored tensor; a damaged or odd file is left to ``load_model``,
@@ -131,8 +138,13 @@ class ShardedModel:
         """``models.fingerprint`` of the model ``load_model`` would give, read tensor by tensor."""
         digest = hashlib.sha256()
         config = self.config.to_dict()
-        for volatile in ("_name_or_path", "transformers_version", "dtype", "torch_dtype",
-                         "use_cache"):
+        for volatile in (
+            "_name_or_path",
+            "transformers_version",
+            "dtype",
+            "torch_dtype",
+            "use_cache",
+        ):
             config.pop(volatile, None)
         digest.update(json.dumps(config, sort_keys=True, default=str).encode())
         for key in sorted(self._keys):
@@ -153,9 +165,16 @@ class ShardedModel:
 
     def blocks(self) -> list[tuple[str, dict[str, tuple[int, int]]]]:
         """Each decoder block's name and its quantizable linears' ``{name: weight shape}``."""
-        return [(prefix, {f"{prefix}.{n}": tuple(m.weight.shape)
-                          for n, m in block_linears(self.meta, block).items()})
-                for prefix, block in decoder_blocks(self.meta)]
+        return [
+            (
+                prefix,
+                {
+                    f"{prefix}.{n}": tuple(m.weight.shape)
+                    for n, m in block_linears(self.meta, block).items()
+                },
+            )
+            for prefix, block in decoder_blocks(self.meta)
+        ]
 
 
 def unstreamable(spec: str) -> str | None:
@@ -200,23 +219,30 @@ def fisher_file(path: str | Path, shapes: dict[str, tuple[int, int]]) -> Mapping
         if name not in reader:
             raise SqlabError(f"Fisher file {str(path)!r} has no entry for {name}")
         if reader.shape(name) != shape:
-            raise SqlabError(f"Fisher of {name} in {str(path)!r} has shape {reader.shape(name)}, "
-                             f"the model's weight has {shape}")
+            raise SqlabError(
+                f"Fisher of {name} in {str(path)!r} has shape {reader.shape(name)}, "
+                f"the model's weight has {shape}"
+            )
     return _Lazy(shapes, reader.get)
 
 
 def kmeans_device(config: QuantConfig) -> torch.device:
     """Where a block is split and clustered: a GPU for ``kmeans='fast'`` (the batched heuristic is
     torch code), else the CPU (the exact k-means is a CPU kernel)."""
-    return torch.device("cuda" if torch.cuda.is_available() and config.kmeans == "fast"
-                        else "cpu")
+    return torch.device("cuda" if torch.cuda.is_available() and config.kmeans == "fast" else "cpu")
 
 
 @torch.no_grad()
-def quantize_streamed(model: ShardedModel, config: QuantConfig, fisher: Mapping | None,
-                      work_dir: str | Path, *, fingerprint: str | None = None,
-                      device: torch.device | str | None = None,
-                      progress: bool = True) -> tuple[QuantReport, list[Path]]:
+def quantize_streamed(
+    model: ShardedModel,
+    config: QuantConfig,
+    fisher: Mapping | None,
+    work_dir: str | Path,
+    *,
+    fingerprint: str | None = None,
+    device: torch.device | str | None = None,
+    progress: bool = True,
+) -> tuple[QuantReport, list[Path]]:
     """Quantize every block of ``model`` into ``work_dir``; the report and the block files.
 
     ``fisher`` maps names to Fisher values (read when asked, ``fisher_file``);
@@ -225,8 +251,10 @@ def quantize_streamed(model: ShardedModel, config: QuantConfig, fisher: Mapping 
     the exact k-means runs).
     """
     if fisher is None and config.needs_fisher:
-        raise SqlabError("SqueezeLLM needs the Fisher information (sqlab.compute_fisher); pass "
-                         "fisher=..., or use weighted=False with sensitive_pct=0 for plain k-means")
+        raise SqlabError(
+            "SqueezeLLM needs the Fisher information (sqlab.compute_fisher); pass "
+            "fisher=..., or use weighted=False with sensitive_pct=0 for plain k-means"
+        )
     device = torch.device(device) if device is not None else kmeans_device(config)
     blocks = model.blocks()
     shapes = {n: s for _, block in blocks for n, s in block.items()}
@@ -234,11 +262,22 @@ def quantize_streamed(model: ShardedModel, config: QuantConfig, fisher: Mapping 
     if config.uses_outliers:  # one pass over every matrix, kept as a sorted sample each
         profile = outliers.OutlierProfile(_Lazy(shapes, lambda n: model.get(f"{n}.weight")))
     outlier_range, thresholds = outlier_thresholds(None, config, profile)
-    store = _WorkDir(work_dir, {"config": config.as_dict(), "outlier_range": outlier_range,
-                                "model": fingerprint or model.fingerprint()})
+    store = _WorkDir(
+        work_dir,
+        {
+            "config": config.as_dict(),
+            "outlier_range": outlier_range,
+            "model": fingerprint or model.fingerprint(),
+        },
+    )
     stats = []
-    for index, (_, block) in tqdm(list(enumerate(blocks)), desc=f"SqueezeLLM {config.wbits}-bit "
-                                  "(streamed)", unit="block", disable=not progress, leave=False):
+    for index, (_, block) in tqdm(
+        list(enumerate(blocks)),
+        desc=f"SqueezeLLM {config.wbits}-bit (streamed)",
+        unit="block",
+        disable=not progress,
+        leave=False,
+    ):
         weights = {n: model.get(f"{n}.weight").to(device) for n in block}
         fishers = {n: fisher[n].to(device) for n in block} if fisher is not None else None
         for name, w in weights.items():
@@ -252,8 +291,8 @@ def quantize_streamed(model: ShardedModel, config: QuantConfig, fisher: Mapping 
         for name, w in weights.items():
             q = done[name]
             w_hat = q.dequantize(w.dtype).to(device)
-            stats.append(layer_stats(name, w, fishers[name] if fishers is not None else None,
-                                     q, w_hat))
+            stats.append(
+                layer_stats(name, w, fishers[name] if fishers is not None else None, q, w_hat)
+            )
         del weights, fishers, done
     return QuantReport(config, outlier_range, stats), [store.file(i) for i in range(len(blocks))]
-

@@ -53,8 +53,10 @@ def _lm_eval():
         import lm_eval
         from lm_eval.tasks import TaskManager  # noqa: F401
     except ImportError as exc:
-        raise SqlabError(f"lm-eval tasks need the lm-eval package ({exc}); install it with "
-                         "pip install 'sqlab[eval]'") from None
+        raise SqlabError(
+            f"lm-eval tasks need the lm-eval package ({exc}); install it with "
+            "pip install 'sqlab[eval]'"
+        ) from None
     return lm_eval
 
 
@@ -64,8 +66,12 @@ def _verse(line: str) -> bool:
     return len(line.split()) >= 5 and not line.isupper() and not heading
 
 
-def next_line_items(texts: Sequence[str], count: int = NEXT_LINE_ITEMS,
-                    choices: int = NEXT_LINE_CHOICES, seed: int = 0) -> list[dict]:
+def next_line_items(
+    texts: Sequence[str],
+    count: int = NEXT_LINE_ITEMS,
+    choices: int = NEXT_LINE_CHOICES,
+    seed: int = 0,
+) -> list[dict]:
     """Questions ``{"context", "choices", "answer"}``: which of ``choices`` lines of the same
     play follows ``context``, drawn evenly from ``texts`` with a fixed seed."""
     rng = random.Random(seed)
@@ -83,28 +89,31 @@ def next_line_items(texts: Sequence[str], count: int = NEXT_LINE_ITEMS,
 
 
 def _builtin_yaml(data_file: Path) -> str:
-    return "\n".join([
-        f"task: {BUILTIN}",
-        "dataset_path: json",
-        "dataset_kwargs:",
-        "  data_files:",
-        f"    test: {json.dumps(str(data_file))}",
-        "test_split: test",
-        "output_type: multiple_choice",
-        'doc_to_text: "{{context}}\\n"',
-        'target_delimiter: ""',
-        'doc_to_choice: "{{choices}}"',
-        "doc_to_target: answer",
-        "metric_list:",
-        "  - metric: acc",
-        "    aggregation: mean",
-        "    higher_is_better: true",
-        "  - metric: acc_norm",
-        "    aggregation: mean",
-        "    higher_is_better: true",
-        "metadata:",
-        "  version: 1.0",
-        ""])
+    return "\n".join(
+        [
+            f"task: {BUILTIN}",
+            "dataset_path: json",
+            "dataset_kwargs:",
+            "  data_files:",
+            f"    test: {json.dumps(str(data_file))}",
+            "test_split: test",
+            "output_type: multiple_choice",
+            'doc_to_text: "{{context}}\\n"',
+            'target_delimiter: ""',
+            'doc_to_choice: "{{choices}}"',
+            "doc_to_target: answer",
+            "metric_list:",
+            "  - metric: acc",
+            "    aggregation: mean",
+            "    higher_is_better: true",
+            "  - metric: acc_norm",
+            "    aggregation: mean",
+            "    higher_is_better: true",
+            "metadata:",
+            "  version: 1.0",
+            "",
+        ]
+    )
 
 
 def builtin_tasks_dir() -> Path:
@@ -135,8 +144,7 @@ def task_manager(names: Sequence[str], include_path: str | Path | None = None):
 
     names = list(names)
     if not names:
-        raise SqlabError("no lm-eval task given; name at least one, e.g. --tasks "
-                         f"{BUILTIN}")
+        raise SqlabError(f"no lm-eval task given; name at least one, e.g. --tasks {BUILTIN}")
     if include_path is not None and not Path(include_path).is_dir():
         raise SqlabError(f"task folder {str(include_path)!r} does not exist")
     paths = [builtin_tasks_dir()] if BUILTIN in names else []
@@ -147,16 +155,25 @@ def task_manager(names: Sequence[str], include_path: str | Path | None = None):
     manager = TaskManager(include_path=[str(p) for p in paths])
     unknown = [n for n in names if n not in manager.all_tasks and not _is_yaml(n)]
     if unknown:
-        raise SqlabError(f"unknown lm-eval task {unknown[0]!r}; give a task lm-eval knows (list "
-                         f"them with `lm-eval ls tasks`), the built-in {BUILTIN!r}, a task YAML "
-                         "file, or --include-path DIR with your task YAML files")
+        raise SqlabError(
+            f"unknown lm-eval task {unknown[0]!r}; give a task lm-eval knows (list "
+            f"them with `lm-eval ls tasks`), the built-in {BUILTIN!r}, a task YAML "
+            "file, or --include-path DIR with your task YAML files"
+        )
     return manager
 
 
-def evaluate_tasks(model: nn.Module, tokenizer, names: Sequence[str], *,
-                   include_path: str | Path | None = None, limit: int | None = None,
-                   num_fewshot: int | None = None, batch_size: int = 1,
-                   seed: int = 0) -> list[TaskResult]:
+def evaluate_tasks(
+    model: nn.Module,
+    tokenizer,
+    names: Sequence[str],
+    *,
+    include_path: str | Path | None = None,
+    limit: int | None = None,
+    num_fewshot: int | None = None,
+    batch_size: int = 1,
+    seed: int = 0,
+) -> list[TaskResult]:
     """Score ``model`` on lm-eval tasks; one ``TaskResult`` per task (and per subtask of a group).
 
     ``limit`` scores the first N examples of each task; ``num_fewshot`` overrides
@@ -169,19 +186,33 @@ def evaluate_tasks(model: nn.Module, tokenizer, names: Sequence[str], *,
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
     try:
         out = lm_eval.simple_evaluate(
-            model=lm, tasks=list(names), task_manager=manager, limit=limit, num_fewshot=num_fewshot,
-            log_samples=False, bootstrap_iters=0, random_seed=seed, numpy_random_seed=seed,
-            torch_random_seed=seed, fewshot_random_seed=seed)
+            model=lm,
+            tasks=list(names),
+            task_manager=manager,
+            limit=limit,
+            num_fewshot=num_fewshot,
+            log_samples=False,
+            bootstrap_iters=0,
+            random_seed=seed,
+            numpy_random_seed=seed,
+            torch_random_seed=seed,
+            fewshot_random_seed=seed,
+        )
     except SqlabError:
         raise
     except (KeyError, ValueError, OSError, ImportError) as exc:  # a task's definition or data
         said = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise SqlabError(f"lm-eval could not run {', '.join(names)}: {said}; offline, a task needs "
-                         "local data (dataset_path: json with data_files)") from exc
+        raise SqlabError(
+            f"lm-eval could not run {', '.join(names)}: {said}; offline, a task needs "
+            "local data (dataset_path: json with data_files)"
+        ) from exc
     results = []
     for task, values in out["results"].items():
-        metrics = {key.split(",")[0]: float(value) for key, value in values.items()
-                   if "," in key and "stderr" not in key and isinstance(value, (int, float))}
+        metrics = {
+            key.split(",")[0]: float(value)
+            for key, value in values.items()
+            if "," in key and "stderr" not in key and isinstance(value, (int, float))
+        }
         if not metrics:
             continue  # a group without an aggregate; its subtasks are listed
         samples = out.get("n-samples", {}).get(task, {}).get("effective", 0)

@@ -26,8 +26,13 @@ def refresh(widget: go.FigureWidget, figure: go.Figure) -> None:
 class Panel(W.VBox):
     """Controls (one row, or the ``rows`` of control names given), a status line, then figures."""
 
-    def __init__(self, controls: dict[str, W.Widget], figures: dict[str, go.FigureWidget],
-                 status: W.Widget | None = None, rows: list[list[str]] | None = None):
+    def __init__(
+        self,
+        controls: dict[str, W.Widget],
+        figures: dict[str, go.FigureWidget],
+        status: W.Widget | None = None,
+        rows: list[list[str]] | None = None,
+    ):
         self.controls, self.figures, self.status = controls, figures, status
         lines = [W.HBox([controls[name] for name in row]) for row in (rows or [list(controls)])]
         super().__init__(lines + ([status] if status is not None else []) + list(figures.values()))
@@ -36,8 +41,10 @@ class Panel(W.VBox):
 def _matrix_pickers(names: list[str], description: str = "block") -> tuple[W.Dropdown, W.Dropdown]:
     blocks = sorted({split_name(n)[0] for n in names})
     modules = list(dict.fromkeys(split_name(n)[1] for n in names))
-    return (W.Dropdown(options=blocks, value=blocks[len(blocks) // 2], description=description),
-            W.Dropdown(options=modules, value=modules[0], description="module"))
+    return (
+        W.Dropdown(options=blocks, value=blocks[len(blocks) // 2], description=description),
+        W.Dropdown(options=modules, value=modules[0], description="module"),
+    )
 
 
 def _name(names: list[str], block: int, module: str) -> str:
@@ -52,8 +59,9 @@ def sensitivity_explorer(fisher: dict, pct: float = 0.05) -> Panel:
 
     def figure() -> go.Figure:
         name = _name(names, block.value, module.value)
-        return viz.sensitive_heatmap(fisher[name], top.value,
-                                     title=f"Top {top.value:g}% weights by Fisher in {name}")
+        return viz.sensitive_heatmap(
+            fisher[name], top.value, title=f"Top {top.value:g}% weights by Fisher in {name}"
+        )
 
     widget = go.FigureWidget(figure())
     for control in (block, module, top):
@@ -68,8 +76,15 @@ def outlier_explorer(profile, r: float = 2.0) -> Panel:
     """
     names = list(profile.weights)
     block, module = _matrix_pickers(names)
-    slider = W.FloatSlider(value=r, min=0.0, max=8.0, step=0.05, description="range r", continuous_update=False,
-                           readout_format=".2f")
+    slider = W.FloatSlider(
+        value=r,
+        min=0.0,
+        max=8.0,
+        step=0.05,
+        description="range r",
+        continuous_update=False,
+        readout_format=".2f",
+    )
     status = W.HTML()
     curve_r = [x / 10 for x in range(0, 81, 2)]
     curve = [profile.share(x) for x in curve_r]
@@ -80,16 +95,25 @@ def outlier_explorer(profile, r: float = 2.0) -> Panel:
         w = profile.weights[name]
         here = profile.exact_count(name, slider.value)
         total = profile.share(slider.value)
-        status.value = (f"<b>r = {slider.value:.2f}</b>: T = {t:.4f}; {here:,} outliers in {name} "
-                        f"({100 * here / w.numel():.3f}%); model-wide ≈ {total:.3f}% of all quantizable weights")
-        refresh(hist, viz.weight_histogram(w, {f"r = {slider.value:.2f}": t}, title=f"Weights of {name}"))
-        refresh(share, viz.outlier_share_curve(curve_r, curve, {"current r": (slider.value, total)}))
+        status.value = (
+            f"<b>r = {slider.value:.2f}</b>: T = {t:.4f}; {here:,} outliers in {name} "
+            f"({100 * here / w.numel():.3f}%); model-wide ≈ {total:.3f}% of all quantizable weights"
+        )
+        refresh(
+            hist,
+            viz.weight_histogram(w, {f"r = {slider.value:.2f}": t}, title=f"Weights of {name}"),
+        )
+        refresh(
+            share, viz.outlier_share_curve(curve_r, curve, {"current r": (slider.value, total)})
+        )
 
     hist, share = go.FigureWidget(), go.FigureWidget()
     update()
     for control in (block, module, slider):
         control.observe(update, names="value")
-    return Panel({"block": block, "module": module, "r": slider}, {"histogram": hist, "share": share}, status)
+    return Panel(
+        {"block": block, "module": module, "r": slider}, {"histogram": hist, "share": share}, status
+    )
 
 
 OUTLIER_STEPS = (0.0, 0.05, 0.1, 0.2, 0.45, 0.75, 1.0)
@@ -103,40 +127,80 @@ class SweepPanel(Panel):
     passed to every config. Points already in the cache appear at once.
     """
 
-    def __init__(self, sweeper, common: dict | None = None, initial: list[MethodConfig] | None = None):
+    def __init__(
+        self, sweeper, common: dict | None = None, initial: list[MethodConfig] | None = None
+    ):
         self.sweeper, self.common = sweeper, dict(common or {})
-        method = W.ToggleButtons(options=[("SqueezeLLM", "squeezellm"), ("RTN", "rtn"), ("GPTQ", "gptq")],
-                                 value="squeezellm", description="method")
+        method = W.ToggleButtons(
+            options=[("SqueezeLLM", "squeezellm"), ("RTN", "rtn"), ("GPTQ", "gptq")],
+            value="squeezellm",
+            description="method",
+        )
         wbits = W.ToggleButtons(options=[3, 4], value=3, description="bits")
         # sliders need a width of their own: squeezed into a row of buttons they render as a dot
         slider_layout, wide = W.Layout(width="420px"), {"description_width": "90px"}
-        outlier = W.SelectionSlider(options=list(OUTLIER_STEPS), value=0.0, description="outliers %",
-                                    continuous_update=False, layout=slider_layout, style=wide)
-        sensitive = W.SelectionSlider(options=list(SENSITIVE_STEPS), value=0.0, description="sensitive %",
-                                      continuous_update=False, layout=slider_layout, style=wide)
-        group = W.Dropdown(options=[("per channel", 0), ("128", 128), ("64", 64), ("32", 32)], value=0,
-                           description="group size", disabled=True, style=wide)
-        self.progress = W.FloatProgress(value=0, min=0, max=1, bar_style="info", layout=W.Layout(width="200px"))
+        outlier = W.SelectionSlider(
+            options=list(OUTLIER_STEPS),
+            value=0.0,
+            description="outliers %",
+            continuous_update=False,
+            layout=slider_layout,
+            style=wide,
+        )
+        sensitive = W.SelectionSlider(
+            options=list(SENSITIVE_STEPS),
+            value=0.0,
+            description="sensitive %",
+            continuous_update=False,
+            layout=slider_layout,
+            style=wide,
+        )
+        group = W.Dropdown(
+            options=[("per channel", 0), ("128", 128), ("64", 64), ("32", 32)],
+            value=0,
+            description="group size",
+            disabled=True,
+            style=wide,
+        )
+        self.progress = W.FloatProgress(
+            value=0, min=0, max=1, bar_style="info", layout=W.Layout(width="200px")
+        )
         self.message = W.HTML()
         status = W.HBox([self.progress, self.message])
         self.rows = [sweeper.run_point(None)] + [sweeper.run_point(c) for c in (initial or [])]
         self.size_plot, self.layer_plot = go.FigureWidget(), go.FigureWidget()
-        super().__init__({"method": method, "wbits": wbits, "outlier_pct": outlier, "sensitive_pct": sensitive,
-                          "groupsize": group}, {"ppl_vs_size": self.size_plot, "per_layer": self.layer_plot},
-                         status, rows=[["method", "wbits"], ["outlier_pct", "sensitive_pct", "groupsize"]])
+        super().__init__(
+            {
+                "method": method,
+                "wbits": wbits,
+                "outlier_pct": outlier,
+                "sensitive_pct": sensitive,
+                "groupsize": group,
+            },
+            {"ppl_vs_size": self.size_plot, "per_layer": self.layer_plot},
+            status,
+            rows=[["method", "wbits"], ["outlier_pct", "sensitive_pct", "groupsize"]],
+        )
         for control in self.controls.values():
             control.observe(self._changed, names="value")
         self._changed()
 
     def config(self) -> MethodConfig:
         c = self.controls
-        return config_for(c["method"].value, c["wbits"].value, outlier_pct=c["outlier_pct"].value,
-                          sensitive_pct=c["sensitive_pct"].value, groupsize=c["groupsize"].value or None,
-                          **self.common)
+        return config_for(
+            c["method"].value,
+            c["wbits"].value,
+            outlier_pct=c["outlier_pct"].value,
+            sensitive_pct=c["sensitive_pct"].value,
+            groupsize=c["groupsize"].value or None,
+            **self.common,
+        )
 
     def _changed(self, *_):
         squeeze = self.controls["method"].value == "squeezellm"
-        self.controls["outlier_pct"].disabled = self.controls["sensitive_pct"].disabled = not squeeze
+        self.controls["outlier_pct"].disabled = self.controls[
+            "sensitive_pct"
+        ].disabled = not squeeze
         self.controls["groupsize"].disabled = squeeze
         config = self.config()
         label = config.label()
@@ -144,28 +208,48 @@ class SweepPanel(Panel):
             cached = self.sweeper.cached({**config.relevant(), "label": label}) is not None
             self.message.value = f"{'loading' if cached else 'quantizing'} <b>{label}</b> …"
             self.progress.bar_style, self.progress.value = "info", 0.02
-            self.rows.append(self.sweeper.run_point(config, on_estimate=lambda *a: self._estimating(label, *a)))
+            self.rows.append(
+                self.sweeper.run_point(config, on_estimate=lambda *a: self._estimating(label, *a))
+            )
         row = next(r for r in self.rows if r["label"] == label)
         self.progress.bar_style, self.progress.value = "success", 1.0
         ppl = {k: v for k, v in row.items() if k.startswith("ppl_")}
-        self.message.value = (f"<b>{label}</b>: {row['bits_per_weight']:.3f} bits/weight, {row['size_mb']:.1f} MB, "
-                              + ", ".join(f"perplexity {v:.3f} ({k[4:]})" for k, v in ppl.items())
-                              + (" — from the cache" if row.get("cached") else f" — {row['seconds']:.1f} s"))
+        self.message.value = (
+            f"<b>{label}</b>: {row['bits_per_weight']:.3f} bits/weight, {row['size_mb']:.1f} MB, "
+            + ", ".join(f"perplexity {v:.3f} ({k[4:]})" for k, v in ppl.items())
+            + (" — from the cache" if row.get("cached") else f" — {row['seconds']:.1f} s")
+        )
         self._draw(label)
 
     def _estimating(self, label: str, dataset: str, estimate, row: dict) -> None:
         """A new point's perplexity so far: the status line and a hollow point with its interval."""
-        interval = (f" (95%: {estimate.low:.2f}–{estimate.high:.2f})" if estimate.high < float("inf")
-                    else " (interval from the second window on)")
+        interval = (
+            f" (95%: {estimate.low:.2f}–{estimate.high:.2f})"
+            if estimate.high < float("inf")
+            else " (interval from the second window on)"
+        )
         self.progress.value = estimate.windows / estimate.total
-        self.message.value = (f"evaluating <b>{label}</b> on {dataset}: perplexity ≈ {estimate.ppl:.3f}{interval} "
-                              f"after {estimate.windows}/{estimate.total} windows")
+        self.message.value = (
+            f"evaluating <b>{label}</b> on {dataset}: perplexity ≈ {estimate.ppl:.3f}{interval} "
+            f"after {estimate.windows}/{estimate.total} windows"
+        )
         if "size_mb" in row:
-            refresh(self.size_plot, viz.ppl_vs_size(
-                self.frame(), dataset=dataset, estimate={"label": label, "size_mb": row["size_mb"],
-                                                         "ppl": estimate.ppl, "low": estimate.low,
-                                                         "high": estimate.high, "windows": estimate.windows,
-                                                         "total": estimate.total}))
+            refresh(
+                self.size_plot,
+                viz.ppl_vs_size(
+                    self.frame(),
+                    dataset=dataset,
+                    estimate={
+                        "label": label,
+                        "size_mb": row["size_mb"],
+                        "ppl": estimate.ppl,
+                        "low": estimate.low,
+                        "high": estimate.high,
+                        "windows": estimate.windows,
+                        "total": estimate.total,
+                    },
+                ),
+            )
 
     def frame(self):
         import pandas as pd

@@ -31,10 +31,15 @@ def tiny_tokenizer():
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<unk>", "<s>", "</s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=320,
+        special_tokens=["<unk>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator([SAMPLE_TEXT], trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>"
+    )
 
 
 def make_llama(vocab_size: int = 320, layers: int = 2, hidden: int = 64, seed: int = 0):
@@ -42,10 +47,19 @@ def make_llama(vocab_size: int = 320, layers: int = 2, hidden: int = 64, seed: i
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden,
-                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=256, bos_token_id=1, eos_token_id=2, pad_token_id=2,
-                         tie_word_embeddings=False)
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=2,
+        tie_word_embeddings=False,
+    )
     return LlamaForCausalLM(config).eval()
 
 
@@ -53,9 +67,18 @@ def make_opt(vocab_size: int = 320, layers: int = 2, hidden: int = 64, seed: int
     from transformers import OPTConfig, OPTForCausalLM
 
     torch.manual_seed(seed)
-    config = OPTConfig(vocab_size=vocab_size, hidden_size=hidden, ffn_dim=2 * hidden, num_hidden_layers=layers,
-                       num_attention_heads=4, max_position_embeddings=256, word_embed_proj_dim=hidden,
-                       bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    config = OPTConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        ffn_dim=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        max_position_embeddings=256,
+        word_embed_proj_dim=hidden,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=2,
+    )
     return OPTForCausalLM(config).eval()
 
 
@@ -105,5 +128,7 @@ def run_cli(*argv: str) -> tuple[int, str, str]:
     """Run ``sqlab`` in a subprocess, as a user would; returns (status, stdout, stderr)."""
     import subprocess
 
-    proc = subprocess.run([sys.executable, "-m", "sqlab.cli", *argv], capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "sqlab.cli", *argv], capture_output=True, text=True
+    )
     return proc.returncode, proc.stdout, proc.stderr

@@ -32,7 +32,11 @@ DTYPE_SETS = {
     "fp32-imported": (F32, F32, F32, None),
     "bf16-model": (BF16, BF16, BF16, BF16),
 }
-SPMV_KINDS = {"fp16-x_fp32-vals": (F16, F32), "fp32-all": (F32, F32), "bf16-x_fp16-vals": (BF16, F16)}
+SPMV_KINDS = {
+    "fp16-x_fp32-vals": (F16, F32),
+    "fp32-all": (F32, F32),
+    "bf16-x_fp16-vals": (BF16, F16),
+}
 
 
 def _sparse_positions(gen, out_features, in_features, density, skewed, device):
@@ -43,16 +47,28 @@ def _sparse_positions(gen, out_features, in_features, density, skewed, device):
     c = torch.randint(0, in_features, (nnz,), generator=gen)
     if skewed:
         r[: nnz // 3] = out_features // 2
-    dup = max(1, nnz // 10)  # every tenth position twice, as the packer stores an exact two-term correction
+    dup = max(
+        1, nnz // 10
+    )  # every tenth position twice, as the packer stores an exact two-term correction
     return torch.cat([r, r[:dup]]).to(device), torch.cat([c, c[:dup]]).to(device)
 
 
-def exact_layer(in_features: int, out_features: int, wbits: int, density: float, dtypes: tuple,
-                device: torch.device, seed: int = 0, skewed: bool = False) -> SqueezeLinear:
+def exact_layer(
+    in_features: int,
+    out_features: int,
+    wbits: int,
+    density: float,
+    dtypes: tuple,
+    device: torch.device,
+    seed: int = 0,
+    skewed: bool = False,
+) -> SqueezeLinear:
     """A SqueezeLinear whose sums are exact in every dtype (see the module docstring)."""
     _, lut_dtype, vals_dtype, bias_dtype = dtypes
     gen = torch.Generator().manual_seed(seed)
-    idx = torch.randint(0, 1 << wbits, (out_features, in_features), generator=gen, dtype=torch.uint8)
+    idx = torch.randint(
+        0, 1 << wbits, (out_features, in_features), generator=gen, dtype=torch.uint8
+    )
     grid = torch.arange(-16, 17) / 8  # 33 distinct values; each row draws 2^wbits of them
     choice = torch.rand(out_features, grid.numel(), generator=gen).argsort(1)[:, : 1 << wbits]
     lut = grid[choice].to(lut_dtype)
@@ -61,32 +77,54 @@ def exact_layer(in_features: int, out_features: int, wbits: int, density: float,
     if positions is not None:
         vals = (torch.randint(-8, 9, (positions[0].numel(),), generator=gen) / 8).to(vals_dtype)
         csr = to_csr(*positions, vals, out_features)
-    bias = None if bias_dtype is None else (torch.randint(-8, 9, (out_features,), generator=gen) / 8).to(bias_dtype)
+    bias = (
+        None
+        if bias_dtype is None
+        else (torch.randint(-8, 9, (out_features,), generator=gen) / 8).to(bias_dtype)
+    )
     layer = SqueezeLinear.from_parts(pack(idx, wbits), lut, in_features, csr, bias)
     return layer.to(device)
 
 
-def exact_x(tokens: int, in_features: int, dtype: torch.dtype, device: torch.device, seed: int = 1) -> torch.Tensor:
+def exact_x(
+    tokens: int, in_features: int, dtype: torch.dtype, device: torch.device, seed: int = 1
+) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
     return torch.randint(-3, 4, (tokens, in_features), generator=gen).to(dtype).to(device)
 
 
-def random_layer(in_features: int, out_features: int, wbits: int, density: float, dtypes: tuple,
-                 device: torch.device, seed: int = 0, skewed: bool = False) -> SqueezeLinear:
+def random_layer(
+    in_features: int,
+    out_features: int,
+    wbits: int,
+    density: float,
+    dtypes: tuple,
+    device: torch.device,
+    seed: int = 0,
+    skewed: bool = False,
+) -> SqueezeLinear:
     """A SqueezeLinear of random indices, Gaussian LUTs, sparse values and bias."""
     _, lut_dtype, vals_dtype, bias_dtype = dtypes
     gen = torch.Generator().manual_seed(seed)
-    idx = torch.randint(0, 1 << wbits, (out_features, in_features), generator=gen, dtype=torch.uint8)
+    idx = torch.randint(
+        0, 1 << wbits, (out_features, in_features), generator=gen, dtype=torch.uint8
+    )
     lut = torch.randn(out_features, 1 << wbits, generator=gen).to(lut_dtype)
     csr = None
     positions = _sparse_positions(gen, out_features, in_features, density, skewed, "cpu")
     if positions is not None:
-        csr = to_csr(*positions, torch.randn(positions[0].numel(), generator=gen).to(vals_dtype), out_features)
+        csr = to_csr(
+            *positions,
+            torch.randn(positions[0].numel(), generator=gen).to(vals_dtype),
+            out_features,
+        )
     bias = None if bias_dtype is None else torch.randn(out_features, generator=gen).to(bias_dtype)
     return SqueezeLinear.from_parts(pack(idx, wbits), lut, in_features, csr, bias).to(device)
 
 
-def reference_parts(layer: SqueezeLinear, x_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def reference_parts(
+    layer: SqueezeLinear, x_dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The dense part (centroids as W_hat holds them in x's dtype) and the sparse part, float64.
 
     The kernels add the sparse part separately (S x), so the reference keeps them apart.
@@ -97,8 +135,11 @@ def reference_parts(layer: SqueezeLinear, x_dtype: torch.dtype) -> tuple[torch.T
     w = lut.to(x_dtype).double().gather(1, layer.indices().cpu().long())
     s = torch.zeros_like(w)
     if layer.nnz:
-        s.index_put_((csr_row_indices(layer.rows.cpu()).long(), layer.cols.cpu().long()), layer.vals.cpu().double(),
-                     accumulate=True)
+        s.index_put_(
+            (csr_row_indices(layer.rows.cpu()).long(), layer.cols.cpu().long()),
+            layer.vals.cpu().double(),
+            accumulate=True,
+        )
     return w, s
 
 

@@ -17,8 +17,15 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "sqlab-browser-test"
-CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+CHROMIUM_FLAGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 POINTS = ".jupyter-widgets .js-plotly-plot .scatterlayer .trace .point"
 # every code cell shows an execution count and none is queued or running ("[*]")
 ALL_CELLS_RAN = """() => {
@@ -39,14 +46,32 @@ def jupyterlab(tmp_path):
     work = tmp_path / "notebooks"
     shutil.copytree(ROOT / "notebooks", work)
     port = _free_port()
-    env = {**os.environ, "SQLAB_FAST": "1", "JUPYTER_CONFIG_DIR": str(tmp_path / "jupyter-config"),
-           "JUPYTER_RUNTIME_DIR": str(tmp_path / "jupyter-runtime")}
+    env = {
+        **os.environ,
+        "SQLAB_FAST": "1",
+        "JUPYTER_CONFIG_DIR": str(tmp_path / "jupyter-config"),
+        "JUPYTER_RUNTIME_DIR": str(tmp_path / "jupyter-runtime"),
+    }
     log = open(tmp_path / "jupyterlab.log", "w")
     server = subprocess.Popen(
-        [sys.executable, "-m", "jupyter", "lab", "--no-browser", "--ip=127.0.0.1", f"--port={port}",
-         f"--IdentityProvider.token={TOKEN}", "--allow-root", f"--ServerApp.root_dir={work}", "--LabApp.news_url=",
-         "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate"],
-        stdout=log, stderr=subprocess.STDOUT, env=env)
+        [
+            sys.executable,
+            "-m",
+            "jupyter",
+            "lab",
+            "--no-browser",
+            "--ip=127.0.0.1",
+            f"--port={port}",
+            f"--IdentityProvider.token={TOKEN}",
+            "--allow-root",
+            f"--ServerApp.root_dir={work}",
+            "--LabApp.news_url=",
+            "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+    )
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120
     while time.time() < deadline:
@@ -80,7 +105,9 @@ def test_sweep_panel_in_jupyterlab(jupyterlab, tmp_path):
         try:
             page.goto(f"{jupyterlab}/lab/tree/04_evaluation.ipynb?token={TOKEN}")
             page.wait_for_selector(".jp-Notebook .jp-Cell", timeout=120_000)
-            page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']", timeout=120_000)
+            page.wait_for_selector(
+                ".jp-Notebook-ExecutionIndicator[data-status='idle']", timeout=120_000
+            )
             # the kernel is connected (before that, running asks which kernel to start)
             page.get_by_text("Python 3 (ipykernel) | Idle").wait_for(timeout=120_000)
             page.get_by_role("menuitem", name="Run", exact=True).click()
@@ -96,7 +123,9 @@ def test_sweep_panel_in_jupyterlab(jupyterlab, tmp_path):
             # finish (running cells take the keyboard focus)
             page.wait_for_selector(".widget-toggle-buttons", timeout=900_000)
             page.wait_for_function(ALL_CELLS_RAN, timeout=400_000)
-            page.wait_for_function(f"document.querySelectorAll('{POINTS}').length > 0", timeout=300_000)
+            page.wait_for_function(
+                f"document.querySelectorAll('{POINTS}').length > 0", timeout=300_000
+            )
             before = page.locator(POINTS).count()
             status = page.locator(".widget-html-content", has_text="bits/weight").last
             before_text = status.inner_text()
@@ -110,15 +139,21 @@ def test_sweep_panel_in_jupyterlab(jupyterlab, tmp_path):
             track_box, handle_box = track.bounding_box(), handle.bounding_box()
             assert track_box["width"] > 150, f"the slider renders {track_box['width']:.0f} px wide"
             steps = 6  # the slider's 7 values (OUTLIER_STEPS) are 6 steps apart
-            x, y = handle_box["x"] + handle_box["width"] / 2, handle_box["y"] + handle_box["height"] / 2
+            x, y = (
+                handle_box["x"] + handle_box["width"] / 2,
+                handle_box["y"] + handle_box["height"] / 2,
+            )
             page.mouse.move(x, y)
             page.mouse.down()
             page.mouse.move(x + track_box["width"] / steps, y, steps=8)
             page.mouse.up()
             expect(handle).not_to_have_attribute("aria-valuenow", "0.0")  # the slider moved
             page.wait_for_function(
-                f"document.querySelectorAll('{POINTS}').length > {before}", timeout=600_000)
-            page.wait_for_function("t => !document.body.innerText.includes(t)", arg=before_text, timeout=60_000)
+                f"document.querySelectorAll('{POINTS}').length > {before}", timeout=600_000
+            )
+            page.wait_for_function(
+                "t => !document.body.innerText.includes(t)", arg=before_text, timeout=60_000
+            )
             after_text = status.inner_text()
             assert "0.05%+0%" in after_text and "perplexity" in after_text
             panel = page.locator(".widget-vbox", has=page.locator(".widget-toggle-buttons")).last

@@ -20,36 +20,69 @@ from hypothesis import strategies as st
 
 from sqlab import SqlabError, SqueezeLinear, cpu_kernels
 from sqlab.packing import pack
-from tests.kernel_cases import DTYPE_SETS, exact_layer, exact_x, gemv_tolerance, random_layer, reference_y
+from tests.kernel_cases import (
+    DTYPE_SETS,
+    exact_layer,
+    exact_x,
+    gemv_tolerance,
+    random_layer,
+    reference_y,
+)
 
 CPU = torch.device("cpu")
-FP32 = DTYPE_SETS["fp32-model"]  # a quantized model as it runs on the CPU: fp16 LUT, fp32 values and bias
-PORTABLE = tuple(f for f in cpu_kernels.FLAGS if f != "-march=native")  # no AVX-512: the loop in plain C++
+FP32 = DTYPE_SETS[
+    "fp32-model"
+]  # a quantized model as it runs on the CPU: fp16 LUT, fp32 values and bias
+PORTABLE = tuple(
+    f for f in cpu_kernels.FLAGS if f != "-march=native"
+)  # no AVX-512: the loop in plain C++
 
 needs_compiler = pytest.mark.skipif(cpu_kernels.compiler() is None, reason="no C++ compiler")
 pytestmark = needs_compiler
 
 
-def _kernel(layer: SqueezeLinear, dtype=torch.float32, flags=cpu_kernels.FLAGS) -> cpu_kernels.CpuGemv:
-    return cpu_kernels.CpuGemv(layer.qweight, layer.lookup_table, layer.wbits, layer.in_features, dtype,
-                               layer.csr(), layer.bias, flags=flags)
+def _kernel(
+    layer: SqueezeLinear, dtype=torch.float32, flags=cpu_kernels.FLAGS
+) -> cpu_kernels.CpuGemv:
+    return cpu_kernels.CpuGemv(
+        layer.qweight,
+        layer.lookup_table,
+        layer.wbits,
+        layer.in_features,
+        dtype,
+        layer.csr(),
+        layer.bias,
+        flags=flags,
+    )
 
 
 @settings(max_examples=40, deadline=None)
-@given(in_features=st.integers(1, 300), out_features=st.integers(1, 70), wbits=st.sampled_from([3, 4]),
-       density=st.sampled_from([0.0, 0.01, 0.2]), tokens=st.integers(1, 8), skewed=st.booleans(),
-       seed=st.integers(0, 2**16))
-def test_gemv_equals_the_reference_exactly(in_features, out_features, wbits, density, tokens, skewed, seed):
+@given(
+    in_features=st.integers(1, 300),
+    out_features=st.integers(1, 70),
+    wbits=st.sampled_from([3, 4]),
+    density=st.sampled_from([0.0, 0.01, 0.2]),
+    tokens=st.integers(1, 8),
+    skewed=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_gemv_equals_the_reference_exactly(
+    in_features, out_features, wbits, density, tokens, skewed, seed
+):
     """Random shapes (odd widths, rows that are not a multiple of 16), empty and crowded CSR rows,
     repeated positions, 1-8 tokens."""
-    layer = exact_layer(in_features, out_features, wbits, density, FP32, CPU, seed=seed, skewed=skewed)
+    layer = exact_layer(
+        in_features, out_features, wbits, density, FP32, CPU, seed=seed, skewed=skewed
+    )
     x = exact_x(tokens, in_features, torch.float32, CPU, seed=seed + 1)
     y = _kernel(layer)(x)
     assert y.shape == (tokens, out_features) and y.dtype == torch.float32
     assert torch.equal(y.double(), reference_y(layer, x))
 
 
-@pytest.mark.parametrize("in_features, out_features", [(100, 37), (576, 1536), (1000, 130), (64, 48)])
+@pytest.mark.parametrize(
+    "in_features, out_features", [(100, 37), (576, 1536), (1000, 130), (64, 48)]
+)
 @pytest.mark.parametrize("wbits", [3, 4])
 def test_the_portable_build_agrees(in_features, out_features, wbits):
     assert cpu_kernels.library(PORTABLE).sq_vectorized() == 0
@@ -72,7 +105,9 @@ def test_random_values_within_fp32_rounding(wbits, tokens):
 @pytest.mark.parametrize("tokens", [9, 40])
 @pytest.mark.parametrize("wbits", [3, 4])
 def test_prompts_dequantize_block_by_block(monkeypatch, tokens, wbits):
-    monkeypatch.setattr(cpu_kernels, "PREFILL_BLOCK", 64 * 300)  # several blocks of rows, the last one short
+    monkeypatch.setattr(
+        cpu_kernels, "PREFILL_BLOCK", 64 * 300
+    )  # several blocks of rows, the last one short
     layer = exact_layer(300, 150, wbits, 0.03, FP32, CPU)
     kernel = _kernel(layer)
     x = exact_x(tokens, 300, torch.float32, CPU).reshape(1, tokens, 300)
@@ -99,7 +134,9 @@ def test_squeeze_linear_uses_it_and_keeps_no_dense_copy():
     assert torch.equal(y[0].double(), reference_y(layer, x))
     kernel = layer.__dict__["_kernel"]
     extra = sum(t.numel() * t.element_size() for t in (kernel.table, kernel.vals) if t is not None)
-    assert extra < 0.05 * 576 * 1536 * 4  # the fp32 tables and values: a few percent of the fp32 weight
+    assert (
+        extra < 0.05 * 576 * 1536 * 4
+    )  # the fp32 tables and values: a few percent of the fp32 weight
     assert copy.deepcopy(layer).__dict__.get("_kernel") is None  # copies carry buffers, not kernels
 
 
@@ -143,16 +180,24 @@ def test_its_threads_are_torchs():
     """One OpenMP runtime in the process: the kernel's parallel loops use torch's thread pool."""
     cpu_kernels.library()
     with open("/proc/self/maps") as maps:
-        runtimes = {re.sub(r"\.so.*", "", p.rsplit("/", 1)[-1]) + "@" + p for line in maps
-                    if (p := line.split()[-1]) and re.search(r"lib(g|i)omp", p)}
+        runtimes = {
+            re.sub(r"\.so.*", "", p.rsplit("/", 1)[-1]) + "@" + p
+            for line in maps
+            if (p := line.split()[-1]) and re.search(r"lib(g|i)omp", p)
+        }
     assert len(runtimes) <= 1, runtimes
 
 
 def test_zero_sized_layers():
     empty = SqueezeLinear(64, 0, 3)
     assert empty(torch.zeros(2, 64)).shape == (2, 0)
-    layer = SqueezeLinear.from_parts(pack(torch.zeros(5, 0, dtype=torch.uint8), 4), torch.zeros(5, 16).half(), 0,
-                                     None, torch.arange(5.0))
+    layer = SqueezeLinear.from_parts(
+        pack(torch.zeros(5, 0, dtype=torch.uint8), 4),
+        torch.zeros(5, 16).half(),
+        0,
+        None,
+        torch.arange(5.0),
+    )
     assert torch.equal(layer(torch.zeros(3, 0)), torch.arange(5.0).expand(3, 5))
 
 
@@ -162,11 +207,19 @@ def test_a_quantized_tiny_model_decodes_as_its_simulated_twin():
     model = _quantized_llama(3, hidden=64)
     twin = _simulated_twin(model)
     prompt = torch.randint(0, 320, (1, 12), generator=torch.Generator().manual_seed(3))
-    kwargs = dict(attention_mask=torch.ones_like(prompt), max_new_tokens=16, min_new_tokens=16, do_sample=False,
-                  pad_token_id=2)
+    kwargs = dict(
+        attention_mask=torch.ones_like(prompt),
+        max_new_tokens=16,
+        min_new_tokens=16,
+        do_sample=False,
+        pad_token_id=2,
+    )
     assert torch.equal(model.generate(prompt, **kwargs), twin.generate(prompt, **kwargs))
-    assert all(isinstance(m.__dict__.get("_kernel"), cpu_kernels.CpuGemv)
-               for m in model.modules() if isinstance(m, SqueezeLinear))
+    assert all(
+        isinstance(m.__dict__.get("_kernel"), cpu_kernels.CpuGemv)
+        for m in model.modules()
+        if isinstance(m, SqueezeLinear)
+    )
 
 
 def test_cpu_decode_benchmark_writes_its_json(tmp_path):
@@ -177,8 +230,21 @@ def test_cpu_decode_benchmark_writes_its_json(tmp_path):
 
     out = tmp_path / "cpu_decode.json"
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "cpu_decode.py"
-    done = subprocess.run([sys.executable, str(script), "--shapes", "256x320", "--repeat", "2", "--skip-decode",
-                           "--json", str(out)], capture_output=True, text=True)
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(script),
+            "--shapes",
+            "256x320",
+            "--repeat",
+            "2",
+            "--skip-decode",
+            "--json",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 0, done.stderr
     result = json.loads(out.read_text())
     assert {r["format"] for r in result["gemv"]} == {"fp32", "bf16", "w4", "w3", "w3s"}

@@ -39,8 +39,10 @@ def test_unreachable_hub_dataset_says_how_to_give_a_local_copy(monkeypatch):
         data.eval_text("wikitext2")
 
 
-WIKI_ROWS = {"test": ["", " = Title = ", "", " first paragraph .", " second line ."],
-             "train": ["", " = Train = ", " training text here ."]}
+WIKI_ROWS = {
+    "test": ["", " = Title = ", "", " first paragraph .", " second line ."],
+    "train": ["", " = Train = ", " training text here ."],
+}
 
 
 def _write_jsonl(path, column, rows):
@@ -59,10 +61,12 @@ def test_wikitext2_local_parquet_folder_follows_gptq_joining(tmp_path):
 def test_ptb_local_save_to_disk_joins_test_with_spaces(tmp_path):
     import datasets
 
-    dd = datasets.DatasetDict({
-        "train": datasets.Dataset.from_dict({"sentence": ["a b c", "d e f"]}),
-        "test": datasets.Dataset.from_dict({"sentence": ["no it was n't", "black monday"]}),
-    })
+    dd = datasets.DatasetDict(
+        {
+            "train": datasets.Dataset.from_dict({"sentence": ["a b c", "d e f"]}),
+            "test": datasets.Dataset.from_dict({"sentence": ["no it was n't", "black monday"]}),
+        }
+    )
     dd.save_to_disk(str(tmp_path / "ptb"))
     assert data.eval_text(f"ptb:{tmp_path / 'ptb'}") == "no it was n't black monday"
     with pytest.raises(SqlabError, match="has no 'text' column"):
@@ -109,7 +113,9 @@ def test_calibration_from_documents_skips_short_ones(tmp_path, tiny_tokenizer):
     from tests.conftest import SAMPLE_TEXT
 
     _write_jsonl(tmp_path / "train.jsonl", "text", ["too short", SAMPLE_TEXT, "tiny"])
-    windows = data.calibration_windows(tiny_tokenizer, f"c4:{tmp_path}", nsamples=4, seqlen=32, seed=0)
+    windows = data.calibration_windows(
+        tiny_tokenizer, f"c4:{tmp_path}", nsamples=4, seqlen=32, seed=0
+    )
     assert windows.shape == (4, 32)
     with pytest.raises(SqlabError, match="longer than 100000 tokens"):
         data.calibration_windows(tiny_tokenizer, f"c4:{tmp_path}", nsamples=1, seqlen=100000)

@@ -8,7 +8,11 @@ from sqlab import SqlabError, evaluate
 
 def test_window_starts_non_overlapping_and_evenly_spread():
     assert evaluate.window_starts(100, 10).tolist() == list(range(0, 100, 10))
-    assert evaluate.window_starts(105, 10, max_windows=3).tolist() == [0, 40, 90]  # linspace(0, 9, 3), rounded
+    assert evaluate.window_starts(105, 10, max_windows=3).tolist() == [
+        0,
+        40,
+        90,
+    ]  # linspace(0, 9, 3), rounded
     assert evaluate.window_starts(30, 10, max_windows=8).tolist() == [0, 10, 20]
 
 
@@ -37,9 +41,13 @@ def test_batch_size_does_not_change_the_result(tiny_llama):
 
 def test_seqlen_errors(tiny_llama):
     tokens = torch.zeros(100, dtype=torch.long)
-    with pytest.raises(SqlabError, match="seqlen 512 is longer than the model's context .256 tokens."):
+    with pytest.raises(
+        SqlabError, match="seqlen 512 is longer than the model's context .256 tokens."
+    ):
         evaluate.perplexity(tiny_llama, tokens, 512, progress=False)
-    with pytest.raises(SqlabError, match="seqlen 200 is longer than the evaluation text .100 tokens."):
+    with pytest.raises(
+        SqlabError, match="seqlen 200 is longer than the evaluation text .100 tokens."
+    ):
         evaluate.perplexity(tiny_llama, tokens, 200, progress=False)
     with pytest.raises(SqlabError, match="seqlen must be an integer >= 2"):
         evaluate.perplexity(tiny_llama, tokens, 1, progress=False)
@@ -53,7 +61,9 @@ def test_generation_benchmark_on_cpu(tiny_llama, tiny_tokenizer):
     assert low <= bench.decode_ms_per_token <= high
     assert bench.graph_decode_ms_per_token is None and "need a GPU" in bench.graph_note
     stored = [*tiny_llama.parameters(), *tiny_llama.buffers()]
-    assert bench.weights_mb == pytest.approx(sum(t.numel() * t.element_size() for t in stored) / 2**20)
+    assert bench.weights_mb == pytest.approx(
+        sum(t.numel() * t.element_size() for t in stored) / 2**20
+    )
     assert bench.peak_memory_mb > bench.weights_mb
     with pytest.raises(SqlabError, match="--tokens must be an integer >= 2"):
         evaluate.generation_benchmark(tiny_llama, tiny_tokenizer, new_tokens=1)
@@ -62,7 +72,8 @@ def test_generation_benchmark_on_cpu(tiny_llama, tiny_tokenizer):
 def test_gemv_timings_cover_every_format_and_count_the_bytes_read():
     rows = evaluate.gemv_timings([(64, 32), (96, 128)], repeats=2, cache_bytes=64 * 1024)
     assert [(tuple(r["shape"]), r["format"]) for r in rows] == [
-        ((o, i), f) for o, i in ((64, 32), (96, 128)) for f in evaluate.GEMV_FORMATS]
+        ((o, i), f) for o, i in ((64, 32), (96, 128)) for f in evaluate.GEMV_FORMATS
+    ]
     for r in rows:
         out_features, in_features = r["shape"]
         dense = {"fp32": 4, "bf16": 2}.get(r["format"])
@@ -70,12 +81,15 @@ def test_gemv_timings_cover_every_format_and_count_the_bytes_read():
             assert r["bytes"] == out_features * in_features * dense
         else:  # packed: the indices, and the kernel's 16-entry fp32 table per row, and the sparse part
             wbits = int(r["format"][1])
-            packed = -(-in_features // 32) * wbits * out_features * 4 + out_features * (2**wbits * 2 + 16 * 4)
+            packed = -(-in_features // 32) * wbits * out_features * 4 + out_features * (
+                2**wbits * 2 + 16 * 4
+            )
             assert r["bytes"] >= packed and (r["format"] != "w3s" or r["bytes"] > packed)
         # enough copies that together they exceed twice the given cache
         assert r["copies"] * r["bytes"] >= 2 * 64 * 1024 > (r["copies"] - 1) * r["bytes"]
         assert r["us_min"] <= r["us_median"] <= r["us_max"] and r["gbs"] == pytest.approx(
-            r["bytes"] / r["us_median"] / 1e3)
+            r["bytes"] / r["us_median"] / 1e3
+        )
 
 
 def test_linear_weights_count_what_decoding_holds(tiny_llama):
@@ -85,7 +99,9 @@ def test_linear_weights_count_what_decoding_holds(tiny_llama):
     assert fp32 == sum(m.weight.numel() * 4 for m in sqlab_linears(tiny_llama))
     quantize_model(tiny_llama, QuantConfig(wbits=3, weighted=False), progress=False)
     before = evaluate.linear_weights_bytes(tiny_llama)
-    tiny_llama(torch.zeros(1, 3, dtype=torch.long))  # prepares the CPU kernels, which keep fp32 tables
+    tiny_llama(
+        torch.zeros(1, 3, dtype=torch.long)
+    )  # prepares the CPU kernels, which keep fp32 tables
     after = evaluate.linear_weights_bytes(tiny_llama)
     assert fp32 * 3 / 32 < before < after < fp32
 
@@ -102,8 +118,14 @@ def test_memory_bandwidth_is_a_plausible_rate():
 
 
 def _generate(model, ids, n):
-    return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
-                          do_sample=False, pad_token_id=2)[0, ids.shape[1]:]
+    return model.generate(
+        ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=n,
+        min_new_tokens=n,
+        do_sample=False,
+        pad_token_id=2,
+    )[0, ids.shape[1] :]
 
 
 def test_static_decoder_gives_the_tokens_of_generate(tiny_llama):

@@ -28,14 +28,21 @@ def _reference(model, windows):
 
 
 @pytest.mark.parametrize("make", [make_llama, make_opt])
-@pytest.mark.parametrize("strategy", [FisherStrategy(), FisherStrategy(checkpointing=True),
-                                      FisherStrategy(offload="cpu"),
-                                      FisherStrategy(checkpointing=True, offload="disk")])
+@pytest.mark.parametrize(
+    "strategy",
+    [
+        FisherStrategy(),
+        FisherStrategy(checkpointing=True),
+        FisherStrategy(offload="cpu"),
+        FisherStrategy(checkpointing=True, offload="disk"),
+    ],
+)
 def test_every_strategy_gives_the_fisher(make, strategy, tmp_path):
     model, windows = make(), _windows()
     expected = _reference(model, windows)
-    fisher = fisher_information(model, windows, strategy=strategy, offload_dir=tmp_path,
-                                progress=False)
+    fisher = fisher_information(
+        model, windows, strategy=strategy, offload_dir=tmp_path, progress=False
+    )
     assert set(fisher) == set(expected) and fisher.strategy == strategy
     for name, f in fisher.items():
         assert f.dtype == torch.float32 and f.device.type == "cpu"
@@ -54,8 +61,9 @@ def test_checkpointing_keeps_eval_mode_and_less_memory():
             m.dropout = 0.5
     windows = _windows(seqlen=128, n=1)
     plain = fisher_information(model, windows, progress=False, measure=True)
-    again = fisher_information(model, windows, progress=False, measure=True,
-                               strategy=FisherStrategy(checkpointing=True))
+    again = fisher_information(
+        model, windows, progress=False, measure=True, strategy=FisherStrategy(checkpointing=True)
+    )
     for name in plain:
         torch.testing.assert_close(again[name], plain[name], rtol=1e-5, atol=1e-12)
     assert not model.training
@@ -68,8 +76,14 @@ def test_a_model_placed_by_a_device_map(tiny_model_dir):
     same pass."""
     from sqlab.models import load_model
 
-    names = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "cpu",
-             "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu"}
+    names = {
+        "model.embed_tokens": "cpu",
+        "model.layers.0": "cpu",
+        "model.layers.1": "cpu",
+        "model.norm": "cpu",
+        "model.rotary_emb": "cpu",
+        "lm_head": "cpu",
+    }
     placed = load_model(str(tiny_model_dir), device_map=names)
     plain = load_model(str(tiny_model_dir), device="cpu")
     windows = _windows()
@@ -91,7 +105,8 @@ def test_checkpointing_gives_back_a_forward_that_accelerate_installed():
     block = model.model.layers[0]
     hooked = block.forward  # a bound method stored on the instance, as accelerate does
     block.forward = hooked
-    fisher_information(model, _windows(), strategy=FisherStrategy(checkpointing=True),
-                       progress=False)
+    fisher_information(
+        model, _windows(), strategy=FisherStrategy(checkpointing=True), progress=False
+    )
     assert block.__dict__["forward"] is hooked
     assert "forward" not in model.model.layers[1].__dict__

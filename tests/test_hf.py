@@ -26,8 +26,9 @@ def _quantized(make=make_llama, tie=False, sparse=True):
         model.config.tie_word_embeddings = True
         model.tie_weights()
     ids = torch.randint(0, 320, (2, 16), generator=torch.Generator().manual_seed(0))
-    config = QuantConfig(wbits=3, outlier_pct=0.45 if sparse else 0.0,
-                         sensitive_pct=0.05 if sparse else 0.0)
+    config = QuantConfig(
+        wbits=3, outlier_pct=0.45 if sparse else 0.0, sensitive_pct=0.05 if sparse else 0.0
+    )
     fisher = sqlab.fisher_information(model, ids, progress=False)
     sqlab.quantize_model(model, config, fisher, progress=False)
     return model, config
@@ -79,14 +80,17 @@ else:
     print("LOADED")
 """
     proc = _python(code)
-    assert proc.returncode == 0 and proc.stdout.startswith("refused:"), \
+    assert proc.returncode == 0 and proc.stdout.startswith("refused:"), (
         proc.stdout + proc.stderr[-2000:]
+    )
     assert "ignore_mismatched_sizes" in proc.stdout
     assert "squeezellm" in proc.stderr  # transformers' warning names the unknown method
 
 
-@pytest.mark.parametrize("make, tie, sparse", [(make_llama, False, True), (make_opt, False, True),
-                                               (make_llama, True, False)])
+@pytest.mark.parametrize(
+    "make, tie, sparse",
+    [(make_llama, False, True), (make_opt, False, True), (make_llama, True, False)],
+)
 def test_from_pretrained_matches_sqlab_load(tmp_path, tiny_tokenizer, make, tie, sparse):
     model, config = _quantized(make, tie, sparse)
     path = sqlab.save_quantized(model, tmp_path / "ckpt", config.as_dict(), tiny_tokenizer)
@@ -119,8 +123,9 @@ def test_save_pretrained_writes_a_directory_that_loads_again(tmp_path, ckpt):
         assert torch.equal(fresh(X).logits, stored_as(model)(X).logits)
         loaded = sqlab.load(str(path), device="cpu")
         loaded.save_pretrained(tmp_path / "loaded")
-        assert torch.equal(AutoModelForCausalLM.from_pretrained(tmp_path / "loaded")(X).logits,
-                           loaded(X).logits)
+        assert torch.equal(
+            AutoModelForCausalLM.from_pretrained(tmp_path / "loaded")(X).logits, loaded(X).logits
+        )
 
 
 def test_from_pretrained_checks_every_packed_layer(tmp_path, tiny_tokenizer):
@@ -145,8 +150,11 @@ def test_a_transformers_without_the_hooks_gives_a_clear_message(monkeypatch):
 
     monkeypatch.setattr(hf, "_problem", "not registered yet")
     monkeypatch.setattr(hf, "REGISTRY", "transformers.no_such_module")
-    with pytest.raises(SqlabError, match="transformers cannot load SqueezeLLM checkpoints .* use "
-                                         r"sqlab.load\(DIR\)"):
+    with pytest.raises(
+        SqlabError,
+        match="transformers cannot load SqueezeLLM checkpoints .* use "
+        r"sqlab.load\(DIR\)",
+    ):
         hf.require()
     monkeypatch.undo()
     hf.require()  # the real registry: registered
@@ -158,8 +166,9 @@ def test_the_default_model_loads_through_from_pretrained_as_through_sqlab_load(t
     model = sqlab.load_model("default", device="cpu")
     tokenizer = sqlab.load_tokenizer("default")
     config = QuantConfig(wbits=3, outlier_pct=0.45, sensitive_pct=0.05, nsamples=2, seqlen=64)
-    report = experiments.quantize(model, tokenizer, config, blocks=[0, 1], cache=False,
-                                  progress=False)
+    report = experiments.quantize(
+        model, tokenizer, config, blocks=[0, 1], cache=False, progress=False
+    )
     path = sqlab.save_quantized(model, tmp_path / "default-w3", config.as_dict(), tokenizer)
     code = f"""
 import torch
@@ -175,6 +184,8 @@ with torch.no_grad():
     proc = _python(code)
     assert proc.returncode == 0 and proc.stdout.strip() == "equal", proc.stderr[-3000:]
     assert len(report.layers) == 14
-    alone = _python(f"from transformers import AutoModelForCausalLM\n"
-                    f"AutoModelForCausalLM.from_pretrained({str(path)!r})")
+    alone = _python(
+        f"from transformers import AutoModelForCausalLM\n"
+        f"AutoModelForCausalLM.from_pretrained({str(path)!r})"
+    )
     assert alone.returncode != 0 and "ignore_mismatched_sizes" in alone.stderr

@@ -101,19 +101,37 @@ def refused(result: tuple[int, str, str], *names: str) -> str:
 
 def snapshot(folder: Path) -> dict[str, bytes]:
     """Every file under ``folder`` (hidden ones too) with its bytes."""
-    return {str(p.relative_to(folder)): p.read_bytes()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()
+    }
 
 
 def leftovers(folder: Path) -> list[str]:
     """Temporary directories, locks and work directories in ``folder``."""
-    return sorted(p.name for p in folder.iterdir()
-                  if ".tmp" in p.name or p.name.endswith((".lock", ".work")))
+    return sorted(
+        p.name for p in folder.iterdir() if ".tmp" in p.name or p.name.endswith((".lock", ".work"))
+    )
 
 
 def quantize_args(base: Path, corpus: Path, out: Path, *extra: str) -> list[str]:
-    args = ("quantize", "--model", base, "--calib", f"text:{corpus}", "--nsamples", "2", "--seqlen",
-            "16", "--outlier-pct", "0.45", "--sensitive-pct", "0.05", "--out", out, *extra)
+    args = (
+        "quantize",
+        "--model",
+        base,
+        "--calib",
+        f"text:{corpus}",
+        "--nsamples",
+        "2",
+        "--seqlen",
+        "16",
+        "--outlier-pct",
+        "0.45",
+        "--sensitive-pct",
+        "0.05",
+        "--out",
+        out,
+        *extra,
+    )
     return [str(a) for a in args]
 
 
@@ -145,7 +163,8 @@ def unwritable(tmp_path: Path) -> Path:
 
 
 def test_quantize_never_replaces_a_checkpoint_without_overwrite_and_keeps_other_files(
-        capsys, tmp_path, base, corpus, packed, tiny_tokenizer):
+    capsys, tmp_path, base, corpus, packed, tiny_tokenizer
+):
     out = tmp_path / "ckpt"
     assert cli(capsys, *quantize_args(base, corpus, out))[0] == 0
     (out / "notes.txt").write_text("my notes")
@@ -174,14 +193,23 @@ def test_quantize_never_replaces_a_checkpoint_without_overwrite_and_keeps_other_
     assert snapshot(out) == after
     sqlab.save_quantized(model, out, config.as_dict(), overwrite=True)
     names = {p.name for p in out.iterdir()}
-    assert names == {"config.json", "model.safetensors", "quant_config.json", "notes.txt",
-                     "results"}
-    assert json.loads((out / "quant_config.json").read_text())["files"] == \
-        ["config.json", "model.safetensors", "quant_config.json"]
+    assert names == {
+        "config.json",
+        "model.safetensors",
+        "quant_config.json",
+        "notes.txt",
+        "results",
+    }
+    assert json.loads((out / "quant_config.json").read_text())["files"] == [
+        "config.json",
+        "model.safetensors",
+        "quant_config.json",
+    ]
 
 
-def test_out_that_is_not_a_checkpoint_is_refused_even_with_overwrite(capsys, tmp_path, base, corpus,
-                                                                      packed):
+def test_out_that_is_not_a_checkpoint_is_refused_even_with_overwrite(
+    capsys, tmp_path, base, corpus, packed
+):
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "config.json").write_text("{}")
@@ -196,15 +224,21 @@ def test_out_that_is_not_a_checkpoint_is_refused_even_with_overwrite(capsys, tmp
 # --- silent wrong results ----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("part, value, message", [
-    ("lookup_table", float("nan"), "lookup_table contains NaN or Inf"),
-    ("lookup_table", float("inf"), "lookup_table contains NaN or Inf"),
-    ("vals", float("nan"), "the sparse values contain NaN or Inf"),
-])
+@pytest.mark.parametrize(
+    "part, value, message",
+    [
+        ("lookup_table", float("nan"), "lookup_table contains NaN or Inf"),
+        ("lookup_table", float("inf"), "lookup_table contains NaN or Inf"),
+        ("vals", float("nan"), "the sparse values contain NaN or Inf"),
+    ],
+)
 def test_non_finite_checkpoint_values_are_refused(capsys, ckpt, corpus, part, value, message):
     edit_weights(ckpt, lambda state: state[f"{LAYER}.{part}"].view(-1)[3].fill_(value))
-    refused(cli(capsys, "eval", "--model", ckpt, "--dataset", f"text:{corpus}", "--seqlen", "32"),
-            f"{LAYER}", message)
+    refused(
+        cli(capsys, "eval", "--model", ckpt, "--dataset", f"text:{corpus}", "--seqlen", "32"),
+        f"{LAYER}",
+        message,
+    )
     with pytest.raises(SqlabError, match=f"{LAYER}.*{message}"):
         sqlab.load_quantized(ckpt, device="cpu")
 
@@ -218,9 +252,26 @@ def test_nan_weights_are_refused_by_every_method(capsys, tmp_path, corpus, tiny_
     model.save_pretrained(path)
     tiny_tokenizer.save_pretrained(path)
     out = tmp_path / "out"
-    refused(cli(capsys, "quantize", "--model", path, "--method", method, "--calib",
-                f"text:{corpus}", "--nsamples", "2", "--seqlen", "16", "--out", out),
-            "model.layers.1.mlp.up_proj", "NaN")
+    refused(
+        cli(
+            capsys,
+            "quantize",
+            "--model",
+            path,
+            "--method",
+            method,
+            "--calib",
+            f"text:{corpus}",
+            "--nsamples",
+            "2",
+            "--seqlen",
+            "16",
+            "--out",
+            out,
+        ),
+        "model.layers.1.mlp.up_proj",
+        "NaN",
+    )
     assert not out.exists() and leftovers(tmp_path) == []
     from sqlab.experiments import quantize
 
@@ -233,29 +284,54 @@ def test_nan_weights_are_refused_by_every_method(capsys, tmp_path, corpus, tiny_
 def _moe(kind: str):
     from transformers import MixtralConfig, MixtralForCausalLM, Qwen2MoeConfig, Qwen2MoeForCausalLM
 
-    common = {"vocab_size": 320, "hidden_size": 64, "num_hidden_layers": 2,
-              "num_attention_heads": 4, "num_key_value_heads": 2, "num_experts_per_tok": 2,
-              "max_position_embeddings": 256}
+    common = {
+        "vocab_size": 320,
+        "hidden_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "num_experts_per_tok": 2,
+        "max_position_embeddings": 256,
+    }
     torch.manual_seed(0)
     if kind == "mixtral":
         config = MixtralConfig(intermediate_size=128, num_local_experts=4, **common)
         return MixtralForCausalLM(config)
-    config = Qwen2MoeConfig(intermediate_size=128, moe_intermediate_size=32,
-                            shared_expert_intermediate_size=64, num_experts=4, **common)
+    config = Qwen2MoeConfig(
+        intermediate_size=128,
+        moe_intermediate_size=32,
+        shared_expert_intermediate_size=64,
+        num_experts=4,
+        **common,
+    )
     return Qwen2MoeForCausalLM(config)
 
 
 @pytest.mark.parametrize("kind", ["mixtral", "qwen2_moe"])
-def test_mixture_of_experts_is_refused_naming_the_expert_tensors(capsys, tmp_path, corpus,
-                                                                 tiny_tokenizer, kind):
+def test_mixture_of_experts_is_refused_naming_the_expert_tensors(
+    capsys, tmp_path, corpus, tiny_tokenizer, kind
+):
     model = _moe(kind).eval()
     path = tmp_path / kind
     model.save_pretrained(path)
     tiny_tokenizer.save_pretrained(path)
     for method in ("squeezellm", "rtn"):
-        result = cli(capsys, "quantize", "--model", path, "--method", method, "--calib",
-                     f"text:{corpus}", "--nsamples", "1", "--seqlen", "16", "--out",
-                     tmp_path / "out")
+        result = cli(
+            capsys,
+            "quantize",
+            "--model",
+            path,
+            "--method",
+            method,
+            "--calib",
+            f"text:{corpus}",
+            "--nsamples",
+            "1",
+            "--seqlen",
+            "16",
+            "--out",
+            tmp_path / "out",
+        )
         refused(result, "model.layers.0.mlp.experts.gate_up_proj", "mixture-of-experts")
     assert not (tmp_path / "out").exists()
     ids = torch.randint(0, 320, (1, 16))
@@ -272,8 +348,11 @@ def test_float_qweight_is_refused_on_import_not_cast(tmp_path, base, packed):
     state = torch.load(path, weights_only=True)
     state[f"{LAYER}.qweight"] = state[f"{LAYER}.qweight"].float()
     torch.save(state, path)
-    with pytest.raises(SqlabError, match=rf"{LAYER}\.qweight in .* is torch\.float32; it must hold "
-                                         "integers"):
+    with pytest.raises(
+        SqlabError,
+        match=rf"{LAYER}\.qweight in .* is torch\.float32; it must hold "
+        "integers",
+    ):
         sqlab.import_squeezellm(path, str(base))
 
 
@@ -281,15 +360,19 @@ def test_float_qweight_is_refused_on_import_not_cast(tmp_path, base, packed):
 def test_quant_config_must_state_the_tensors_bit_width(capsys, ckpt, corpus, stated):
     quant = json.loads((ckpt / "quant_config.json").read_text())
     (ckpt / "quant_config.json").write_text(json.dumps({**quant, "wbits": stated}))
-    refused(cli(capsys, "eval", "--model", ckpt, "--dataset", f"text:{corpus}", "--seqlen", "32"),
-            f"says wbits {stated!r}", "3-bit look-up tables")
+    refused(
+        cli(capsys, "eval", "--model", ckpt, "--dataset", f"text:{corpus}", "--seqlen", "32"),
+        f"says wbits {stated!r}",
+        "3-bit look-up tables",
+    )
     with pytest.raises(SqlabError, match="3-bit look-up tables"):
         sqlab.load_quantized(ckpt, device="cpu")
 
 
 @pytest.mark.parametrize("seqlen", ["4096", "1000000"])
-def test_quantize_seqlen_longer_than_the_context_is_refused(capsys, tmp_path, base, corpus, seqlen,
-                                                            monkeypatch):
+def test_quantize_seqlen_longer_than_the_context_is_refused(
+    capsys, tmp_path, base, corpus, seqlen, monkeypatch
+):
     import sqlab.data
 
     monkeypatch.setattr(sqlab.data, "calib_documents", lambda *a: pytest.fail("read the corpus"))
@@ -330,9 +413,9 @@ def _flip(path: Path) -> None:
 
 
 @pytest.mark.parametrize("damage", ["flipped", "truncated", "empty"])
-def test_damaged_block_files_are_redone_and_the_result_is_exact(capsys, caplog, tmp_path, base,
-                                                                 corpus, reference, monkeypatch,
-                                                                 damage):
+def test_damaged_block_files_are_redone_and_the_result_is_exact(
+    capsys, caplog, tmp_path, base, corpus, reference, monkeypatch, damage
+):
     out = tmp_path / "resumed"
     block = _interrupted_run(capsys, monkeypatch, base, corpus, out) / "block_0000.safetensors"
     if damage == "flipped":
@@ -396,13 +479,18 @@ def test_damaged_model_files_are_refused(capsys, tmp_path, base, corpus):
     assert "could not load model" in message and not (tmp_path / "o").exists()
 
 
-@pytest.mark.parametrize("damage, message", [
-    (lambda s: s[f"{LAYER}.cols"].view(-1)[0].fill_(64),
-     "column index 64 out of range; the layer has 64 inputs"),
-    (lambda s: s[f"{LAYER}.cols"].view(-1)[0].fill_(-1), "column index -1 out of range"),
-    (lambda s: s[f"{LAYER}.rows"].view(-1)[-1].add_(1), "rows must rise from 0 to nnz"),
-    (lambda s: s[f"{LAYER}.rows"].view(-1)[5].fill_(10**6), "rows must rise from 0 to nnz"),
-])
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (
+            lambda s: s[f"{LAYER}.cols"].view(-1)[0].fill_(64),
+            "column index 64 out of range; the layer has 64 inputs",
+        ),
+        (lambda s: s[f"{LAYER}.cols"].view(-1)[0].fill_(-1), "column index -1 out of range"),
+        (lambda s: s[f"{LAYER}.rows"].view(-1)[-1].add_(1), "rows must rise from 0 to nnz"),
+        (lambda s: s[f"{LAYER}.rows"].view(-1)[5].fill_(10**6), "rows must rise from 0 to nnz"),
+    ],
+)
 def test_malformed_sparse_part_is_refused(capsys, ckpt, corpus, damage, message):
     edit_weights(ckpt, damage)
     result = cli(capsys, "eval", "--model", ckpt, "--dataset", f"text:{corpus}", "--seqlen", "32")
@@ -411,8 +499,9 @@ def test_malformed_sparse_part_is_refused(capsys, ckpt, corpus, damage, message)
         sqlab.load_quantized(ckpt, device="cpu")
 
 
-def test_out_that_cannot_be_written_is_refused_before_any_work(capsys, tmp_path, base, corpus,
-                                                               monkeypatch):
+def test_out_that_cannot_be_written_is_refused_before_any_work(
+    capsys, tmp_path, base, corpus, monkeypatch
+):
     import sqlab.models
 
     monkeypatch.setattr(sqlab.models, "load_model", lambda *a, **k: pytest.fail("loaded the model"))
@@ -440,26 +529,31 @@ def test_out_dot_in_an_empty_folder_is_written_there(capsys, tmp_path, base, cor
     assert sqlab.checkpoint.is_checkpoint(here) and leftovers(tmp_path) == []
 
 
-def test_json_that_cannot_be_written_is_refused_before_the_evaluation(capsys, tmp_path, base,
-                                                                      corpus, monkeypatch):
+def test_json_that_cannot_be_written_is_refused_before_the_evaluation(
+    capsys, tmp_path, base, corpus, monkeypatch
+):
     import sqlab.evaluate
 
     monkeypatch.setattr(sqlab.evaluate, "perplexity", lambda *a, **k: pytest.fail("evaluated"))
     folder = unwritable(tmp_path)
     for target in (folder / "result.json", tmp_path):
-        result = cli(capsys, "eval", "--model", base, "--dataset", f"text:{corpus}", "--json",
-                     target)
+        result = cli(
+            capsys, "eval", "--model", base, "--dataset", f"text:{corpus}", "--json", target
+        )
         refused(result, str(target))
         assert result[1] == ""  # nothing printed as if it had worked
 
 
 def test_concurrent_runs_on_one_out_exclude_each_other(capsys, tmp_path, base, corpus, packed):
     out = tmp_path / "out"
-    hold = ("import sys, time\nfrom pathlib import Path\nfrom sqlab import files\n"
-            "with files.exclusive(Path(sys.argv[1]), 'test'):\n"
-            "    print('held', flush=True)\n    time.sleep(120)\n")
-    holder = subprocess.Popen([sys.executable, "-c", hold, str(out)], stdout=subprocess.PIPE,
-                              text=True)
+    hold = (
+        "import sys, time\nfrom pathlib import Path\nfrom sqlab import files\n"
+        "with files.exclusive(Path(sys.argv[1]), 'test'):\n"
+        "    print('held', flush=True)\n    time.sleep(120)\n"
+    )
+    holder = subprocess.Popen(
+        [sys.executable, "-c", hold, str(out)], stdout=subprocess.PIPE, text=True
+    )
     try:
         assert holder.stdout.readline().strip() == "held"
         message = refused(cli(capsys, *quantize_args(base, corpus, out)), f"--out '{out}'")
@@ -479,22 +573,27 @@ def test_bad_values_of_the_api(tmp_path, base):
         QuantConfig(wbits=3.0)
     model = sqlab.load_model(str(base), device="cpu")
     tokens = torch.arange(400)
-    with pytest.raises(SqlabError, match="token id 399 is out of range: the model's vocabulary "
-                                         "has 320 tokens"):
+    with pytest.raises(
+        SqlabError, match="token id 399 is out of range: the model's vocabulary has 320 tokens"
+    ):
         sqlab.perplexity(model, tokens, seqlen=100, progress=False)
     with pytest.raises(SqlabError, match="token id -1 is out of range"):
         sqlab.perplexity(model, tokens - 1, seqlen=100, progress=False)
 
 
-def test_usage_errors_and_a_tokenizer_of_another_model_are_one_line(capsys, tmp_path, corpus,
-                                                                    tiny_tokenizer):
+def test_usage_errors_and_a_tokenizer_of_another_model_are_one_line(
+    capsys, tmp_path, corpus, tiny_tokenizer
+):
     refused(cli(capsys, "quantize", "--wbits", "3.0", "--out", tmp_path / "o"), "--wbits", "'3.0'")
     refused(cli(capsys, "quantize", "--wbits", "5", "--out", tmp_path / "o"), "invalid choice: 5")
     small = tmp_path / "small-vocab"
     make_llama(vocab_size=100).save_pretrained(small)
     tiny_tokenizer.save_pretrained(small)
-    refused(cli(capsys, "eval", "--model", small, "--dataset", f"text:{corpus}", "--seqlen", "32"),
-            "out of range", "vocabulary has 100 tokens")
+    refused(
+        cli(capsys, "eval", "--model", small, "--dataset", f"text:{corpus}", "--seqlen", "32"),
+        "out of range",
+        "vocabulary has 100 tokens",
+    )
 
 
 class _Payload:
@@ -521,8 +620,9 @@ def test_pickled_code_is_refused_without_suggesting_weights_only_false(tmp_path,
 # --- leaks -------------------------------------------------------------------------------------
 
 
-def test_temporary_output_of_a_killed_run_is_removed_by_the_next_save(capsys, tmp_path, base,
-                                                                       corpus):
+def test_temporary_output_of_a_killed_run_is_removed_by_the_next_save(
+    capsys, tmp_path, base, corpus
+):
     out = tmp_path / "out"
     with files.exclusive(out, "test"):
         killed = files.partial_dir(out)  # what a run killed while writing leaves behind
@@ -535,8 +635,9 @@ def test_temporary_output_of_a_killed_run_is_removed_by_the_next_save(capsys, tm
     assert leftovers(tmp_path) == [lookalike.name]
 
 
-def test_checkpoints_are_byte_reproducible(capsys, tmp_path, base, corpus, reference, packed,
-                                           tiny_tokenizer):
+def test_checkpoints_are_byte_reproducible(
+    capsys, tmp_path, base, corpus, reference, packed, tiny_tokenizer
+):
     again = tmp_path / "again"
     assert cli(capsys, *quantize_args(base, corpus, again))[0] == 0
     assert snapshot(again) == snapshot(reference) and len(snapshot(again)) > 4
@@ -546,8 +647,9 @@ def test_checkpoints_are_byte_reproducible(capsys, tmp_path, base, corpus, refer
     assert snapshot(a) == snapshot(b)
     # safetensors writes metadata in hash order, which changes from run to run: sqlab sorts it
     keys = [f"key{i}" for i in range(12)]
-    path = files.save_safetensors({"t": torch.ones(3)}, tmp_path / "m.safetensors",
-                                  {k: "v" for k in reversed(keys)})
+    path = files.save_safetensors(
+        {"t": torch.ones(3)}, tmp_path / "m.safetensors", {k: "v" for k in reversed(keys)}
+    )
     raw = path.read_bytes()
     header = json.loads(raw[8 : 8 + int.from_bytes(raw[:8], "little")])
     assert list(header["__metadata__"]) == sorted(keys)  # in file order

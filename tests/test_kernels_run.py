@@ -17,12 +17,31 @@ import pytest
 import torch
 from torch import nn
 
-from sqlab import QuantConfig, SqlabError, SqueezeLinear, fisher_information, kernels, packing, quantize_model
+from sqlab import (
+    QuantConfig,
+    SqlabError,
+    SqueezeLinear,
+    fisher_information,
+    kernels,
+    packing,
+    quantize_model,
+)
 from sqlab.packing import CSR, balanced_startrows
 from tests.conftest import make_llama
 from tests.cuda_on_cpu import CudaOnCpu, build
-from tests.kernel_cases import (BF16, DTYPE_SETS, F16, F32, SPMV_KINDS, exact_layer, exact_x, gemv_tolerance,
-                                random_layer, reference_parts, reference_y)
+from tests.kernel_cases import (
+    BF16,
+    DTYPE_SETS,
+    F16,
+    F32,
+    SPMV_KINDS,
+    exact_layer,
+    exact_x,
+    gemv_tolerance,
+    random_layer,
+    reference_parts,
+    reference_y,
+)
 
 
 @dataclass
@@ -34,8 +53,10 @@ class Target:
         return torch.Generator(device=self.device).manual_seed(seed)
 
 
-needs_cupy = pytest.mark.skipif(torch.cuda.is_available() and not kernels.available(),
-                                reason="the kernels need CuPy (pip install 'sqlab[gpu]')")
+needs_cupy = pytest.mark.skipif(
+    torch.cuda.is_available() and not kernels.available(),
+    reason="the kernels need CuPy (pip install 'sqlab[gpu]')",
+)
 
 
 @pytest.fixture(params=["cuda-on-cpu", pytest.param("cuda", marks=[pytest.mark.gpu, needs_cupy])])
@@ -54,12 +75,26 @@ def _all_variants() -> set[tuple[str, tuple]]:
     for wbits in (3, 4):
         for x, lut, vals, bias in DTYPE_SETS.values():
             lut_t = torch.zeros(1, 1 << wbits, dtype=lut)
-            csr = CSR(torch.zeros(2, dtype=torch.int32), torch.zeros(1, dtype=torch.int32), torch.zeros(1, dtype=vals))
+            csr = CSR(
+                torch.zeros(2, dtype=torch.int32),
+                torch.zeros(1, dtype=torch.int32),
+                torch.zeros(1, dtype=vals),
+            )
             b = None if bias is None else torch.zeros(1, dtype=bias)
             for parts in ((csr, b), (None, b), (csr, None), (None, None)):
-                variants.add(("lut_gemv.cu", kernels._options(kernels._gemv_defines(wbits, x, lut_t, *parts))))
+                variants.add(
+                    (
+                        "lut_gemv.cu",
+                        kernels._options(kernels._gemv_defines(wbits, x, lut_t, *parts)),
+                    )
+                )
     for x, vals in SPMV_KINDS.values():
-        variants.add(("spmv.cu", kernels._options((("X_KIND", kernels._KIND[x]), ("VAL_KIND", kernels._KIND[vals])))))
+        variants.add(
+            (
+                "spmv.cu",
+                kernels._options((("X_KIND", kernels._KIND[x]), ("VAL_KIND", kernels._KIND[vals]))),
+            )
+        )
     return variants
 
 
@@ -71,15 +106,25 @@ def prebuilt():
 
 
 def _gemv(layer: SqueezeLinear, x: torch.Tensor, **kwargs) -> torch.Tensor:
-    return kernels.lut_gemv(layer.qweight, layer.lookup_table, x, layer.wbits, layer.in_features, csr=layer.csr(),
-                            bias=layer.bias, **kwargs)
+    return kernels.lut_gemv(
+        layer.qweight,
+        layer.lookup_table,
+        x,
+        layer.wbits,
+        layer.in_features,
+        csr=layer.csr(),
+        bias=layer.bias,
+        **kwargs,
+    )
 
 
 def _assert_exact(y: torch.Tensor, layer: SqueezeLinear, x: torch.Tensor, what: str = "") -> None:
     expected = reference_y(layer, x).to(y.dtype)
     bad = (y.cpu() != expected).nonzero()
-    assert not len(bad), f"{what}: {len(bad)} outputs differ, first at {bad[0].tolist()}: " \
-                         f"{y.cpu()[tuple(bad[0])].item()} vs {expected[tuple(bad[0])].item()}"
+    assert not len(bad), (
+        f"{what}: {len(bad)} outputs differ, first at {bad[0].tolist()}: "
+        f"{y.cpu()[tuple(bad[0])].item()} vs {expected[tuple(bad[0])].item()}"
+    )
 
 
 # --- LUT-GEMV --------------------------------------------------------------------------------------
@@ -91,12 +136,20 @@ SMALL_SHAPES = [(100, 37), (48, 96), (33, 1), (64, 64), (1000, 130)]
 @pytest.mark.parametrize("wbits", [3, 4])
 @pytest.mark.parametrize("density", [0.0, 0.03])
 @pytest.mark.parametrize("dtypes", list(DTYPE_SETS))
-def test_lut_gemv_equals_the_reference_exactly(target, in_features, out_features, wbits, density, dtypes):
-    layer = exact_layer(in_features, out_features, wbits, density, DTYPE_SETS[dtypes], target.device)
+def test_lut_gemv_equals_the_reference_exactly(
+    target, in_features, out_features, wbits, density, dtypes
+):
+    layer = exact_layer(
+        in_features, out_features, wbits, density, DTYPE_SETS[dtypes], target.device
+    )
     for tokens in (1, 3, 8):
         x = exact_x(tokens, in_features, DTYPE_SETS[dtypes][0], target.device, seed=tokens)
         y = _gemv(layer, x)
-        assert y.shape == (tokens, out_features) and y.dtype == x.dtype and y.device.type == target.device.type
+        assert (
+            y.shape == (tokens, out_features)
+            and y.dtype == x.dtype
+            and y.device.type == target.device.type
+        )
         _assert_exact(y, layer, x, f"{tokens} tokens")
 
 
@@ -105,7 +158,9 @@ def test_lut_gemv_equals_the_reference_exactly(target, in_features, out_features
 def test_lut_gemv_llama_widths_sparse_and_skewed(target, in_features, out_features, wbits):
     """Long rows (many K slices on 132 SMs) with the paper's 0.45% sparse part, a third of it in one row."""
     dtypes = DTYPE_SETS["fp16-model"]
-    layer = exact_layer(in_features, out_features, wbits, 0.0045, dtypes, target.device, skewed=True)
+    layer = exact_layer(
+        in_features, out_features, wbits, 0.0045, dtypes, target.device, skewed=True
+    )
     for tokens in (1, 8):
         x = exact_x(tokens, in_features, F16, target.device)
         _assert_exact(_gemv(layer, x), layer, x, f"{tokens} tokens")
@@ -117,7 +172,8 @@ def test_lut_gemv_with_random_values_is_within_rounding(target, dtypes, wbits):
     layer = random_layer(1000, 130, wbits, 0.01, DTYPE_SETS[dtypes], target.device)
     for tokens in (1, 5):
         x = torch.randn(tokens, 1000, generator=target.generator(tokens), device=target.device).to(
-            DTYPE_SETS[dtypes][0])
+            DTYPE_SETS[dtypes][0]
+        )
         ref, bound = gemv_tolerance(layer, x)
         ratio = ((_gemv(layer, x).cpu().double() - ref).abs() / bound).max().item()
         assert ratio <= 1, f"{tokens} tokens: error {ratio:.2f}x the bound"
@@ -142,7 +198,9 @@ def test_lut_gemv_splits_out_buffer_vector_and_determinism(target, wbits):
 
 def test_split_counters_return_to_zero_and_graph_arenas_keep_their_own(target):
     layer = exact_layer(1000, 130, 3, 0.02, DTYPE_SETS["fp16-model"], target.device)
-    kernel = kernels.GemvKernels(layer.qweight, layer.lookup_table, 3, 1000, F16, layer.csr(), layer.bias)
+    kernel = kernels.GemvKernels(
+        layer.qweight, layer.lookup_table, 3, 1000, F16, layer.csr(), layer.bias
+    )
     x = exact_x(2, 1000, F16, target.device)
     launch = kernel._launches[2]
     assert launch.plan.splits > 1 and launch.counters is not None
@@ -197,7 +255,9 @@ def test_bad_csr_is_refused_with_the_layer_name(target):
     layer.name = "model.layers.3.mlp.up_proj"
     with torch.no_grad():
         layer.cols[0] = 100
-    with pytest.raises(SqlabError, match=r"model.layers.3.mlp.up_proj: column index 100 out of range"):
+    with pytest.raises(
+        SqlabError, match=r"model.layers.3.mlp.up_proj: column index 100 out of range"
+    ):
         layer(exact_x(1, 100, F16, target.device))
 
 
@@ -208,12 +268,17 @@ SPANNING_FIELD = "__funnelshift_r(q[w], q[w + 1], s - SH)"
 
 
 @pytest.mark.parametrize("order", ["concurrent", "forward", "reverse"])
-@pytest.mark.parametrize("defect", ["no barrier after staging", "3-bit fields lose their high bits"])
+@pytest.mark.parametrize(
+    "defect", ["no barrier after staging", "3-bit fields lose their high bits"]
+)
 def test_the_harness_catches_a_broken_kernel(order, defect, prebuilt):
     source = kernels._source("lut_gemv.cu")
     assert STAGING_BARRIER in source and SPANNING_FIELD in source  # the defects below still apply
-    broken = (source.replace(STAGING_BARRIER, STAGING_BARRIER.replace("__syncthreads();", ""))
-              if defect.startswith("no barrier") else source.replace(SPANNING_FIELD, "(q[w] >> (s - SH))"))
+    broken = (
+        source.replace(STAGING_BARRIER, STAGING_BARRIER.replace("__syncthreads();", ""))
+        if defect.startswith("no barrier")
+        else source.replace(SPANNING_FIELD, "(q[w] >> (s - SH))")
+    )
     cpu = torch.device("cpu")
     layer = exact_layer(1000, 130, 3, 0.0, DTYPE_SETS["fp16-model"], cpu)
     x = exact_x(1, 1000, F16, cpu)
@@ -237,17 +302,30 @@ def test_lut_gemv_in_deterministic_thread_orders(order, wbits, prebuilt):
 
 # --- sparse part on its own -----------------------------------------------------------------------
 
-@pytest.mark.parametrize("in_features, out_features, density", [(100, 37, 0.05), (1000, 130, 0.0045),
-                                                                 (64, 300, 0.0)])
+
+@pytest.mark.parametrize(
+    "in_features, out_features, density", [(100, 37, 0.05), (1000, 130, 0.0045), (64, 300, 0.0)]
+)
 @pytest.mark.parametrize("kinds", list(SPMV_KINDS))
 @pytest.mark.parametrize("skewed", [False, True])
-def test_spmv_rows_and_balanced_match_reference(target, in_features, out_features, density, kinds, skewed):
+def test_spmv_rows_and_balanced_match_reference(
+    target, in_features, out_features, density, kinds, skewed
+):
     x_dtype, vals_dtype = SPMV_KINDS[kinds]
-    layer = exact_layer(in_features, out_features, 3, density, (x_dtype, F16, vals_dtype, None), target.device,
-                        skewed=skewed)
-    csr = layer.csr() or CSR(torch.zeros(out_features + 1, dtype=torch.int32, device=target.device),
-                             torch.zeros(0, dtype=torch.int32, device=target.device),
-                             torch.zeros(0, device=target.device))
+    layer = exact_layer(
+        in_features,
+        out_features,
+        3,
+        density,
+        (x_dtype, F16, vals_dtype, None),
+        target.device,
+        skewed=skewed,
+    )
+    csr = layer.csr() or CSR(
+        torch.zeros(out_features + 1, dtype=torch.int32, device=target.device),
+        torch.zeros(0, dtype=torch.int32, device=target.device),
+        torch.zeros(0, device=target.device),
+    )
     _, s = reference_parts(layer, x_dtype)
     for tokens in (1, 3, 17):
         x = exact_x(tokens, in_features, x_dtype, target.device)
@@ -257,7 +335,9 @@ def test_spmv_rows_and_balanced_match_reference(target, in_features, out_feature
         assert torch.equal(out.double().cpu(), expected), "row-parallel"
         for per_thread in (1, 5, 100000):
             startrows = balanced_startrows(csr.rows, per_thread)
-            out = kernels.spmv(csr.rows, csr.cols, csr.vals, x, start.clone(), startrows, per_thread)
+            out = kernels.spmv(
+                csr.rows, csr.cols, csr.vals, x, start.clone(), startrows, per_thread
+            )
             assert torch.equal(out.double().cpu(), expected), f"balanced, {per_thread} per thread"
 
 
@@ -266,18 +346,30 @@ def test_spmv_refuses_startrows_that_do_not_match(target):
     x = exact_x(1, 100, F16, target.device)
     startrows = balanced_startrows(layer.rows, 4).flip(0).contiguous()
     with pytest.raises(SqlabError, match="startrows do not match rows"):
-        kernels.spmv(layer.rows, layer.cols, layer.vals, x, torch.zeros(1, 37, device=target.device), startrows, 4)
+        kernels.spmv(
+            layer.rows,
+            layer.cols,
+            layer.vals,
+            x,
+            torch.zeros(1, 37, device=target.device),
+            startrows,
+            4,
+        )
 
 
 # --- dequantization for prompts ---------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("in_features, out_features", [(100, 37), (48, 96), (1000, 130), (300, 33)])
 @pytest.mark.parametrize("wbits", [3, 4])
 @pytest.mark.parametrize("density", [0.0, 0.05])
 @pytest.mark.parametrize("dtypes", list(DTYPE_SETS))
-def test_dequantize_equals_the_cpu_reference_bit_for_bit(target, in_features, out_features, wbits, density,
-                                                          dtypes):
-    layer = random_layer(in_features, out_features, wbits, density, DTYPE_SETS[dtypes], target.device)
+def test_dequantize_equals_the_cpu_reference_bit_for_bit(
+    target, in_features, out_features, wbits, density, dtypes
+):
+    layer = random_layer(
+        in_features, out_features, wbits, density, DTYPE_SETS[dtypes], target.device
+    )
     dtype = DTYPE_SETS[dtypes][0]
     w = kernels.dequantize(layer, dtype)
     assert w.dtype == dtype and w.shape == (out_features, in_features)
@@ -285,6 +377,7 @@ def test_dequantize_equals_the_cpu_reference_bit_for_bit(target, in_features, ou
 
 
 # --- SqueezeLinear: prepared once, dispatched by token count ------------------------------------------
+
 
 def _count_launches(monkeypatch) -> dict[str, int]:
     """Counts of prepared LUT-GEMV calls (1-8 tokens) and of dequantizations, as ``SqueezeLinear`` makes them."""
@@ -308,7 +401,11 @@ def _count_launches(monkeypatch) -> dict[str, int]:
 def test_squeeze_linear_dispatches_by_token_count(target, monkeypatch, shape):
     layer = exact_layer(100, 37, 3, 0.05, DTYPE_SETS["fp16-x_fp32-vals"], target.device)
     calls = _count_launches(monkeypatch)
-    x = torch.randint(-3, 4, shape, generator=torch.Generator().manual_seed(0)).half().to(target.device)
+    x = (
+        torch.randint(-3, 4, shape, generator=torch.Generator().manual_seed(0))
+        .half()
+        .to(target.device)
+    )
     y = layer(x)
     assert y.shape == (*shape[:-1], 37) and y.dtype == F16
     tokens = x.numel() // 100
@@ -341,11 +438,17 @@ def test_squeeze_linear_rejects_a_wrong_width(target):
 
 # --- a quantized tiny model ------------------------------------------------------------------------
 
+
 def _quantized_llama(wbits: int, hidden: int = 48, layers: int = 2):
     model = make_llama(hidden=hidden, layers=layers)
     ids = torch.randint(0, 320, (2, 24), generator=torch.Generator().manual_seed(0))
     fisher = fisher_information(model, ids, progress=False)
-    quantize_model(model, QuantConfig(wbits=wbits, outlier_pct=0.45, sensitive_pct=0.05), fisher, progress=False)
+    quantize_model(
+        model,
+        QuantConfig(wbits=wbits, outlier_pct=0.45, sensitive_pct=0.05),
+        fisher,
+        progress=False,
+    )
     assert any(m.nnz for m in model.modules() if isinstance(m, SqueezeLinear))
     return model
 
@@ -370,7 +473,7 @@ def _steps(model, prompt: torch.Tensor, feed: torch.Tensor) -> list[torch.Tensor
     out = model(prompt, use_cache=True)
     logits, cache = [out.logits.float().cpu()], out.past_key_values
     for t in range(feed.shape[1]):
-        out = model(feed[:, t:t + 1], past_key_values=cache, use_cache=True)
+        out = model(feed[:, t : t + 1], past_key_values=cache, use_cache=True)
         logits.append(out.logits.float().cpu())
         cache = out.past_key_values
     return logits
@@ -380,7 +483,10 @@ def _steps(model, prompt: torch.Tensor, feed: torch.Tensor) -> list[torch.Tensor
 def test_quantized_model_in_fp16_follows_the_fp32_reference(target, monkeypatch, wbits):
     model = _quantized_llama(wbits)
     gen = torch.Generator().manual_seed(1)
-    prompt, feed = torch.randint(0, 320, (1, 12), generator=gen), torch.randint(0, 320, (1, 4), generator=gen)
+    prompt, feed = (
+        torch.randint(0, 320, (1, 12), generator=gen),
+        torch.randint(0, 320, (1, 4), generator=gen),
+    )
     reference = _steps(_simulated_twin(model), prompt, feed)  # fp32 on the CPU
     calls = _count_launches(monkeypatch)
     fp16 = copy.deepcopy(model).to(target.device, F16)
@@ -389,8 +495,13 @@ def test_quantized_model_in_fp16_follows_the_fp32_reference(target, monkeypatch,
     # the prompt dequantizes every layer once; each decoding step launches one GEMV per layer
     assert calls == {"gemv": layers * feed.shape[1], "dequantize": layers}
     for step, (a, b) in enumerate(zip(got, reference)):
-        torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2 * b.abs().max().item(),
-                                   msg=lambda m, s=step: f"step {s}: {m}")
+        torch.testing.assert_close(
+            a,
+            b,
+            rtol=2e-2,
+            atol=2e-2 * b.abs().max().item(),
+            msg=lambda m, s=step: f"step {s}: {m}",
+        )
 
 
 @pytest.mark.parametrize("wbits", [3, 4])
@@ -398,11 +509,22 @@ def test_generate_equals_the_simulated_twin(target, wbits):
     model = _quantized_llama(wbits, hidden=64)
     twin = _simulated_twin(model).to(target.device)
     model.to(target.device)
-    prompt = torch.randint(0, 320, (1, 12), generator=torch.Generator().manual_seed(3)).to(target.device)
-    kwargs = dict(attention_mask=torch.ones_like(prompt), max_new_tokens=12, min_new_tokens=12, do_sample=False,
-                  pad_token_id=2)
+    prompt = torch.randint(0, 320, (1, 12), generator=torch.Generator().manual_seed(3)).to(
+        target.device
+    )
+    kwargs = dict(
+        attention_mask=torch.ones_like(prompt),
+        max_new_tokens=12,
+        min_new_tokens=12,
+        do_sample=False,
+        pad_token_id=2,
+    )
     packed_tokens = model.generate(prompt, **kwargs)
-    assert any(m.__dict__.get("_kernel") is not None for m in model.modules() if isinstance(m, SqueezeLinear))
+    assert any(
+        m.__dict__.get("_kernel") is not None
+        for m in model.modules()
+        if isinstance(m, SqueezeLinear)
+    )
     assert packed_tokens.shape == (1, 24)
     assert torch.equal(packed_tokens, twin.generate(prompt, **kwargs))
 
@@ -420,9 +542,17 @@ def test_static_decoding_of_a_quantized_model_with_graph_counters(target):
     from sqlab.evaluate import StaticDecoder
 
     model = _quantized_llama(3, hidden=320, layers=1).to(target.device)  # wide enough to split K
-    ids = torch.randint(3, 320, (1, 9), generator=torch.Generator().manual_seed(4)).to(target.device)
-    expected = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, min_new_tokens=8,
-                              do_sample=False, pad_token_id=2)[0, 9:].cpu()
+    ids = torch.randint(3, 320, (1, 9), generator=torch.Generator().manual_seed(4)).to(
+        target.device
+    )
+    expected = model.generate(
+        ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=8,
+        min_new_tokens=8,
+        do_sample=False,
+        pad_token_id=2,
+    )[0, 9:].cpu()
     decoder = StaticDecoder(model, ids, 8)
     if target.device.type == "cuda":
         decoder.capture(warmup=2)

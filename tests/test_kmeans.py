@@ -45,8 +45,12 @@ def optimum(x: np.ndarray, f: np.ndarray, k: int) -> float:
 
 
 rows_strategy = st.tuples(
-    st.integers(2, 24), st.sampled_from([8, 16]), st.integers(0, 10**6),
-    st.sampled_from([1.0, 6.0]), st.booleans(), st.booleans(),
+    st.integers(2, 24),
+    st.sampled_from([8, 16]),
+    st.integers(0, 10**6),
+    st.sampled_from([1.0, 6.0]),
+    st.booleans(),
+    st.booleans(),
 )
 
 
@@ -61,7 +65,9 @@ def _row(n, seed, power, outlier, zeros):
     return x, f
 
 
-@settings(max_examples=150, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@settings(
+    max_examples=150, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow]
+)
 @given(rows_strategy)
 def test_never_worse_than_per_row_lloyd_and_never_below_the_optimum(case):
     n, k, seed, power, outlier, zeros = case
@@ -91,7 +97,9 @@ def test_total_sse_not_worse_than_scikit_learn_per_row():
     ours = weighted_kmeans(x, f, 8).sse.sum().item()
     ref = 0.0
     for row, weight in zip(x.numpy(), f.numpy()):
-        km = KMeans(n_clusters=8, n_init="auto", max_iter=50, random_state=0).fit(row[:, None], sample_weight=weight)
+        km = KMeans(n_clusters=8, n_init="auto", max_iter=50, random_state=0).fit(
+            row[:, None], sample_weight=weight
+        )
         ref += float((weight * (row - km.cluster_centers_[km.labels_, 0]) ** 2).sum())
     assert ours <= ref
 
@@ -101,10 +109,16 @@ def test_outputs_shapes_order_and_consistency():
     x = torch.randn(33, 100, generator=gen)
     f = torch.rand(33, 100, generator=gen)
     res = weighted_kmeans(x, f, 16)
-    assert res.centroids.shape == (33, 16) and res.labels.shape == (33, 100) and res.labels.dtype == torch.uint8
+    assert (
+        res.centroids.shape == (33, 16)
+        and res.labels.shape == (33, 100)
+        and res.labels.dtype == torch.uint8
+    )
     assert (res.centroids[:, 1:] >= res.centroids[:, :-1]).all()
     assert torch.equal(res.labels, assign(x, res.centroids))
-    direct = (f.double() * (x.double() - res.centroids.double().gather(1, res.labels.long())) ** 2).sum(1)
+    direct = (
+        f.double() * (x.double() - res.centroids.double().gather(1, res.labels.long())) ** 2
+    ).sum(1)
     assert torch.allclose(res.sse, direct, rtol=1e-5)
 
 
@@ -171,9 +185,13 @@ def test_long_rows_go_through_the_coarse_copy_and_stay_near_the_optimum(k):
     x[:, :3] *= 8  # a few outliers in every row
     f = torch.randn(12, n, generator=gen) ** 2  # squared gradients: a heavy tail
     res = weighted_kmeans(x, f, k, restarts=2)
-    direct = (f.double() * (x.double() - res.centroids.double().gather(1, res.labels.long())) ** 2).sum(1)
+    direct = (
+        f.double() * (x.double() - res.centroids.double().gather(1, res.labels.long())) ** 2
+    ).sum(1)
     assert torch.allclose(res.sse, direct, rtol=1e-6)
-    opt = np.array([optimum_fast(x[i].double().numpy(), f[i].double().numpy(), k) for i in range(12)])
+    opt = np.array(
+        [optimum_fast(x[i].double().numpy(), f[i].double().numpy(), k) for i in range(12)]
+    )
     ratio = res.sse.numpy() / opt
     assert (ratio >= 1 - 1e-9).all()
     assert ratio.mean() < 1.08, ratio
@@ -184,22 +202,31 @@ def test_long_rows_go_through_the_coarse_copy_and_stay_near_the_optimum(k):
 def test_row_sort_carries_the_weights_along(rows, n, seed):
     rng = np.random.default_rng(seed)
     pool = np.array([0.0, -0.0, 1e-40, -1e-40, 1.5, -1.5, 3e38, -3e38, 0.25], np.float32)
-    x = np.where(rng.random((rows, n)) < 0.3, rng.choice(pool, (rows, n)),
-                 rng.standard_normal((rows, n)).astype(np.float32))
+    x = np.where(
+        rng.random((rows, n)) < 0.3,
+        rng.choice(pool, (rows, n)),
+        rng.standard_normal((rows, n)).astype(np.float32),
+    )
     f = rng.random((rows, n)).astype(np.float32)
     xs, fs = kmeans._sort_rows(torch.from_numpy(x), torch.from_numpy(f))
     assert torch.equal(xs, torch.from_numpy(x).sort(1).values)
     for i in range(rows):
-        assert sorted(zip(x[i].tolist(), f[i].tolist())) == sorted(zip(xs[i].tolist(), fs[i].tolist()))
+        assert sorted(zip(x[i].tolist(), f[i].tolist())) == sorted(
+            zip(xs[i].tolist(), fs[i].tolist())
+        )
 
 
 def test_double_precision_input_is_clustered_in_double():
     gen = torch.Generator().manual_seed(5)
-    x = 1.0 + torch.randn(4, 300, generator=gen, dtype=torch.float64) * 1e-9  # distinct only in fp64
+    x = (
+        1.0 + torch.randn(4, 300, generator=gen, dtype=torch.float64) * 1e-9
+    )  # distinct only in fp64
     res = weighted_kmeans(x, None, 8)
     assert res.centroids.dtype == torch.float64
     assert len(torch.unique(res.centroids[0])) == 8
-    assert torch.allclose(res.sse, ((x - res.centroids.gather(1, res.labels.long())) ** 2).sum(1), rtol=1e-6)
+    assert torch.allclose(
+        res.sse, ((x - res.centroids.gather(1, res.labels.long())) ** 2).sum(1), rtol=1e-6
+    )
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
@@ -217,7 +244,10 @@ def test_non_finite_values_and_weights_are_refused(bad):
 
 # --- the exact dynamic program ------------------------------------------------------------------
 
-@settings(max_examples=150, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+
+@settings(
+    max_examples=150, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow]
+)
 @given(rows_strategy)
 def test_optimal_kmeans_is_the_optimum(case):
     n, k, seed, power, outlier, zeros = case
@@ -232,7 +262,10 @@ def test_optimal_kmeans_is_the_optimum(case):
     # the centroids, with every value at its nearest one, give that SSE (the optimum is Lloyd-stable)
     weights = torch.tensor(f32) if f32.sum() > 0 else torch.ones(n, dtype=torch.float64)
     labels = assign(torch.tensor(x[None]), result.centroids.double())[0].long()
-    assert abs(float((weights * (torch.tensor(x) - c[labels]) ** 2).sum()) - result.sse.item()) <= 1e-9 * scale
+    assert (
+        abs(float((weights * (torch.tensor(x) - c[labels]) ** 2).sum()) - result.sse.item())
+        <= 1e-9 * scale
+    )
 
 
 def test_optimal_kmeans_beats_the_heuristic_on_every_row():
@@ -249,13 +282,25 @@ def test_optimal_kmeans_beats_the_heuristic_on_every_row():
 def test_optimal_kmeans_edge_cases():
     few = torch.tensor([[0.5, 0.5, -1.0, 2.0]])
     result = kmeans.optimal_kmeans(few, torch.ones(1, 4), 8)  # 3 distinct values for 8 centroids
-    assert result.sse.item() == 0.0 and result.centroids[0].tolist() == [-1.0, 0.5, 2.0, 2.0, 2.0, 2.0, 2.0, 2.0]
-    zeros = kmeans.optimal_kmeans(torch.randn(2, 50), torch.zeros(2, 50), 4)  # all-zero weights: uniform
+    assert result.sse.item() == 0.0 and result.centroids[0].tolist() == [
+        -1.0,
+        0.5,
+        2.0,
+        2.0,
+        2.0,
+        2.0,
+        2.0,
+        2.0,
+    ]
+    zeros = kmeans.optimal_kmeans(
+        torch.randn(2, 50), torch.zeros(2, 50), 4
+    )  # all-zero weights: uniform
     uniform = kmeans.optimal_kmeans(torch.randn(2, 50), None, 4)
     assert zeros.centroids.shape == uniform.centroids.shape == (2, 4)
     x = torch.randn(3, 40)
-    assert torch.allclose(kmeans.optimal_kmeans(x, torch.zeros(3, 40), 4).sse,
-                          kmeans.optimal_kmeans(x, None, 4).sse)
+    assert torch.allclose(
+        kmeans.optimal_kmeans(x, torch.zeros(3, 40), 4).sse, kmeans.optimal_kmeans(x, None, 4).sse
+    )
     with pytest.raises(ValueError, match="finite"):
         kmeans.optimal_kmeans(torch.tensor([[float("nan"), 1.0]]), None, 2)
     with pytest.raises(ValueError, match="k must be in"):
@@ -266,8 +311,10 @@ def test_cluster_follows_the_config_and_says_what_optimal_needs(monkeypatch):
     from sqlab import QuantConfig, SqlabError, cpu_kernels
 
     x, f = torch.randn(16, 64) * 0.02, torch.rand(16, 64)
-    assert torch.equal(kmeans.cluster(x, f, QuantConfig(wbits=3)).centroids,
-                       kmeans.optimal_kmeans(x, f, 8).centroids)
+    assert torch.equal(
+        kmeans.cluster(x, f, QuantConfig(wbits=3)).centroids,
+        kmeans.optimal_kmeans(x, f, 8).centroids,
+    )
     fast = kmeans.cluster(x, f, QuantConfig(wbits=4, kmeans="fast", kmeans_restarts=1))
     assert torch.equal(fast.centroids, weighted_kmeans(x, f, 16, restarts=1).centroids)
     with pytest.raises(SqlabError, match="kmeans must be one of optimal, fast, got 'exact'"):
@@ -275,7 +322,9 @@ def test_cluster_follows_the_config_and_says_what_optimal_needs(monkeypatch):
     monkeypatch.setattr(cpu_kernels, "compiler", lambda: None)
     cpu_kernels.library.cache_clear()
     try:
-        with pytest.raises(SqlabError, match=r"kmeans='optimal' runs a compiled dynamic program: no C\+\+ compiler"):
+        with pytest.raises(
+            SqlabError, match=r"kmeans='optimal' runs a compiled dynamic program: no C\+\+ compiler"
+        ):
             kmeans.cluster(x, f, QuantConfig(wbits=3))
     finally:
         cpu_kernels.library.cache_clear()
@@ -291,8 +340,26 @@ def test_kmeans_benchmark_compares_every_method(tmp_path):
 
     out = tmp_path / "kmeans.json"
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "kmeans.py"
-    done = subprocess.run([sys.executable, str(script), "--rows", "4", "--wbits", "3", "--layer", "1",
-                           "--nsamples", "2", "--seqlen", "128", "--json", str(out)], capture_output=True, text=True)
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(script),
+            "--rows",
+            "4",
+            "--wbits",
+            "3",
+            "--layer",
+            "1",
+            "--nsamples",
+            "2",
+            "--seqlen",
+            "128",
+            "--json",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     rows = {r["method"]: r for r in json.loads(out.read_text())["rows"]}
     assert set(rows) == {"optimal", "fast-2", "fast-1", "scikit-learn", "flash1dkmeans"}

@@ -49,12 +49,15 @@ def test_unsupported_model_is_a_clear_error():
         models.quantizable_linears(nn.Linear(4, 4))
 
 
-@pytest.mark.parametrize("spec, message", [
-    ("", "is empty"),
-    ("nope", "unknown model spec 'nope'"),
-    ("./missing-dir", "model path './missing-dir' does not exist"),
-    ("/no/such/model.gguf", "does not exist"),
-])
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("", "is empty"),
+        ("nope", "unknown model spec 'nope'"),
+        ("./missing-dir", "model path './missing-dir' does not exist"),
+        ("/no/such/model.gguf", "does not exist"),
+    ],
+)
 def test_bad_specs_name_the_value_and_what_is_accepted(spec, message):
     with pytest.raises(SqlabError, match=message) as err:
         models.resolve(spec)

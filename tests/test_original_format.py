@@ -61,14 +61,16 @@ def _dense_sparse(layer: SqueezeLinear) -> torch.Tensor:
     """The layer's sparse part as a dense fp32 matrix (repeated positions summed)."""
     dense = torch.zeros(layer.out_features, layer.in_features)
     if layer.nnz:
-        r = torch.repeat_interleave(torch.arange(layer.out_features),
-                                    (layer.rows[1:] - layer.rows[:-1]).long())
+        r = torch.repeat_interleave(
+            torch.arange(layer.out_features), (layer.rows[1:] - layer.rows[:-1]).long()
+        )
         dense.index_put_((r, layer.cols.long()), layer.vals.float(), accumulate=True)
     return dense
 
 
-def pack_like_the_original(model: nn.Module, path, *, sparse: bool = True, balanced: bool = False,
-                           nnz_per_thread: int = 10) -> dict:
+def pack_like_the_original(
+    model: nn.Module, path, *, sparse: bool = True, balanced: bool = False, nnz_per_thread: int = 10
+) -> dict:
     """Write ``model``'s quantized layers as the original ``pack.py`` would; returns the state."""
     state = {}
     for key, tensor in model.state_dict().items():
@@ -88,7 +90,8 @@ def pack_like_the_original(model: nn.Module, path, *, sparse: bool = True, balan
             if balanced:
                 rows = state[f"{name}.rows"].tolist()
                 state[f"{name}.startrows"] = torch.tensor(
-                    startrows_by_description(rows, nnz_per_thread), dtype=torch.int32)
+                    startrows_by_description(rows, nnz_per_thread), dtype=torch.int32
+                )
     torch.save(state, path)
     (path.parent / "quant_config.json").write_text(json.dumps({"wbits": 3}, indent=4))
     return state
@@ -97,28 +100,38 @@ def pack_like_the_original(model: nn.Module, path, *, sparse: bool = True, balan
 def load_like_the_original(path, base: nn.Module, wbits: int) -> dict[str, torch.Tensor]:
     """The dense weight of every quantized linear as the original loader and kernels see it."""
     state = torch.load(path, weights_only=True)
-    numvals = {k.removeprefix("sparse_threshold."): v for k, v in state.items()
-               if k.startswith("sparse_threshold.")}
+    numvals = {
+        k.removeprefix("sparse_threshold."): v
+        for k, v in state.items()
+        if k.startswith("sparse_threshold.")
+    }
     sparse = bool(numvals)
     weights = {}
     for name, linear in base.named_modules():
         if not isinstance(linear, nn.Linear) or name == "lm_head":
             continue
         n = numvals[name] if sparse else 0  # KeyError without a threshold, as in the original
-        shapes = {"qweight": (linear.in_features // 32 * wbits, linear.out_features),
-                  "lookup_table": (linear.out_features, 2**wbits),
-                  "full_rows": (linear.in_features, TOPX), "full_row_indices": (TOPX,)}
+        shapes = {
+            "qweight": (linear.in_features // 32 * wbits, linear.out_features),
+            "lookup_table": (linear.out_features, 2**wbits),
+            "full_rows": (linear.in_features, TOPX),
+            "full_row_indices": (TOPX,),
+        }
         if n > 0:
             shapes.update(rows=(linear.out_features + 1,), cols=(n,), vals=(n,))
-        buffers = {"full_rows": torch.zeros(linear.in_features, TOPX),
-                   "full_row_indices": torch.zeros(TOPX, dtype=torch.int32)}
+        buffers = {
+            "full_rows": torch.zeros(linear.in_features, TOPX),
+            "full_row_indices": torch.zeros(TOPX, dtype=torch.int32),
+        }
         for part, shape in shapes.items():
             stored = state.get(f"{name}.{part}")
             if stored is None:
                 continue
             if tuple(stored.shape) != shape:
-                raise RuntimeError(f"size mismatch for {name}.{part}: copying a param with shape "
-                                   f"{tuple(stored.shape)}, the shape in current model is {shape}")
+                raise RuntimeError(
+                    f"size mismatch for {name}.{part}: copying a param with shape "
+                    f"{tuple(stored.shape)}, the shape in current model is {shape}"
+                )
             buffers[part] = stored
         indices = unpack(buffers["qweight"], wbits, linear.in_features // 32 * 32)
         csr = CSR(buffers["rows"], buffers["cols"], buffers["vals"]) if n > 0 else None
@@ -135,10 +148,12 @@ def _quantized(hidden: int = 64, wbits: int = 3, sparse: bool = True, tie: bool 
         model.config.tie_word_embeddings = True
         model.tie_weights()
     ids = torch.randint(0, 320, (2, 16), generator=torch.Generator().manual_seed(0))
-    config = QuantConfig(wbits=wbits, outlier_pct=0.45 if sparse else 0.0,
-                         sensitive_pct=0.05 if sparse else 0.0)
-    sqlab.quantize_model(model, config, sqlab.fisher_information(model, ids, progress=False),
-                         progress=False)
+    config = QuantConfig(
+        wbits=wbits, outlier_pct=0.45 if sparse else 0.0, sensitive_pct=0.05 if sparse else 0.0
+    )
+    sqlab.quantize_model(
+        model, config, sqlab.fisher_information(model, ids, progress=False), progress=False
+    )
     return model
 
 
@@ -163,10 +178,12 @@ def base_dir(tmp_path_factory, tiny_tokenizer):
     return path
 
 
-@pytest.mark.parametrize("wbits, sparse, balanced", [(3, False, False), (4, True, False),
-                                                     (3, True, True)])
-def test_files_of_the_original_packer_import_bit_exactly(tmp_path, base_dir, wbits, sparse,
-                                                         balanced):
+@pytest.mark.parametrize(
+    "wbits, sparse, balanced", [(3, False, False), (4, True, False), (3, True, True)]
+)
+def test_files_of_the_original_packer_import_bit_exactly(
+    tmp_path, base_dir, wbits, sparse, balanced
+):
     model = _quantized(wbits=wbits, sparse=sparse)
     path = tmp_path / f"sq-tiny-w{wbits}.pt"
     state = pack_like_the_original(model, path, sparse=sparse, balanced=balanced)
@@ -197,9 +214,12 @@ def test_balanced_export_writes_the_original_startrows(tmp_path):
         expected = startrows_by_description(layer.rows.tolist(), 3)
         assert state[f"{name}.startrows"].tolist() == expected
         assert len(expected) % 128 == 0 and (layer.nnz > 3 * 128 or expected[-1] == -1)
-    assert not any(k.endswith(".startrows") for k in
-                   torch.load(sqlab.export_squeezellm(model, tmp_path / "plain.pt"),
-                              weights_only=True))
+    assert not any(
+        k.endswith(".startrows")
+        for k in torch.load(
+            sqlab.export_squeezellm(model, tmp_path / "plain.pt"), weights_only=True
+        )
+    )
 
 
 def test_empty_sparse_layers_both_ways(tmp_path, base_dir):
@@ -225,8 +245,10 @@ def test_empty_sparse_layers_both_ways(tmp_path, base_dir):
     # and the same layer as the original packer writes it
     packed = pack_like_the_original(model, tmp_path / "orig.pt")
     assert packed[f"sparse_threshold.{name}"] == 0 and packed[f"{name}.vals"].numel() == 0
-    assert torch.equal(sqlab.import_squeezellm(tmp_path / "orig.pt", str(base_dir))(X).logits,
-                       _as_the_original_stores_it(model)(X).logits)
+    assert torch.equal(
+        sqlab.import_squeezellm(tmp_path / "orig.pt", str(base_dir))(X).logits,
+        _as_the_original_stores_it(model)(X).logits,
+    )
 
 
 def test_dense_rows_of_the_sparse_part_are_folded_in(tmp_path, base_dir):
@@ -247,11 +269,16 @@ def test_dense_rows_of_the_sparse_part_are_folded_in(tmp_path, base_dir):
     rest[busiest[0], 0] = 0.25  # a position held by both parts: they add
     full[0, 0] -= 0.25
     csr = rest.to_sparse_csr()
-    state.update({f"{name}.rows": csr.crow_indices().to(torch.int32),
-                  f"{name}.cols": csr.col_indices().to(torch.int32),
-                  f"{name}.vals": csr.values().float(), f"{name}.full_rows": full,
-                  f"{name}.full_row_indices": index,
-                  f"sparse_threshold.{name}": csr.values().numel()})
+    state.update(
+        {
+            f"{name}.rows": csr.crow_indices().to(torch.int32),
+            f"{name}.cols": csr.col_indices().to(torch.int32),
+            f"{name}.vals": csr.values().float(),
+            f"{name}.full_rows": full,
+            f"{name}.full_row_indices": index,
+            f"sparse_threshold.{name}": csr.values().numel(),
+        }
+    )
     for other in quantized_layers(model):  # every other layer: the loader's default, zero rows
         if other != name:
             state[f"{other}.full_rows"] = torch.zeros(model.get_submodule(other).in_features, TOPX)
@@ -259,16 +286,19 @@ def test_dense_rows_of_the_sparse_part_are_folded_in(tmp_path, base_dir):
     torch.save(state, path)
     original = load_like_the_original(path, make_llama(), 3)
     imported = sqlab.import_squeezellm(path, str(base_dir))
-    assert torch.allclose(imported.get_submodule(name).dequantize(torch.float32), original[name],
-                          rtol=0, atol=1e-6)
+    assert torch.allclose(
+        imported.get_submodule(name).dequantize(torch.float32), original[name], rtol=0, atol=1e-6
+    )
     assert imported.get_submodule(name).nnz == int((rest != 0).sum()) + int((full != 0).sum())
     for other in quantized_layers(model):
         if other != name:
             found = imported.get_submodule(other).dequantize(torch.float32)
             assert torch.equal(found, original[other])
-    for broken, message in (({f"{name}.full_row_indices": None}, "without .*full_row_indices"),
-                            ({f"{name}.full_row_indices": index + 1000}, "holds row 1"),
-                            ({f"{name}.full_rows": full[:-1]}, "do not fit")):
+    for broken, message in (
+        ({f"{name}.full_row_indices": None}, "without .*full_row_indices"),
+        ({f"{name}.full_row_indices": index + 1000}, "holds row 1"),
+        ({f"{name}.full_rows": full[:-1]}, "do not fit"),
+    ):
         bad = {**state, **broken}
         bad = {k: v for k, v in bad.items() if v is not None}
         torch.save(bad, tmp_path / "bad.pt")
@@ -280,25 +310,33 @@ def test_inputs_not_a_multiple_of_32(tmp_path, tiny_tokenizer):
     base = tmp_path / "base48"
     make_llama(hidden=48).save_pretrained(base)
     model = _quantized(hidden=48)
-    with pytest.raises(SqlabError, match=r"model\.layers\.0\.self_attn\.\w+ has 48 inputs, not a "
-                                         r"multiple of 32 .* pass padded=True"):
+    with pytest.raises(
+        SqlabError,
+        match=r"model\.layers\.0\.self_attn\.\w+ has 48 inputs, not a "
+        r"multiple of 32 .* pass padded=True",
+    ):
         sqlab.export_squeezellm(model, tmp_path / "w3.pt")
     assert not (tmp_path / "w3.pt").exists() and not (tmp_path / "quant_config.json").exists()
     padded = sqlab.export_squeezellm(model, tmp_path / "padded.pt", padded=True)
     with pytest.raises(RuntimeError, match="size mismatch"):
         load_like_the_original(padded, make_llama(hidden=48), 3)  # as the README says
-    assert torch.equal(sqlab.import_squeezellm(padded, str(base))(X).logits,
-                       stored_as(model)(X).logits)
+    assert torch.equal(
+        sqlab.import_squeezellm(padded, str(base))(X).logits, stored_as(model)(X).logits
+    )
     (tmp_path / "orig").mkdir()
     pack_like_the_original(model, tmp_path / "orig" / "w3.pt")  # truncated to 32 inputs
-    with pytest.raises(SqlabError, match=r"packs only the first 32 of the layer's 48 inputs, as "
-                                         "the original packer does .* cannot be imported "
-                                         "faithfully"):
+    with pytest.raises(
+        SqlabError,
+        match=r"packs only the first 32 of the layer's 48 inputs, as "
+        "the original packer does .* cannot be imported "
+        "faithfully",
+    ):
         sqlab.import_squeezellm(tmp_path / "orig" / "w3.pt", str(base))
 
 
 def test_export_writes_fp16_and_quant_config_beside_and_never_replaces_a_checkpoints(
-        tmp_path, tiny_tokenizer):
+    tmp_path, tiny_tokenizer
+):
     model = _quantized(tie=True)
     path = sqlab.export_squeezellm(model, tmp_path / "out" / "sq-w3.pt")
     state = torch.load(path, weights_only=True)
@@ -320,8 +358,10 @@ def test_sparse_threshold_must_count_the_values(tmp_path, base_dir):
     model = _quantized()
     state = pack_like_the_original(model, tmp_path / "w3.pt")
     name = "model.layers.0.self_attn.k_proj"
-    for value, message in ((state[f"sparse_threshold.{name}"] + 1, "says .* sparse values, but"),
-                           (-1, "expected the layer's number of sparse values")):
+    for value, message in (
+        (state[f"sparse_threshold.{name}"] + 1, "says .* sparse values, but"),
+        (-1, "expected the layer's number of sparse values"),
+    ):
         torch.save({**state, f"sparse_threshold.{name}": value}, tmp_path / "bad.pt")
         with pytest.raises(SqlabError, match=rf"sparse_threshold\.{name} in .* {message}"):
             sqlab.import_squeezellm(tmp_path / "bad.pt", str(base_dir))
@@ -330,13 +370,21 @@ def test_sparse_threshold_must_count_the_values(tmp_path, base_dir):
 def test_export_and_import_from_the_command_line(tmp_path, base_dir, tiny_tokenizer):
     model = _quantized()
     ckpt = sqlab.save_quantized(model, tmp_path / "ckpt", {"wbits": 3}, tiny_tokenizer)
-    status, stdout, stderr = run_cli("export", "--model", str(ckpt), "--out",
-                                     str(tmp_path / "zoo" / "sq-w3.pt"), "--balanced")
+    status, stdout, stderr = run_cli(
+        "export", "--model", str(ckpt), "--out", str(tmp_path / "zoo" / "sq-w3.pt"), "--balanced"
+    )
     assert status == 0 and "the original SqueezeLLM format" in stdout, stderr
     state = torch.load(tmp_path / "zoo" / "sq-w3.pt", weights_only=True)
     assert any(k.endswith(".startrows") for k in state)
-    status, stdout, stderr = run_cli("import", "--file", str(tmp_path / "zoo" / "sq-w3.pt"),
-                                     "--base", str(base_dir), "--out", str(tmp_path / "back"))
+    status, stdout, stderr = run_cli(
+        "import",
+        "--file",
+        str(tmp_path / "zoo" / "sq-w3.pt"),
+        "--base",
+        str(base_dir),
+        "--out",
+        str(tmp_path / "back"),
+    )
     assert status == 0, stderr
     back = sqlab.load(str(tmp_path / "back"), device="cpu")
     assert torch.equal(back(X).logits, stored_as(model)(X).logits)

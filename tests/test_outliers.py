@@ -19,7 +19,9 @@ def _matrices(seed=0):
     mats = {}
     for i, s in enumerate(shapes):
         w = torch.randn(s, generator=gen) * (0.01 * (i + 1))
-        w += (torch.rand(s, generator=gen) < 0.01) * torch.randn(s, generator=gen) * 0.2  # heavy tails
+        w += (
+            (torch.rand(s, generator=gen) < 0.01) * torch.randn(s, generator=gen) * 0.2
+        )  # heavy tails
         mats[f"m{i}"] = w
     return mats
 
@@ -50,7 +52,9 @@ def test_sensitive_values_are_the_top_fisher_entries_outside_the_outliers():
     split = outliers.split(w, fisher, threshold, sensitive_pct=2.0)
     out = w.abs() >= threshold
     sens = split.mask & ~out
-    assert split.outliers == int(out.sum()) and split.sensitive == int(sens.sum()) == round(0.02 * 2000)
+    assert split.outliers == int(out.sum()) and split.sensitive == int(sens.sum()) == round(
+        0.02 * 2000
+    )
     assert torch.equal(split.mask, out | sens)
     assert fisher[sens].min() >= fisher[~out & ~sens].max()
     with pytest.raises(SqlabError, match="needs the Fisher information"):
@@ -59,11 +63,18 @@ def test_sensitive_values_are_the_top_fisher_entries_outside_the_outliers():
 
 def test_profile_counts_match_the_outlier_mask():
     gen = torch.Generator().manual_seed(3)
-    weights = {"layers.0.a": torch.randn(64, 80, generator=gen), "layers.1.b": torch.randn(32, 48, generator=gen) ** 3}
+    weights = {
+        "layers.0.a": torch.randn(64, 80, generator=gen),
+        "layers.1.b": torch.randn(32, 48, generator=gen) ** 3,
+    }
     profile = outliers.OutlierProfile(weights)
     for r in (0.5, 1.5, 3.0):
         counts = {n: int(outliers.outlier_mask(w, r).sum()) for n, w in weights.items()}
         assert {n: profile.exact_count(n, r) for n in weights} == counts
-        assert profile.exact_share(r) == pytest.approx(100 * sum(counts.values()) / (64 * 80 + 32 * 48))
+        assert profile.exact_share(r) == pytest.approx(
+            100 * sum(counts.values()) / (64 * 80 + 32 * 48)
+        )
         table = profile.by_matrix(r).set_index("name")
-        assert table.loc["layers.1.b", "outlier_pct"] == pytest.approx(100 * counts["layers.1.b"] / (32 * 48))
+        assert table.loc["layers.1.b", "outlier_pct"] == pytest.approx(
+            100 * counts["layers.1.b"] / (32 * 48)
+        )

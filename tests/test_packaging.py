@@ -31,23 +31,45 @@ def _env_requirements() -> tuple[dict[str, str], dict[str, str]]:
 def test_environment_yml_matches_pyproject():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     extras = project["optional-dependencies"]
-    wanted = {_name(r): r for r in project["dependencies"] + extras["dev"] + extras["notebooks"]
-              + extras["eval"] + extras["ray"]}
+    wanted = {
+        _name(r): r
+        for r in project["dependencies"]
+        + extras["dev"]
+        + extras["notebooks"]
+        + extras["eval"]
+        + extras["ray"]
+    }
     gpu = {_name(r): r for r in extras["gpu"]}
     active, commented = _env_requirements()
-    assert active == wanted, "environment.yml and pyproject.toml list different packages or versions"
+    assert active == wanted, (
+        "environment.yml and pyproject.toml list different packages or versions"
+    )
     assert commented == gpu, "environment.yml should list the gpu extra (commented out)"
 
 
 def test_required_dependencies_declared():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     names = {_name(r) for r in project["dependencies"]}
-    for needed in ("torch", "transformers", "datasets", "accelerate", "gguf", "safetensors", "numpy",
-                   "scikit-learn", "tqdm", "plotly", "ipywidgets", "jupyterlab"):
+    for needed in (
+        "torch",
+        "transformers",
+        "datasets",
+        "accelerate",
+        "gguf",
+        "safetensors",
+        "numpy",
+        "scikit-learn",
+        "tqdm",
+        "plotly",
+        "ipywidgets",
+        "jupyterlab",
+    ):
         assert needed in names
     extras = project["optional-dependencies"]
     assert {"pytest", "hypothesis"} <= {_name(r) for r in extras["dev"]}
-    assert {"jupyterlab", "ipywidgets", "plotly", "nbclient"} <= {_name(r) for r in extras["notebooks"]}
+    assert {"jupyterlab", "ipywidgets", "plotly", "nbclient"} <= {
+        _name(r) for r in extras["notebooks"]
+    }
     assert any(_name(r).startswith("cupy") for r in extras["gpu"])
     assert "lm-eval" in {_name(r) for r in extras["eval"]}
     assert "ray" in {_name(r) for r in extras["ray"]}
@@ -58,8 +80,12 @@ def test_readme_quick_start_is_two_commands_and_ci_runs_the_test_one():
     readme = (ROOT / "README.md").read_text()
     section = readme.split("## Quick start", 1)[1].split("\n## ", 1)[0]
     blocks = re.findall(r"```(?:bash|sh)?\n(.*?)```", section, flags=re.S)
-    commands = [line for block in blocks for line in block.splitlines()
-                if line.strip() and not line.lstrip().startswith(("#", "git clone", "cd "))]
+    commands = [
+        line
+        for block in blocks
+        for line in block.splitlines()
+        if line.strip() and not line.lstrip().startswith(("#", "git clone", "cd "))
+    ]
     assert commands == ["make demo", "make test"]
     ci = (ROOT / ".ci" / "run").read_text()
     assert re.search(r"^make test$", ci, flags=re.M)
@@ -79,8 +105,21 @@ def test_make_targets_install_and_fetch():
 
 
 def test_layout():
-    for path in ("notebooks", "sqlab", "kernels", "data", "tests", "benchmarks", "environment.yml",
-                 "pyproject.toml", "Makefile", "README.md", ".ci/run", "data/manifest.json", "data/README.md"):
+    for path in (
+        "notebooks",
+        "sqlab",
+        "kernels",
+        "data",
+        "tests",
+        "benchmarks",
+        "environment.yml",
+        "pyproject.toml",
+        "Makefile",
+        "README.md",
+        ".ci/run",
+        "data/manifest.json",
+        "data/README.md",
+    ):
         assert (ROOT / path).exists(), path
 
 
@@ -88,8 +127,10 @@ def test_importing_sqlab_does_not_need_cupy_or_notebook_packages():
     import subprocess
     import sys
 
-    code = ("import sys; import sqlab; "
-            "bad = [m for m in ('cupy', 'plotly', 'ipywidgets', 'jupyterlab', 'ray') "
-            "if m in sys.modules]; "
-            "assert not bad, bad")
+    code = (
+        "import sys; import sqlab; "
+        "bad = [m for m in ('cupy', 'plotly', 'ipywidgets', 'jupyterlab', 'ray') "
+        "if m in sys.modules]; "
+        "assert not bad, bad"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)

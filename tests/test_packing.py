@@ -4,19 +4,35 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sqlab import SqlabError
-from sqlab.packing import (balanced_startrows, correct_sparse, csr_row_indices, pack, packed_rows, reconstruct,
-                           to_csr, unpack)
+from sqlab.packing import (
+    balanced_startrows,
+    correct_sparse,
+    csr_row_indices,
+    pack,
+    packed_rows,
+    reconstruct,
+    to_csr,
+    unpack,
+)
 
 
 @settings(max_examples=60, deadline=None)
-@given(wbits=st.sampled_from([3, 4]), out_features=st.integers(1, 40), in_features=st.integers(1, 130),
-       seed=st.integers(0, 2**31 - 1))
+@given(
+    wbits=st.sampled_from([3, 4]),
+    out_features=st.integers(1, 40),
+    in_features=st.integers(1, 130),
+    seed=st.integers(0, 2**31 - 1),
+)
 def test_pack_unpack_round_trip(wbits, out_features, in_features, seed):
     gen = torch.Generator().manual_seed(seed)
     idx = torch.randint(0, 2**wbits, (out_features, in_features), generator=gen, dtype=torch.uint8)
     q = pack(idx, wbits)
     assert q.dtype == torch.int32
-    assert q.shape == (packed_rows(in_features, wbits), out_features) == (-(-in_features // 32) * wbits, out_features)
+    assert (
+        q.shape
+        == (packed_rows(in_features, wbits), out_features)
+        == (-(-in_features // 32) * wbits, out_features)
+    )
     assert torch.equal(unpack(q, wbits, in_features), idx)
 
 
@@ -58,7 +74,12 @@ def test_pack_rejects_out_of_range_indices_and_bad_shapes():
 
 
 @settings(max_examples=40, deadline=None)
-@given(rows=st.integers(1, 20), cols=st.integers(1, 50), density=st.floats(0, 1), seed=st.integers(0, 10**6))
+@given(
+    rows=st.integers(1, 20),
+    cols=st.integers(1, 50),
+    density=st.floats(0, 1),
+    seed=st.integers(0, 10**6),
+)
 def test_csr_round_trip_and_row_indices(rows, cols, density, seed):
     gen = torch.Generator().manual_seed(seed)
     mask = torch.rand(rows, cols, generator=gen) < density
@@ -86,15 +107,21 @@ def test_balanced_startrows_points_each_thread_at_its_first_row(counts, per_thre
 
 
 @settings(max_examples=100, deadline=None)
-@given(seed=st.integers(0, 10**6), k=st.sampled_from([8, 16]), dtype=st.sampled_from([torch.float32, torch.float16]),
-       scale=st.sampled_from([1e-8, 1e-3, 1.0, 30.0]))
+@given(
+    seed=st.integers(0, 10**6),
+    k=st.sampled_from([8, 16]),
+    dtype=st.sampled_from([torch.float32, torch.float16]),
+    scale=st.sampled_from([1e-8, 1e-3, 1.0, 30.0]),
+)
 def test_sparse_correction_is_exact_bit_for_bit(seed, k, dtype, scale):
     """dequant(dense) + sparse == the intended weight at every sparse position, for any weight size."""
     gen = torch.Generator().manual_seed(seed)
     out_features, in_features = 12, 40
     w = (torch.randn(out_features, in_features, generator=gen) * 0.02).to(dtype)
     mask = torch.rand(out_features, in_features, generator=gen) < 0.3
-    w[mask] = (torch.randn(int(mask.sum()), generator=gen) * scale * 0.02).to(dtype)  # tiny to huge values
+    w[mask] = (torch.randn(int(mask.sum()), generator=gen) * scale * 0.02).to(
+        dtype
+    )  # tiny to huge values
     w[0, 0], mask[0, 0] = 0.0, True  # an exact zero too
     lut = (torch.randn(out_features, k, generator=gen) * 0.02).sort(1).values.to(torch.float16)
     idx = (w.float()[..., None] - lut.float()[:, None, :]).abs().argmin(-1)
@@ -118,22 +145,36 @@ def test_check_csr_accepts_a_valid_part_and_empty_rows():
     from sqlab.packing import CSR, check_csr
 
     check_csr(CSR(*_valid_csr()), 3, 5, "layer")
-    empty = CSR(torch.zeros(4, dtype=torch.int32), torch.zeros(0, dtype=torch.int32), torch.zeros(0))
+    empty = CSR(
+        torch.zeros(4, dtype=torch.int32), torch.zeros(0, dtype=torch.int32), torch.zeros(0)
+    )
     check_csr(empty, 3, 5, "layer")
 
 
-@pytest.mark.parametrize("change, message", [
-    (lambda r, c, v: (r, c.long(), v), "rows and cols must be int32"),
-    (lambda r, c, v: (r[:-1], c, v), r"rows has shape \(3,\); 3 output rows need \(4,\)"),
-    (lambda r, c, v: (torch.tensor([0, 3, 2, 5], dtype=torch.int32), c, v), "without decreasing.*a decrease"),
-    (lambda r, c, v: (torch.tensor([1, 2, 2, 5], dtype=torch.int32), c, v), "first 1"),
-    (lambda r, c, v: (torch.tensor([0, 2, 2, 4], dtype=torch.int32), c, v), r"nnz = 5.*last 4"),
-    (lambda r, c, v: (r, torch.tensor([1, 5, 0, 3, 3], dtype=torch.int32), v), "column index 5 out of range"),
-    (lambda r, c, v: (r, torch.tensor([1, -1, 0, 3, 3], dtype=torch.int32), v), "column index -1"),
-    (lambda r, c, v: (r, c, torch.tensor([1.0, float("nan"), 3.0, 4.0, 5.0])), "NaN or Inf"),
-    (lambda r, c, v: (r, c, v[:-1]), "equal length"),
-    (lambda r, c, v: (r, torch.tensor([1, 4, 3, 0, 3], dtype=torch.int32), v), "not adjacent"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda r, c, v: (r, c.long(), v), "rows and cols must be int32"),
+        (lambda r, c, v: (r[:-1], c, v), r"rows has shape \(3,\); 3 output rows need \(4,\)"),
+        (
+            lambda r, c, v: (torch.tensor([0, 3, 2, 5], dtype=torch.int32), c, v),
+            "without decreasing.*a decrease",
+        ),
+        (lambda r, c, v: (torch.tensor([1, 2, 2, 5], dtype=torch.int32), c, v), "first 1"),
+        (lambda r, c, v: (torch.tensor([0, 2, 2, 4], dtype=torch.int32), c, v), r"nnz = 5.*last 4"),
+        (
+            lambda r, c, v: (r, torch.tensor([1, 5, 0, 3, 3], dtype=torch.int32), v),
+            "column index 5 out of range",
+        ),
+        (
+            lambda r, c, v: (r, torch.tensor([1, -1, 0, 3, 3], dtype=torch.int32), v),
+            "column index -1",
+        ),
+        (lambda r, c, v: (r, c, torch.tensor([1.0, float("nan"), 3.0, 4.0, 5.0])), "NaN or Inf"),
+        (lambda r, c, v: (r, c, v[:-1]), "equal length"),
+        (lambda r, c, v: (r, torch.tensor([1, 4, 3, 0, 3], dtype=torch.int32), v), "not adjacent"),
+    ],
+)
 def test_check_csr_names_the_layer_and_the_fault(change, message):
     from sqlab.packing import CSR, check_csr
 

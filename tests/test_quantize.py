@@ -8,7 +8,9 @@ from tests.conftest import make_llama, make_opt
 
 
 def _fisher(model, seed=0):
-    ids = torch.randint(0, model.config.vocab_size, (3, 24), generator=torch.Generator().manual_seed(seed))
+    ids = torch.randint(
+        0, model.config.vocab_size, (3, 24), generator=torch.Generator().manual_seed(seed)
+    )
     return fisher_information(model, ids, progress=False)
 
 
@@ -28,7 +30,9 @@ def test_fisher_is_the_sum_of_squared_gradients():
 
 
 @pytest.mark.parametrize("make, hidden", [(make_llama, 64), (make_llama, 48), (make_opt, 64)])
-@pytest.mark.parametrize("wbits, outlier_pct, sensitive_pct", [(3, 0.0, 0.0), (4, 0.45, 0.05), (3, 1.0, 0.5)])
+@pytest.mark.parametrize(
+    "wbits, outlier_pct, sensitive_pct", [(3, 0.0, 0.0), (4, 0.45, 0.05), (3, 1.0, 0.5)]
+)
 def test_packed_model_equals_simulated_model(make, hidden, wbits, outlier_pct, sensitive_pct):
     packed, simulated = make(hidden=hidden), make(hidden=hidden)
     fisher = _fisher(packed)
@@ -45,7 +49,9 @@ def test_packed_model_equals_simulated_model(make, hidden, wbits, outlier_pct, s
         assert layer.wbits == wbits and layer.lookup_table.shape[1] == 2**wbits
         # every weight decodes to a LUT entry of its row, except the sparse ones which are exact
         if layer.nnz:
-            r = torch.repeat_interleave(torch.arange(layer.out_features), (layer.rows[1:] - layer.rows[:-1]).long())
+            r = torch.repeat_interleave(
+                torch.arange(layer.out_features), (layer.rows[1:] - layer.rows[:-1]).long()
+            )
             assert torch.equal(w_hat[r, layer.cols.long()], original[name][r, layer.cols.long()])
     if outlier_pct:
         assert abs(report.outlier_pct - outlier_pct) <= 0.25  # tiny matrices: coarse steps
@@ -70,7 +76,9 @@ def test_weighting_switch_changes_the_objective():
     fisher = _fisher(make_llama())
     weighted, plain = make_llama(), make_llama()
     rw = quantize_model(weighted, QuantConfig(wbits=3), fisher, simulate=True, progress=False)
-    rp = quantize_model(plain, QuantConfig(wbits=3, weighted=False), fisher, simulate=True, progress=False)
+    rp = quantize_model(
+        plain, QuantConfig(wbits=3, weighted=False), fisher, simulate=True, progress=False
+    )
     assert sum(s.weighted_error for s in rw.layers) < sum(s.weighted_error for s in rp.layers)
     assert sum(s.mse for s in rp.layers) < sum(s.mse for s in rw.layers)
 
@@ -80,11 +88,15 @@ def test_bad_weights_or_fisher_name_the_layer():
     fisher = _fisher(model)
     with torch.no_grad():
         model.model.layers[1].mlp.up_proj.weight[0, 0] = float("inf")
-    with pytest.raises(SqlabError, match="weights of model.layers.1.mlp.up_proj contain NaN or Inf"):
+    with pytest.raises(
+        SqlabError, match="weights of model.layers.1.mlp.up_proj contain NaN or Inf"
+    ):
         quantize_model(model, QuantConfig(), fisher, progress=False)
     model = make_llama()
     fisher["model.layers.0.self_attn.k_proj"][0, 0] = float("nan")
-    with pytest.raises(SqlabError, match="Fisher values of model.layers.0.self_attn.k_proj contain NaN"):
+    with pytest.raises(
+        SqlabError, match="Fisher values of model.layers.0.self_attn.k_proj contain NaN"
+    ):
         quantize_model(model, QuantConfig(), fisher, progress=False)
     del fisher["model.layers.0.self_attn.q_proj"]
     with pytest.raises(SqlabError, match="has no entry for model.layers.0.self_attn.q_proj"):
@@ -123,20 +135,30 @@ def test_interrupted_run_resumes_and_ends_with_the_same_result(tmp_path, monkeyp
 
     monkeypatch.setattr(_WorkDir, "save", save_then_crash)
     with pytest.raises(KeyboardInterrupt):
-        quantize_model(make_llama(layers=3), config, fisher, work_dir=tmp_path / "work", progress=False)
+        quantize_model(
+            make_llama(layers=3), config, fisher, work_dir=tmp_path / "work", progress=False
+        )
     monkeypatch.setattr(_WorkDir, "save", real_save)
-    assert sorted(p.name for p in (tmp_path / "work").glob("block_*.safetensors")) == \
-        ["block_0000.safetensors", "block_0001.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "work").glob("block_*.safetensors")) == [
+        "block_0000.safetensors",
+        "block_0001.safetensors",
+    ]
     assert not list((tmp_path / "work").glob("*tmp*"))
 
     import sqlab.quantize as q
 
     quantized = []
     real_group = q.quantize_group
-    monkeypatch.setattr(q, "quantize_group", lambda weights, *a: quantized.extend(weights) or real_group(weights, *a))
+    monkeypatch.setattr(
+        q,
+        "quantize_group",
+        lambda weights, *a: quantized.extend(weights) or real_group(weights, *a),
+    )
     resumed = make_llama(layers=3)
     quantize_model(resumed, config, fisher, work_dir=tmp_path / "work", progress=False)
-    assert {name.split(".")[2] for name in quantized} == {"2"}  # only the unfinished block ran again
+    assert {name.split(".")[2] for name in quantized} == {
+        "2"
+    }  # only the unfinished block ran again
     x = torch.randint(0, 320, (1, 10))
     assert torch.equal(resumed(x).logits, reference(x).logits)
     for (name, a), (_, b) in zip(resumed.state_dict().items(), reference.state_dict().items()):
@@ -148,4 +170,6 @@ def test_work_dir_of_another_run_is_refused(tmp_path):
     fisher = _fisher(model)
     quantize_model(model, QuantConfig(wbits=3), fisher, work_dir=tmp_path, progress=False)
     with pytest.raises(SqlabError, match="holds blocks of a different run"):
-        quantize_model(make_llama(layers=1), QuantConfig(wbits=4), fisher, work_dir=tmp_path, progress=False)
+        quantize_model(
+            make_llama(layers=1), QuantConfig(wbits=4), fisher, work_dir=tmp_path, progress=False
+        )

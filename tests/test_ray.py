@@ -25,10 +25,18 @@ def _table(frame):
     return table.loc[:, ~table.columns.duplicated()].reset_index(drop=True)
 
 
-def test_four_points_on_two_workers_give_the_serial_table(local_ray, tiny_model_dir, text_file,
-                                                           tmp_path, monkeypatch):
-    configs = experiments.sweep_configs(("squeezellm",), (3, 4), (0.0, 0.45), (0.0,),
-                                        calib=f"text:{text_file}", nsamples=2, seqlen=16)
+def test_four_points_on_two_workers_give_the_serial_table(
+    local_ray, tiny_model_dir, text_file, tmp_path, monkeypatch
+):
+    configs = experiments.sweep_configs(
+        ("squeezellm",),
+        (3, 4),
+        (0.0, 0.45),
+        (0.0,),
+        calib=f"text:{text_file}",
+        nsamples=2,
+        seqlen=16,
+    )
     assert len(configs) == 4
     evaluation = experiments.EvalSettings((f"text:{text_file}",), 32, 2)
     monkeypatch.setenv("SQLAB_DATA_DIR", str(tmp_path / "serial"))
@@ -36,13 +44,15 @@ def test_four_points_on_two_workers_give_the_serial_table(local_ray, tiny_model_
     torch.set_num_threads(1)  # as each worker computes
     try:
         serial = experiments.Sweeper(str(tiny_model_dir), evaluation, progress=False).run(
-            configs, include_reference=False)
+            configs, include_reference=False
+        )
     finally:
         torch.set_num_threads(threads)
     monkeypatch.setenv("SQLAB_DATA_DIR", str(tmp_path / "ray"))
     start = time.perf_counter()
-    on_ray = run_on_ray(str(tiny_model_dir), configs, evaluation, workers=2,
-                        include_reference=False, progress=False)
+    on_ray = run_on_ray(
+        str(tiny_model_dir), configs, evaluation, workers=2, include_reference=False, progress=False
+    )
     seconds = time.perf_counter() - start
     assert not on_ray["cached"].any()
     a, b = _table(serial), _table(on_ray)
@@ -61,10 +71,34 @@ def test_four_points_on_two_workers_give_the_serial_table(local_ray, tiny_model_
     from sqlab.cli import main
 
     out = tmp_path / "out"
-    status = main(["sweep", "--model", str(tiny_model_dir), "--wbits", "3,4", "--outlier-pct",
-                   "0,0.45", "--calib", f"text:{text_file}", "--nsamples", "2", "--seqlen", "16",
-                   "--datasets", f"text:{text_file}", "--eval-seqlen", "32", "--max-windows", "2",
-                   "--ray", "--workers", "2", "--out", str(out)])
+    status = main(
+        [
+            "sweep",
+            "--model",
+            str(tiny_model_dir),
+            "--wbits",
+            "3,4",
+            "--outlier-pct",
+            "0,0.45",
+            "--calib",
+            f"text:{text_file}",
+            "--nsamples",
+            "2",
+            "--seqlen",
+            "16",
+            "--datasets",
+            f"text:{text_file}",
+            "--eval-seqlen",
+            "32",
+            "--max-windows",
+            "2",
+            "--ray",
+            "--workers",
+            "2",
+            "--out",
+            str(out),
+        ]
+    )
     assert status == 0
     import pandas as pd
 
@@ -72,7 +106,8 @@ def test_four_points_on_two_workers_give_the_serial_table(local_ray, tiny_model_
     quantized = again[again["method"] == "squeezellm"]
     assert quantized["cached"].tolist().count(False) == 1 and len(quantized) == 4
     assert quantized["ppl_text:" + str(text_file)].tolist() == pytest.approx(
-        a["ppl_text:" + str(text_file)].tolist(), rel=1e-6)
+        a["ppl_text:" + str(text_file)].tolist(), rel=1e-6
+    )
 
 
 def test_without_ray_the_error_names_the_extra(monkeypatch):

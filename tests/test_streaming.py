@@ -36,15 +36,30 @@ def _same_files(a, b):
 
 
 @pytest.mark.parametrize("tied, shard", [(False, None), (True, "100KB")])
-def test_streamed_checkpoint_is_byte_identical(tmp_path, tiny_tokenizer, text_file, isolated_cache,
-                                               tied, shard):
+def test_streamed_checkpoint_is_byte_identical(
+    tmp_path, tiny_tokenizer, text_file, isolated_cache, tied, shard
+):
     path = _model_dir(tmp_path / "model", tiny_tokenizer, tied=tied, shard=shard)
     if shard:
         assert (path / "model.safetensors.index.json").exists()
     assert unstreamable(str(path)) is None
-    args = ["quantize", "--model", str(path), "--wbits", "3", "--outlier-pct", "0.45",
-            "--sensitive-pct", "0.05", "--calib", f"text:{text_file}", "--nsamples", "2",
-            "--seqlen", "32"]
+    args = [
+        "quantize",
+        "--model",
+        str(path),
+        "--wbits",
+        "3",
+        "--outlier-pct",
+        "0.45",
+        "--sensitive-pct",
+        "0.05",
+        "--calib",
+        f"text:{text_file}",
+        "--nsamples",
+        "2",
+        "--seqlen",
+        "32",
+    ]
     runs = [("memory", ["--in-memory"]), ("streamed", [])]
     if not tied:  # the streamed run computes the Fisher itself (the plan's strategy), then frees it
         runs.reverse()
@@ -77,8 +92,11 @@ def test_what_cannot_be_streamed_says_why(tmp_path):
 
 
 def test_the_reader_reads_rows_without_mapping_the_file(tmp_path):
-    tensors = {"a": torch.arange(24, dtype=torch.float32).reshape(6, 4),
-               "b": torch.arange(5, dtype=torch.int64), "c": torch.ones(0, dtype=torch.uint8)}
+    tensors = {
+        "a": torch.arange(24, dtype=torch.float32).reshape(6, 4),
+        "b": torch.arange(5, dtype=torch.int64),
+        "c": torch.ones(0, dtype=torch.uint8),
+    }
     path = files.save_safetensors(tensors, tmp_path / "t.safetensors", {"x": "1"})
     reader = files.SafetensorsReader(path)
     assert reader.metadata == {"x": "1"} and reader.shape("a") == (6, 4)
@@ -101,10 +119,25 @@ def test_quantizing_the_default_model_streamed_needs_under_04x_its_fp32_size(tmp
     compute_fisher(model, load_tokenizer("default"), "shakespeare", 2, 128, progress=False)
     del model
     fp32 = (assets.default_model_dir() / "model.safetensors").stat().st_size
-    found = memory.command_peak_rss([
-        "quantize", "--model", "default", "--wbits", "3", "--outlier-pct", "0.45",
-        "--sensitive-pct", "0.05", "--nsamples", "2", "--seqlen", "128", "--out",
-        str(tmp_path / "q")])
+    found = memory.command_peak_rss(
+        [
+            "quantize",
+            "--model",
+            "default",
+            "--wbits",
+            "3",
+            "--outlier-pct",
+            "0.45",
+            "--sensitive-pct",
+            "0.05",
+            "--nsamples",
+            "2",
+            "--seqlen",
+            "128",
+            "--out",
+            str(tmp_path / "q"),
+        ]
+    )
     assert found["status"] == 0, found["stderr"][-2000:]
     assert "block by block" in found["stderr"]
     assert found["above_baseline"] <= 0.4 * fp32, (found["above_baseline"] / 2**20, fp32 / 2**20)

@@ -18,8 +18,11 @@ def _labelled(fig):
 @pytest.fixture(scope="module")
 def tiny():
     model = make_llama(layers=3)
-    fisher = fisher_information(model, torch.randint(0, 320, (2, 16), generator=torch.Generator().manual_seed(0)),
-                                progress=False)
+    fisher = fisher_information(
+        model,
+        torch.randint(0, 320, (2, 16), generator=torch.Generator().manual_seed(0)),
+        progress=False,
+    )
     weights = {n: m.weight.detach() for n, m in quantizable_linears(model).items()}
     return model, fisher, weights
 
@@ -32,13 +35,44 @@ def test_figures_have_titles_and_axis_labels(tiny):
     profile = outliers.OutlierProfile(weights)
     r = profile.solve(1.0)
     levels, errors = baselines.grid_comparison(weights[name], fisher[name], 3)
-    layers = pd.DataFrame([{"name": n, "mse": 1e-4 * (i + 1), "weighted_error": 1e-6 * (i + 1)}
-                           for i, n in enumerate(weights)])
-    frame = pd.DataFrame([
-        {"label": "unquantized (fp16 size)", "method": "none", "wbits": 16, "size_mb": 10.0, "ppl_x": 10.0},
-        {"label": "RTN 3-bit per-channel", "method": "rtn", "wbits": 3, "size_mb": 2.0, "ppl_x": 30.0},
-        {"label": "SqueezeLLM 3-bit dense", "method": "squeezellm", "wbits": 3, "size_mb": 2.1, "ppl_x": 12.0},
-        {"label": "SqueezeLLM 4-bit dense", "method": "squeezellm", "wbits": 4, "size_mb": 2.8, "ppl_x": 11.0}])
+    layers = pd.DataFrame(
+        [
+            {"name": n, "mse": 1e-4 * (i + 1), "weighted_error": 1e-6 * (i + 1)}
+            for i, n in enumerate(weights)
+        ]
+    )
+    frame = pd.DataFrame(
+        [
+            {
+                "label": "unquantized (fp16 size)",
+                "method": "none",
+                "wbits": 16,
+                "size_mb": 10.0,
+                "ppl_x": 10.0,
+            },
+            {
+                "label": "RTN 3-bit per-channel",
+                "method": "rtn",
+                "wbits": 3,
+                "size_mb": 2.0,
+                "ppl_x": 30.0,
+            },
+            {
+                "label": "SqueezeLLM 3-bit dense",
+                "method": "squeezellm",
+                "wbits": 3,
+                "size_mb": 2.1,
+                "ppl_x": 12.0,
+            },
+            {
+                "label": "SqueezeLLM 4-bit dense",
+                "method": "squeezellm",
+                "wbits": 4,
+                "size_mb": 2.8,
+                "ppl_x": 11.0,
+            },
+        ]
+    )
     figures = [
         viz.fisher_by_layer(sensitivity.fisher_summary(fisher)),
         viz.fisher_histogram(sensitivity.fisher_by_module(fisher)),
@@ -46,9 +80,16 @@ def test_figures_have_titles_and_axis_labels(tiny):
         viz.weight_histogram(weights[name], {"1%": profile.threshold(name, r)}),
         viz.outlier_share_curve([0, 1, 2], [profile.share(x) for x in (0, 1, 2)], {"1%": (r, 1.0)}),
         viz.outlier_heatmap(profile.by_matrix(r)),
-        viz.row_quantization(weights[name][0], fisher[name][0], {k: v[0] for k, v in levels.items()}),
+        viz.row_quantization(
+            weights[name][0], fisher[name][0], {k: v[0] for k, v in levels.items()}
+        ),
         viz.per_layer_error({"a": layers}, "mse"),
-        viz.bits_budget({"dense": {"indices": 3.0, "lut": 0.2}, "sparse": {"indices": 3.0, "lut": 0.2, "sparse": 0.3}}),
+        viz.bits_budget(
+            {
+                "dense": {"indices": 3.0, "lut": 0.2},
+                "sparse": {"indices": 3.0, "lut": 0.2, "sparse": 0.3},
+            }
+        ),
         viz.ppl_vs_size(frame, highlight="SqueezeLLM 3-bit dense"),
     ]
     for fig in figures:
@@ -56,7 +97,7 @@ def test_figures_have_titles_and_axis_labels(tiny):
         assert layout.xaxis.title.text and layout.yaxis.title.text
     assert viz.sensitive_heatmap(fisher[name]).layout.title.text
     assert len(viz.ppl_vs_size(frame).data) == 3  # one series per method and bit width
-    assert (errors.groupby("method")["weighted_error"].sum().idxmin() == "Fisher-weighted k-means")
+    assert errors.groupby("method")["weighted_error"].sum().idxmin() == "Fisher-weighted k-means"
 
 
 def test_outlier_explorer_moves_the_threshold(tiny):
@@ -79,8 +120,9 @@ def test_sensitivity_explorer_follows_the_picker(tiny):
 
 def test_sweep_panel_computes_then_reuses_points(tiny_model_dir, text_file, tmp_path, monkeypatch):
     monkeypatch.setenv("SQLAB_DATA_DIR", str(tmp_path / "data"))
-    sweeper = experiments.Sweeper(str(tiny_model_dir), experiments.EvalSettings((f"text:{text_file}",), 32, 2),
-                                  progress=False)
+    sweeper = experiments.Sweeper(
+        str(tiny_model_dir), experiments.EvalSettings((f"text:{text_file}",), 32, 2), progress=False
+    )
     common = dict(calib=f"text:{text_file}", nsamples=2, seqlen=16)
     panel = widgets.SweepPanel(sweeper, common=common)
     assert "SqueezeLLM 3-bit dense" in panel.message.value and panel.progress.value == 1.0
@@ -94,18 +136,22 @@ def test_sweep_panel_computes_then_reuses_points(tiny_model_dir, text_file, tmp_
 
     calls = []
     monkeypatch.setattr(sweeper, "_evaluate", lambda *a: calls.append(1) or {})
-    again = widgets.SweepPanel(sweeper, common=common, initial=[QuantConfig(wbits=3, outlier_pct=1.0, **common)])
+    again = widgets.SweepPanel(
+        sweeper, common=common, initial=[QuantConfig(wbits=3, outlier_pct=1.0, **common)]
+    )
     again.controls["method"].value = "rtn"
     assert calls == [] and "from the cache" in again.message.value
 
 
-def test_a_new_point_refines_in_place_and_windows_are_never_scored_twice(tiny_model_dir, text_file, tmp_path,
-                                                                         monkeypatch):
+def test_a_new_point_refines_in_place_and_windows_are_never_scored_twice(
+    tiny_model_dir, text_file, tmp_path, monkeypatch
+):
     from sqlab import evaluate
 
     monkeypatch.setenv("SQLAB_DATA_DIR", str(tmp_path / "data"))
-    sweeper = experiments.Sweeper(str(tiny_model_dir), experiments.EvalSettings((f"text:{text_file}",), 16, 6),
-                                  progress=False)
+    sweeper = experiments.Sweeper(
+        str(tiny_model_dir), experiments.EvalSettings((f"text:{text_file}",), 16, 6), progress=False
+    )
     common = dict(calib=f"text:{text_file}", nsamples=2, seqlen=16)
     panel = widgets.SweepPanel(sweeper, common=common)
     seen = []
@@ -115,7 +161,9 @@ def test_a_new_point_refines_in_place_and_windows_are_never_scored_twice(tiny_mo
     windows = [e.windows for e in seen]
     assert windows == list(range(1, 7)) and all(e.total == 6 for e in seen)
     assert seen[0].high == float("inf") and all(e.low <= e.ppl <= e.high for e in seen)
-    assert seen[-1].final and seen[-1].low == pytest.approx(seen[-1].ppl) == pytest.approx(seen[-1].high)
+    assert seen[-1].final and seen[-1].low == pytest.approx(seen[-1].ppl) == pytest.approx(
+        seen[-1].high
+    )
     row = panel.rows[-1]
     assert row["ppl_" + f"text:{text_file}"] == pytest.approx(seen[-1].ppl)
     # the same point again, evaluation cut short after two new windows: the windows scored
@@ -135,8 +183,11 @@ def test_a_new_point_refines_in_place_and_windows_are_never_scored_twice(tiny_mo
     with pytest.raises(KeyboardInterrupt):
         sweeper.run_point(config)
     counted = []
-    monkeypatch.setattr(evaluate, "perplexity_estimates",
-                        lambda *a, **k: (counted.append(len(k["scored"])), real(*a, **k))[1])
+    monkeypatch.setattr(
+        evaluate,
+        "perplexity_estimates",
+        lambda *a, **k: (counted.append(len(k["scored"])), real(*a, **k))[1],
+    )
     final = sweeper.run_point(config)
     assert counted == [2] and final["label"] == config.label()
 
@@ -147,6 +198,9 @@ def test_progressive_estimates_end_at_the_perplexity(tiny_llama):
     tokens = torch.randint(0, 320, (9 * 16,), generator=torch.Generator().manual_seed(2))
     estimates = list(evaluate.perplexity_estimates(tiny_llama, tokens, 16, progress=False))
     assert [e.windows for e in estimates] == list(range(1, 10))
-    assert estimates[-1].ppl == pytest.approx(evaluate.perplexity(tiny_llama, tokens, 16, progress=False).ppl)
-    assert evaluate.spread_order(8) == [0, 4, 2, 6, 1, 5, 3, 7] and sorted(evaluate.spread_order(11)) == list(
-        range(11))
+    assert estimates[-1].ppl == pytest.approx(
+        evaluate.perplexity(tiny_llama, tokens, 16, progress=False).ppl
+    )
+    assert evaluate.spread_order(8) == [0, 4, 2, 6, 1, 5, 3, 7] and sorted(
+        evaluate.spread_order(11)
+    ) == list(range(11))

@@ -31,8 +31,16 @@ HEADER = Path(__file__).with_name("cuda_on_cpu.h")
 CXX = shutil.which("g++")
 # -fno-gnu-unique and hidden visibility: every compiled variant keeps its own statics (its
 # __shared__ arrays differ in size) instead of binding to the first library's of that name
-FLAGS = ("-std=c++20", "-O1", "-fno-strict-aliasing", "-fPIC", "-shared", "-pthread", "-fno-gnu-unique",
-         "-fvisibility=hidden")
+FLAGS = (
+    "-std=c++20",
+    "-O1",
+    "-fno-strict-aliasing",
+    "-fPIC",
+    "-shared",
+    "-pthread",
+    "-fno-gnu-unique",
+    "-fvisibility=hidden",
+)
 ORDERS = {"concurrent": 0, "forward": 1, "reverse": 2}
 
 
@@ -47,8 +55,23 @@ def _defines(options: tuple[str, ...]) -> list[str]:
 
 def kernel_names(source: Path, options: tuple[str, ...]) -> list[str]:
     """Every ``__global__`` function of ``source``, macro-generated ones included."""
-    done = subprocess.run([CXX, "-std=c++20", "-E", "-P", "-DCUDA_ON_CPU_FIND_KERNELS", "-include", str(HEADER),
-                           *_defines(options), "-x", "c++", str(source)], capture_output=True, text=True)
+    done = subprocess.run(
+        [
+            CXX,
+            "-std=c++20",
+            "-E",
+            "-P",
+            "-DCUDA_ON_CPU_FIND_KERNELS",
+            "-include",
+            str(HEADER),
+            *_defines(options),
+            "-x",
+            "c++",
+            str(source),
+        ],
+        capture_output=True,
+        text=True,
+    )
     if done.returncode:
         raise RuntimeError(f"g++ could not preprocess {source}:\n{done.stderr[-3000:]}")
     return re.findall(r"__cuda_on_cpu_kernel__\s+void\s+(\w+)\s*\(", done.stdout)
@@ -57,7 +80,9 @@ def kernel_names(source: Path, options: tuple[str, ...]) -> list[str]:
 @functools.lru_cache(maxsize=None)
 def build(source_text: str, options: tuple[str, ...]) -> ctypes.CDLL:
     """The shared library of one kernel source compiled with ``options`` (cached on disk)."""
-    key = hashlib.sha256("\0".join([source_text, *options, HEADER.read_text(), *FLAGS]).encode()).hexdigest()[:24]
+    key = hashlib.sha256(
+        "\0".join([source_text, *options, HEADER.read_text(), *FLAGS]).encode()
+    ).hexdigest()[:24]
     folder = cache_dir("cuda_on_cpu")
     folder.mkdir(parents=True, exist_ok=True)
     library = folder / f"{key}.so"
@@ -67,21 +92,33 @@ def build(source_text: str, options: tuple[str, ...]) -> ctypes.CDLL:
         names = kernel_names(source, options)
         wrapper = folder / f"{key}.cpp"
         table = ", ".join(f"CUDA_ON_CPU_KERNEL({n})" for n in names)
-        wrapper.write_text(f'#include "{HEADER}"\n#include "{source}"\n'
-                           f"static const ::cuda_on_cpu::Kernel cuda_on_cpu_kernels[] = {{{table}}};\n"
-                           "CUDA_ON_CPU_EXPORT(cuda_on_cpu_kernels)\n")
+        wrapper.write_text(
+            f'#include "{HEADER}"\n#include "{source}"\n'
+            f"static const ::cuda_on_cpu::Kernel cuda_on_cpu_kernels[] = {{{table}}};\n"
+            "CUDA_ON_CPU_EXPORT(cuda_on_cpu_kernels)\n"
+        )
         fd, tmp = tempfile.mkstemp(dir=folder, suffix=".so.tmp")
         os.close(fd)
-        done = subprocess.run([CXX, *FLAGS, *_defines(options), "-o", tmp, str(wrapper)], capture_output=True,
-                              text=True)
+        done = subprocess.run(
+            [CXX, *FLAGS, *_defines(options), "-o", tmp, str(wrapper)],
+            capture_output=True,
+            text=True,
+        )
         if done.returncode:
             os.unlink(tmp)
-            raise RuntimeError(f"g++ could not compile {source} with {options}:\n{done.stderr[-6000:]}")
+            raise RuntimeError(
+                f"g++ could not compile {source} with {options}:\n{done.stderr[-6000:]}"
+            )
         os.replace(tmp, library)
     lib = ctypes.CDLL(str(library))
     lib.cuda_on_cpu_launch.restype = ctypes.c_int
-    lib.cuda_on_cpu_launch.argtypes = [ctypes.c_char_p, *[ctypes.c_uint] * 6, ctypes.c_ulong, ctypes.c_void_p,
-                                       ctypes.c_int]
+    lib.cuda_on_cpu_launch.argtypes = [
+        ctypes.c_char_p,
+        *[ctypes.c_uint] * 6,
+        ctypes.c_ulong,
+        ctypes.c_void_p,
+        ctypes.c_int,
+    ]
     return lib
 
 
@@ -95,7 +132,9 @@ class CudaOnCpu(kernels.Backend):
     broken copy, in the test that proves the harness can fail).
     """
 
-    def __init__(self, order: str = "concurrent", sm_count: int = 132, source_override: dict | None = None):
+    def __init__(
+        self, order: str = "concurrent", sm_count: int = 132, source_override: dict | None = None
+    ):
         self.order = ORDERS[order]
         self.sms = sm_count
         self.override = dict(source_override or {})
@@ -123,7 +162,9 @@ class CudaOnCpu(kernels.Backend):
     def launch(self, function, grid, block, shared, stream, params) -> None:
         lib, name = function
         if shared + 16 > 227 * 1024:
-            raise RuntimeError(f"{name.decode()}: {shared} bytes of dynamic shared memory exceed any GPU's")
+            raise RuntimeError(
+                f"{name.decode()}: {shared} bytes of dynamic shared memory exceed any GPU's"
+            )
         if block[0] * block[1] * block[2] > 1024:
             raise RuntimeError(f"{name.decode()}: a block of {block} threads exceeds CUDA's 1024")
         status = lib.cuda_on_cpu_launch(name, *grid, *block, shared, params, self.order)
