@@ -522,10 +522,19 @@ def _check_cast(key: str, tensor: torch.Tensor, target: torch.Tensor, source: st
 
 
 def _load_into(
-    model: nn.Module, state: dict[str, torch.Tensor], source: str, *, strict: bool
+    model: nn.Module,
+    state: dict[str, torch.Tensor],
+    source: str,
+    *,
+    strict: bool,
+    assign: bool = False,
 ) -> None:
+    """Load ``state`` into ``model``, checking shapes and casts first. ``assign``: the model's
+    own parameters are empty (meta) and take the stored tensors, cast once to its dtypes,
+    so no second copy of the weights is made."""
     expected = model.state_dict()
-    for key, tensor in state.items():
+    cast: dict[int, torch.Tensor] = {}  # one cast per stored tensor: tied names stay shared
+    for key, tensor in list(state.items()):
         if key in expected and tuple(expected[key].shape) != tuple(tensor.shape):
             raise SqlabError(
                 f"tensor {key} in {source} has shape {tuple(tensor.shape)}; the model needs "
@@ -533,7 +542,11 @@ def _load_into(
             )
         if key in expected:
             _check_cast(key, tensor, expected[key], source)
-    result = model.load_state_dict(state, strict=False)
+            if assign and tensor.dtype != expected[key].dtype:
+                if id(tensor) not in cast:
+                    cast[id(tensor)] = tensor.to(expected[key].dtype)
+                state[key] = cast[id(tensor)]
+    result = model.load_state_dict(state, strict=False, assign=assign)
     if result.unexpected_keys:
         raise SqlabError(
             f"{source} holds tensors this model does not have: {', '.join(result.unexpected_keys[:5])}"
@@ -542,6 +555,9 @@ def _load_into(
         raise SqlabError(
             f"{source} lacks tensors of this model: {', '.join(result.missing_keys[:5])}"
         )
+    empty = [name for name, t in model.state_dict().items() if t.is_meta]
+    if empty:
+        raise SqlabError(f"{source} lacks tensors of this model: {', '.join(empty[:5])}")
     validate_layers(model, source)
 
 
@@ -556,13 +572,17 @@ def validate_layers(model: nn.Module, source: str) -> None:
 
 
 def _model_from_config(path: Path, dtype: torch.dtype) -> nn.Module:
+    """The architecture of the checkpoint at ``path`` with empty (meta) parameters: loading
+    assigns the stored tensors, so the unquantized weights are never allocated."""
+    from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
     try:
         config = AutoConfig.from_pretrained(path)
     except Exception as exc:
         raise SqlabError(f"cannot read the model config in {str(path)!r}: {exc}") from exc
-    return AutoModelForCausalLM.from_config(config, dtype=dtype)
+    with init_empty_weights(include_buffers=False):  # buffers (rotary tables) are computed
+        return AutoModelForCausalLM.from_config(config, dtype=dtype)
 
 
 def _check_wbits(quant: dict, model: nn.Module, path: Path) -> None:
@@ -634,7 +654,9 @@ def load_quantized(
             f"{str(weights)!r} has damaged metadata: 'tied' must map tensor names to "
             f"stored tensors, got {meta.get('tied')!r:.80}"
         ) from exc
-    _load_into(model, state, str(weights), strict=True)
+    _load_into(model, state, str(weights), strict=True, assign=True)
+    del state  # the model holds the tensors now
+    model.tie_weights()  # assigned tensors are new parameters: tied ones become one again
     mark_quantized(model, quant, quant.get("dtype", "float32"))
     model.to(device).eval()
     model.sqlab_spec = str(path)
