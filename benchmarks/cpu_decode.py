@@ -17,7 +17,8 @@ peak. Each variant runs in its own process loading a packed checkpoint, so its m
 its own; checkpoints are quantized once (calibration 16 x 512 tokens of the Shakespeare
 calibration plays, cached in data/cache) and kept in data/cache/bench.
 
-    .venv/bin/python benchmarks/cpu_decode.py [--repeat 7] [--tokens 32] [--json out/cpu_decode.json]
+    .venv/bin/python benchmarks/cpu_decode.py [--repeat 7] [--tokens 32]
+        [--json out/cpu_decode.json]
 """
 
 from __future__ import annotations
@@ -43,7 +44,9 @@ CALIB = dict(calib="shakespeare", nsamples=16, seqlen=512)
 
 
 def checkpoint(label: str) -> Path:
-    """The packed checkpoint of a variant, quantized once (Fisher and blocks come from sqlab's cache)."""
+    """The packed checkpoint of a variant, quantized once
+    (Fisher and blocks come from sqlab's cache).
+    """
     import sqlab
     from sqlab import experiments
     from sqlab.assets import cache_path
@@ -158,7 +161,8 @@ def main() -> int:
     reason = cpu_kernels.unavailable_reason()
     if reason:
         print(
-            f"benchmarks/cpu_decode.py: the CPU kernel is unavailable: {reason}. Nothing was measured.",
+            f"benchmarks/cpu_decode.py: the CPU kernel is unavailable: {reason}. "
+            "Nothing was measured.",
             file=sys.stderr,
         )
         return 2
@@ -166,14 +170,17 @@ def main() -> int:
     llc = evaluate.last_level_cache_bytes()
     vectorized = "AVX-512 VBMI" if cpu_kernels.library().sq_vectorized() else "portable C++"
     print(
-        f"CPU: {torch.get_num_threads()} threads, last-level cache {llc / 2**20:.0f} MiB, copy bandwidth "
-        f"{bandwidth:.1f} GB/s; sqlab kernel: {vectorized}"
+        f"CPU: {torch.get_num_threads()} threads, last-level cache {llc / 2**20:.0f} MiB, copy "
+        f"bandwidth {bandwidth:.1f} GB/s; sqlab kernel: {vectorized}"
     )
     print(
         f"GEMV at batch 1, weights cycled past the cache; median of {args.repeat} rounds (min-max)"
     )
     rows = evaluate.gemv_timings(args.shapes, repeats=args.repeat)
-    header = f"{'shape (out x in)':<16} {'format':<7} {'µs':>9} {'spread':>19} {'GB/s':>6} {'vs fp32':>8} {'vs bf16':>8}"
+    header = (
+        f"{'shape (out x in)':<16} {'format':<7} {'µs':>9} {'spread':>19} {'GB/s':>6} "
+        f"{'vs fp32':>8} {'vs bf16':>8}"
+    )
     print(header)
     print("-" * len(header))
     for shape in args.shapes:
@@ -182,8 +189,9 @@ def main() -> int:
             r["speedup_vs_fp32"] = part["fp32"]["us_median"] / r["us_median"]
             r["speedup_vs_bf16"] = part["bf16"]["us_median"] / r["us_median"]
             print(
-                f"{f'{shape[0]}x{shape[1]}':<16} {fmt:<7} {r['us_median']:>9.0f} {r['us_min']:>9.0f}-{r['us_max']:<9.0f}"
-                f" {r['gbs']:>6.1f} {r['speedup_vs_fp32']:>7.2f}x {r['speedup_vs_bf16']:>7.2f}x"
+                f"{f'{shape[0]}x{shape[1]}':<16} {fmt:<7} {r['us_median']:>9.0f} "
+                f"{r['us_min']:>9.0f}-{r['us_max']:<9.0f} {r['gbs']:>6.1f} "
+                f"{r['speedup_vs_fp32']:>7.2f}x {r['speedup_vs_bf16']:>7.2f}x"
             )
     result = {
         "gemv": rows,
@@ -196,12 +204,12 @@ def main() -> int:
     if not args.skip_decode:
         d = result["decode"] = decode(args)
         print(
-            f"\nDecoding the default model, batch 1, {args.tokens} tokens after a short prompt; median of "
-            f"{args.repeat} runs (min-max); each variant in its own process"
+            f"\nDecoding the default model, batch 1, {args.tokens} tokens after a short prompt; "
+            f"median of {args.repeat} runs (min-max); each variant in its own process"
         )
         header = (
-            f"{'model':<7} {'tokens/s':>9} {'ms/token':>9} {'spread':>15} {'speed-up':>9} {'linears MB':>11} "
-            f"{'vs fp32':>8} {'RSS MB':>7} {'peak MB':>8}"
+            f"{'model':<7} {'tokens/s':>9} {'ms/token':>9} {'spread':>15} {'speed-up':>9} "
+            f"{'linears MB':>11} {'vs fp32':>8} {'RSS MB':>7} {'peak MB':>8}"
         )
         print(header)
         print("-" * len(header))
@@ -210,13 +218,15 @@ def main() -> int:
             ratio = d[f"{label}_weights_mb"] / d["fp32_weights_mb"]
             print(
                 f"{label:<7} {d[f'{label}_tokens_per_s']:>9.1f} {d[f'{label}_ms_per_token']:>9.1f} "
-                f"{low:>7.1f}-{high:<7.1f} {d['fp32_ms_per_token'] / d[f'{label}_ms_per_token']:>8.2f}x "
-                f"{d[f'{label}_weights_mb']:>11.1f} {ratio:>8.3f} {d[f'{label}_loaded_rss_mb']:>7.0f} "
-                f"{d[f'{label}_peak_rss_mb']:>8.0f}"
+                f"{low:>7.1f}-{high:<7.1f} "
+                f"{d['fp32_ms_per_token'] / d[f'{label}_ms_per_token']:>8.2f}x "
+                f"{d[f'{label}_weights_mb']:>11.1f} {ratio:>8.3f} "
+                f"{d[f'{label}_loaded_rss_mb']:>7.0f} {d[f'{label}_peak_rss_mb']:>8.0f}"
             )
         print(
-            "linears MB: the decoder linears as decoding holds them (packed indices, LUTs, sparse part and the "
-            "kernel's fp32 tables); RSS: the process after loading; peak: its peak RSS while decoding"
+            "linears MB: the decoder linears as decoding holds them (packed indices, LUTs, sparse "
+            "part and the kernel's fp32 tables); RSS: the process after loading; peak: "
+            "its peak RSS while decoding"
         )
     if args.json:
         files.write_json(args.json, result)

@@ -1,4 +1,5 @@
-"""Greedy decoding speed of a LLaMA-7B-shaped model: fp16 against SqueezeLLM 4-bit, 3-bit, 3-bit + 0.45% sparse.
+"""Greedy decoding speed of a LLaMA-7B-shaped model: fp16 against SqueezeLLM 4-bit, 3-bit,
+3-bit + 0.45% sparse.
 
 The model is built from its config (hidden 4096, MLP 11008, 32 layers, 32 heads, vocabulary
 32000) with random fp16 weights, directly on the GPU: no download. The quantized variants
@@ -117,7 +118,9 @@ def random_squeeze_linear(in_features: int, out_features: int, wbits: int, densi
 
 
 def quantize_randomly(model, wbits: int, density: float) -> None:
-    """Replace every decoder linear (nn.Linear or an earlier SqueezeLinear) in place, one at a time."""
+    """Replace every decoder linear (nn.Linear or an earlier SqueezeLinear) in place,
+    one at a time.
+    """
     for name in list(decoder_linears(model)):  # names only: no reference keeps an old layer alive
         parent, _, child = name.rpartition(".")
         owner = model.get_submodule(parent)
@@ -177,7 +180,9 @@ def linears_ms(model, repeat: int = 20) -> float:
 
 
 def profile_step(model, label: str, path: Path) -> None:
-    """Append where one eager decoding token's time goes (torch profiler, kernels by GPU time) to ``path``."""
+    """Append where one eager decoding token's time goes
+    (torch profiler, kernels by GPU time) to ``path``.
+    """
     from torch.profiler import ProfilerActivity, profile
 
     ids = torch.randint(3, 32000, (1, 16), generator=torch.Generator().manual_seed(1)).cuda()
@@ -240,7 +245,7 @@ def measure(model, label: str, args, fp16_linear_bytes: int) -> dict:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--layers",
         type=int,
@@ -272,8 +277,9 @@ def main() -> int:
         return 2
 
     print(
-        f"device: {torch.cuda.get_device_name()}; LLaMA-7B shapes, {args.layers} layers, random weights; "
-        f"batch 1, prompt {args.prompt} tokens, {args.tokens} new tokens (greedy), median of {args.repeat}"
+        f"device: {torch.cuda.get_device_name()}; LLaMA-7B shapes, {args.layers} layers, random "
+        f"weights; batch 1, prompt {args.prompt} tokens, {args.tokens} new tokens (greedy), "
+        f"median of {args.repeat}"
     )
     model = build_fp16(args.layers)
     fp16_bytes = linear_bytes(model)
@@ -302,21 +308,23 @@ def main() -> int:
         graph = row["graph_decode_ms_per_token"]
         row["graph_speedup_vs_fp16"] = graph_base / graph if graph and graph_base else None
         graph_cells = (
-            f"{row['graph_tokens_per_s']:>11.1f} {graph:>9.2f} {row['graph_speedup_vs_fp16']:>8.2f}x"
+            f"{row['graph_tokens_per_s']:>11.1f} {graph:>9.2f} "
+            f"{row['graph_speedup_vs_fp16']:>8.2f}x"
             if row["graph_speedup_vs_fp16"]
             else f"{'-':>11} {'-':>9} {'-':>9}"
         )
         print(
             f"{row['label']:<22} {row['tokens_per_s']:>9.1f} {row['decode_ms_per_token']:>9.2f} "
             f"{row['speedup_vs_fp16']:>8.2f}x {graph_cells} {row['linears_ms_per_token']:>10.2f} "
-            f"{row['linear_weights_mb']:>10.0f} {row['linear_weights_vs_fp16']:>8.3f} {row['weights_mb']:>10.0f} "
-            f"{row['peak_memory_mb']:>9.0f}"
+            f"{row['linear_weights_mb']:>10.0f} {row['linear_weights_vs_fp16']:>8.3f} "
+            f"{row['weights_mb']:>10.0f} {row['peak_memory_mb']:>9.0f}"
         )
     print(
-        "ms/token: wall time per decoded token, eager generate() (host overhead included); graph: one captured "
-        "decoding step replayed per token (static KV cache); linears ms: GPU time of one token's decoder "
-        "linears in a CUDA graph; linear MB: decoder linear weights as stored (vs fp16 ~ bits/16 + LUT + CSR); "
-        "weights MB: the whole model incl. embeddings and lm_head; peak MB: torch's peak allocated memory"
+        "ms/token: wall time per decoded token, eager generate() (host overhead included); graph: "
+        "one captured decoding step replayed per token (static KV cache); linears ms: GPU time of "
+        "one token's decoder linears in a CUDA graph; linear MB: decoder linear weights as stored "
+        "(vs fp16 ~ bits/16 + LUT + CSR); weights MB: the whole model incl. "
+        "embeddings and lm_head; peak MB: torch's peak allocated memory"
     )
     if args.json:
         files.write_json(args.json, {"device": torch.cuda.get_device_name(), "rows": rows})

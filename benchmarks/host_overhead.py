@@ -12,7 +12,8 @@ here as it was, measured in the same run on the same layers.
 Timing: a warm-up, then ``--repeat`` runs of ``--calls`` calls each; per-call time is the
 median run's total over its calls (the spread is the min-max of the runs).
 
-    .venv/bin/python benchmarks/host_overhead.py [--calls 20000] [--repeat 7] [--json out/host_overhead.json]
+    .venv/bin/python benchmarks/host_overhead.py [--calls 20000] [--repeat 7]
+        [--json out/host_overhead.json]
 """
 
 from __future__ import annotations
@@ -46,7 +47,9 @@ DENSITY = 0.0045
 
 
 class StubBackend(kernels.Backend):
-    """Compiles nothing and launches nothing; takes CPU tensors, or CUDA ones with a real stream query."""
+    """Compiles nothing and launches nothing; takes CPU tensors,
+    or CUDA ones with a real stream query.
+    """
 
     def __init__(self, device: torch.device):
         self.device = device
@@ -71,7 +74,7 @@ class StubBackend(kernels.Backend):
         return kernels._raw_stream(device.index or 0) if device.type == "cuda" else 0
 
 
-# --- the previous per-call path (sqlab before prepared launches), launch stubbed --------------------
+# --- the previous per-call path (sqlab before prepared launches), launch stubbed ------------------
 
 _previous_counters: dict = {}
 
@@ -235,8 +238,8 @@ def main() -> int:
             if cls is SqueezeLinear:
                 assert stub.launches > before, "the layer did not reach the (stubbed) launch"
     print(
-        f"Python time per SqueezeLinear call, launch stubbed: {SHAPE[0]}x{SHAPE[1]} 3-bit, 1 token fp16, "
-        f"tensors on {device}; median of {args.repeat} runs of {args.calls} calls (min-max)"
+        f"Python time per SqueezeLinear call, launch stubbed: {SHAPE[0]}x{SHAPE[1]} 3-bit, 1 token "
+        f"fp16, tensors on {device}; median of {args.repeat} runs of {args.calls} calls (min-max)"
     )
     print(f"{'path':<34} {'µs/call':>8} {'spread':>15} {'vs previous':>12}")
     for label, what, base in (

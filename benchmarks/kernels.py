@@ -93,7 +93,9 @@ def measured_copy_gbps(repeat: int = 20) -> float:
 
 
 def random_packed(out_features: int, in_features: int, wbits: int, density: float, device):
-    """Random qweight, fp16 LUT and (with density) a CSR part with fp16 values, as a fp16 model stores them."""
+    """Random qweight, fp16 LUT and (with density) a CSR part with fp16 values,
+    as a fp16 model stores them.
+    """
     from sqlab.packing import packed_rows, to_csr
 
     qweight = torch.randint(
@@ -294,17 +296,18 @@ def main() -> int:
     copy_gbps = measured_copy_gbps()
     shapes = SHAPES["7b"] + SHAPES["13b"] if args.shapes == "all" else SHAPES[args.shapes]
     print(
-        f"device: {props.name}, {props.multi_processor_count} SMs, L2 {l2_bytes / 2**20:.0f} MiB; peak bandwidth "
+        f"device: {props.name}, {props.multi_processor_count} SMs, L2 {l2_bytes / 2**20:.0f} MiB; "
+        "peak bandwidth "
         + (f"{peak:.0f} GB/s ({source})" if peak else source)
         + f"; measured device-to-device copy {copy_gbps:.0f} GB/s (read + write)"
     )
     print(
-        f"fp16 activations, {','.join(map(str, args.tokens))} token(s); median of {args.repeat} CUDA-graph replays "
-        "(weights cycled past L2)"
+        f"fp16 activations, {','.join(map(str, args.tokens))} token(s); median of {args.repeat} "
+        "CUDA-graph replays (weights cycled past L2)"
     )
     header = (
-        f"{'shape (out x in)':<16} {'tokens':>6} {'kernel':<28} {'µs':>8} {'eager µs':>9} {'MB read':>8} "
-        f"{'GB/s':>7} {'% peak':>7} {'% copy':>7} {'vs fp16':>8}"
+        f"{'shape (out x in)':<16} {'tokens':>6} {'kernel':<28} {'µs':>8} {'eager µs':>9} "
+        f"{'MB read':>8} {'GB/s':>7} {'% peak':>7} {'% copy':>7} {'vs fp16':>8}"
     )
     print(header)
     print("-" * len(header))
@@ -319,7 +322,8 @@ def main() -> int:
                     print(
                         f"{row['shape']:<16} {tokens:>6} {row['kernel']:<28} {row['us']:>8.2f} "
                         f"{row['eager_us']:>9.1f} {row['bytes'] / 1e6:>8.2f} {row['gbs']:>7.0f} "
-                        f"{row['pct_peak']:>6.1f}% {row['pct_measured_peak']:>6.1f}% {row['speedup_vs_fp16']:>7.2f}x"
+                        f"{row['pct_peak']:>6.1f}% {row['pct_measured_peak']:>6.1f}% "
+                        f"{row['speedup_vs_fp16']:>7.2f}x"
                     )
                 torch.cuda.empty_cache()
     print(

@@ -20,7 +20,8 @@ libraries run once over the sampled rows, after a warm-up row.
 q/k/v/o, 11008 x 4096 gate/up, 4096 x 11008 down; random weights, random positive Fisher)
 and extrapolate to the 32 blocks of the model; with a GPU, the batched heuristic there too.
 
-    .venv/bin/python benchmarks/kmeans.py [--layer 10] [--wbits 3 4] [--rows 64] [--json out/kmeans.json]
+    .venv/bin/python benchmarks/kmeans.py [--layer 10] [--wbits 3 4] [--rows 64]
+        [--json out/kmeans.json]
     .venv/bin/python benchmarks/kmeans.py --shape 7b [--wbits 3 4] [--json out/kmeans_7b.json]
 """
 
@@ -104,9 +105,9 @@ def real_layer(args) -> dict:
     fisher = sqlab.compute_fisher(model, tokenizer, "shakespeare", args.nsamples, args.seqlen)
     linears = sqlab.quantizable_linears(model)
     print(
-        f"threads: {torch.get_num_threads()}; model: SmolLM2-135M-Instruct (dequantized Q4_1 weights), block "
-        f"{args.layer}, Fisher from {args.nsamples} x {args.seqlen} Shakespeare calibration tokens; SSE over "
-        f"{args.rows} rows spread over each matrix"
+        f"threads: {torch.get_num_threads()}; model: SmolLM2-135M-Instruct (dequantized Q4_1 "
+        f"weights), block {args.layer}, Fisher from {args.nsamples} x {args.seqlen} Shakespeare "
+        f"calibration tokens; SSE over {args.rows} rows spread over each matrix"
     )
     methods = ("optimal", "fast-2", "fast-1", "scikit-learn", "flash1dkmeans")
     rows = []
@@ -163,15 +164,17 @@ def real_layer(args) -> dict:
     print("-" * len(header))
     for r in rows:
         print(
-            f"{r['wbits']:>4} {r['method']:<14} {r['sse_above_optimum_pct']:>17.2f}% {r['us_per_row']:>11.1f}"
+            f"{r['wbits']:>4} {r['method']:<14} {r['sse_above_optimum_pct']:>17.2f}% "
+            f"{r['us_per_row']:>11.1f}"
         )
     for note in sorted(notes):
         print(f"({note})")
     fast = {r["wbits"]: r for r in rows if r["method"] == "fast-2"}
     for wbits, r in fast.items():
         print(
-            f"{wbits}-bit: the default (optimal) is the exact optimum, 0.00% above it by construction; the "
-            f"heuristic it replaced (fast-2) is {r['sse_above_optimum_pct']:.2f}% above"
+            f"{wbits}-bit: the default (optimal) is the exact optimum, 0.00% above it by "
+            "construction; the heuristic it replaced (fast-2) is "
+            f"{r['sse_above_optimum_pct']:.2f}% above"
         )
     return {
         "layer": args.layer,
@@ -184,8 +187,8 @@ def real_layer(args) -> dict:
 def llama_7b(args) -> dict:
     gen = torch.Generator().manual_seed(0)
     print(
-        f"one LLaMA-7B-shaped decoder block (random weights, random positive Fisher); exact k-means on "
-        f"{torch.get_num_threads()} CPU threads"
+        "one LLaMA-7B-shaped decoder block (random weights, random positive Fisher); exact k-means "
+        f"on {torch.get_num_threads()} CPU threads"
         + (", batched heuristic on the GPU" if torch.cuda.is_available() else "; no GPU here")
     )
     result = {"threads": torch.get_num_threads(), "blocks": LLAMA_7B_BLOCKS, "rows": []}
@@ -217,8 +220,8 @@ def llama_7b(args) -> dict:
         }
         result["rows"].append(row)
         print(
-            f"{wbits}-bit: exact k-means {cpu:.1f} s per block on the CPU -> {row['cpu_model_min']:.1f} min for the "
-            f"model (target <= 10 min)"
+            f"{wbits}-bit: exact k-means {cpu:.1f} s per block on the CPU -> "
+            f"{row['cpu_model_min']:.1f} min for the model (target <= 10 min)"
             + (
                 f"; heuristic on the GPU {gpu:.2f} s per block -> "
                 f"{row['gpu_model_s']:.0f} s (target <= 60 s)"

@@ -102,8 +102,8 @@ def main() -> int:
             os.environ["SQLAB_DATA_DIR"] = previous
     result = {}
     print(
-        f"a new {config.label()} point on the default model, 32 windows of 512 tokens, cold result cache; "
-        f"median of {args.repeat} runs (min-max)"
+        f"a new {config.label()} point on the default model, 32 windows of 512 tokens, cold result "
+        f"cache; median of {args.repeat} runs (min-max)"
     )
     for key, target in TARGETS.items():
         values = [r[key] for r in runs]
@@ -112,7 +112,8 @@ def main() -> int:
         result[key.replace("_s", "_spread_s")] = [min(values), max(values)]
         verdict = "met" if median <= target else "MISSED"
         print(
-            f"{key:<20} {median:>7.2f} s  ({min(values):.2f}-{max(values):.2f})  target <= {target:g} s: {verdict}"
+            f"{key:<20} {median:>7.2f} s  ({min(values):.2f}-{max(values):.2f})  target <= "
+            f"{target:g} s: {verdict}"
         )
     if args.json:
         files.write_json(args.json, {**result, "runs": runs, "config": config.label()})

@@ -11,7 +11,8 @@ per-channel at the same bit width; at 3 bits SqueezeLLM 0.45%+0.05% closes the
 perplexity gap to the unquantized model (gap = ppl - ppl_fp) at least 2x better
 than GPTQ per-channel.
 
-    .venv/bin/python benchmarks/quality.py [--max-windows 32] [--nsamples 16] [--json out/quality.json]
+    .venv/bin/python benchmarks/quality.py [--max-windows 32] [--nsamples 16]
+        [--json out/quality.json]
 """
 
 from __future__ import annotations
@@ -40,8 +41,8 @@ def main() -> None:
     evaluation = experiments.EvalSettings(("shakespeare",), None, args.max_windows)
     frame = experiments.Sweeper("default", evaluation).run(configs)
     print(
-        f"SmolLM2-135M-Instruct (reference weights: dequantized Q4_1), Shakespeare evaluation plays, "
-        f"{args.max_windows} windows; calibration {args.nsamples} x {args.seqlen} tokens"
+        "SmolLM2-135M-Instruct (reference weights: dequantized Q4_1), Shakespeare evaluation "
+        f"plays, {args.max_windows} windows; calibration {args.nsamples} x {args.seqlen} tokens"
     )
     print(experiments.render(frame))
 
@@ -59,8 +60,9 @@ def main() -> None:
         gap_gptq = ppl["GPTQ 3-bit per-channel"] - fp
         ratio = gap_gptq / gap_sq if gap_sq > 0 else float("inf")
         print(
-            f"  3-bit gap to unquantized: SqueezeLLM 0.45%+0.05% {gap_sq:.3f}, GPTQ per-channel {gap_gptq:.3f}: "
-            f"{ratio:.2f}x smaller ({'met' if ratio >= 2 else 'MISSED'}, target >= 2x)"
+            f"  3-bit gap to unquantized: SqueezeLLM 0.45%+0.05% {gap_sq:.3f}, GPTQ per-channel "
+            f"{gap_gptq:.3f}: {ratio:.2f}x smaller ({'met' if ratio >= 2 else 'MISSED'}, "
+            "target >= 2x)"
         )
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

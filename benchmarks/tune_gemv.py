@@ -6,7 +6,8 @@ benchmarks/kernels.py times it (CUDA-graph replays cycling weight copies past L2
 median). Prints the best few per (bits, tokens) and writes every row with ``--json``;
 sqlab/kernels.py's ``_PAIRS`` table is chosen from this output.
 
-    .venv/bin/python benchmarks/tune_gemv.py [--tokens 1,4,8] [--repeat 30] [--json out/tune_gemv.json]
+    .venv/bin/python benchmarks/tune_gemv.py [--tokens 1,4,8] [--repeat 30]
+        [--json out/tune_gemv.json]
 """
 
 from __future__ import annotations
@@ -100,7 +101,8 @@ def main() -> int:
                         )
                         total += times[split]
                     print(
-                        f"{wbits}-bit {tokens} tok bn {config.bn:>3} ky {config.ky} depth {config.depth}: "
+                        f"{wbits}-bit {tokens} tok bn {config.bn:>3} ky {config.ky} depth "
+                        f"{config.depth}: "
                         + "  ".join(f"{t:6.2f}us/s{s}" for s, t in best)
                         + f"  sum {total:7.2f}",
                         flush=True,

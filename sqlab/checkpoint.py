@@ -549,7 +549,8 @@ def _load_into(
     result = model.load_state_dict(state, strict=False, assign=assign)
     if result.unexpected_keys:
         raise SqlabError(
-            f"{source} holds tensors this model does not have: {', '.join(result.unexpected_keys[:5])}"
+            f"{source} holds tensors this model does not have: "
+            f"{', '.join(result.unexpected_keys[:5])}"
         )
     if strict and result.missing_keys:
         raise SqlabError(

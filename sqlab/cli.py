@@ -106,24 +106,27 @@ def cmd_bench(args) -> int:
     bench = evaluate.generation_benchmark(model, tokenizer, args.tokens, repeats=args.repeats)
     low, high = bench.decode_ms_spread
     print(
-        f"{args.model} on {bench.device}: {bench.new_tokens} tokens after a {bench.prompt_tokens}-token prompt, "
+        f"{args.model} on {bench.device}: {bench.new_tokens} tokens after a "
+        f"{bench.prompt_tokens}-token prompt, "
         f"median of {bench.repeats} runs after a warm-up (min-max)"
     )
     print(
-        f"  eager generate(): {bench.tokens_per_s:.1f} tokens/s, {bench.decode_ms_per_token:.2f} ms/token "
-        f"({low:.2f}-{high:.2f}), prefill {bench.prefill_ms:.0f} ms"
+        f"  eager generate(): {bench.tokens_per_s:.1f} tokens/s, {bench.decode_ms_per_token:.2f} "
+        f"ms/token ({low:.2f}-{high:.2f}), prefill {bench.prefill_ms:.0f} ms"
     )
     if bench.graph_decode_ms_per_token is not None:
         low, high = bench.graph_decode_ms_spread
         speedup = bench.decode_ms_per_token / bench.graph_decode_ms_per_token
         print(
-            f"  CUDA graph:       {bench.graph_tokens_per_s:.1f} tokens/s, {bench.graph_decode_ms_per_token:.2f} "
-            f"ms/token ({low:.2f}-{high:.2f}), {speedup:.2f}x eager"
+            f"  CUDA graph:       {bench.graph_tokens_per_s:.1f} tokens/s, "
+            f"{bench.graph_decode_ms_per_token:.2f} ms/token ({low:.2f}-{high:.2f}), "
+            f"{speedup:.2f}x eager"
         )
     else:
         print(f"  CUDA graph:       not measured ({bench.graph_note})")
     print(
-        f"  weights {bench.weights_mb:.1f} MB, {bench.peak_memory_kind} {bench.peak_memory_mb:.0f} MB"
+        f"  weights {bench.weights_mb:.1f} MB, "
+        f"{bench.peak_memory_kind} {bench.peak_memory_mb:.0f} MB"
     )
     if args.json:
         files.write_json(args.json, {"model": args.model, **bench.as_dict()})
@@ -131,7 +134,9 @@ def cmd_bench(args) -> int:
 
 
 def _common(args) -> dict:
-    """The calibration and method options given on the command line (those left out take the config's defaults)."""
+    """The calibration and method options given on the command line
+    (those left out take the config's defaults).
+    """
     given = dict(
         calib=args.calib,
         nsamples=args.nsamples,
@@ -177,7 +182,8 @@ def cmd_quantize(args) -> int:
             raise
         shutil.rmtree(work, ignore_errors=True)
     sparse = (
-        f", {report.outlier_pct:.3f}% outliers (r = {report.outlier_range}), {report.sparse_pct:.3f}% sparse"
+        f", {report.outlier_pct:.3f}% outliers (r = {report.outlier_range}), "
+        f"{report.sparse_pct:.3f}% sparse"
         if config.packed
         else " (reconstructed weights, stored unpacked)"
     )
@@ -441,11 +447,13 @@ def cmd_demo(args) -> int:
     frame, settings = run_demo(max_windows=args.max_windows, seqlen=args.seqlen, fast=fast_mode())
     print(
         f"SqueezeLLM demo on {settings['model']}: perplexity on the Shakespeare evaluation plays "
-        f"({', '.join(settings['eval_texts'])}), {settings['windows']} windows of {settings['seqlen']} tokens"
+        f"({', '.join(settings['eval_texts'])}), "
+        f"{settings['windows']} windows of {settings['seqlen']} tokens"
     )
     print(
-        f"calibration: {settings['calibration']['nsamples']} x {settings['calibration']['seqlen']} tokens of "
-        f"{settings['calibration']['calib']}; quantized blocks: {settings['quantized_blocks']}"
+        f"calibration: {settings['calibration']['nsamples']} x {settings['calibration']['seqlen']} "
+        f"tokens of {settings['calibration']['calib']}; quantized blocks: "
+        f"{settings['quantized_blocks']}"
     )
     print(render(frame))
     print(f"({settings['note']})")

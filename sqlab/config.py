@@ -89,11 +89,15 @@ class MethodConfig:
         return {"method": self.method, **asdict(self)}
 
     def relevant(self) -> dict:
-        """The settings this method reads: all of them (the name of an older, wider config's view)."""
+        """The settings this method reads: all of them
+        (the name of an older, wider config's view).
+        """
         return self.as_dict()
 
     def key(self, *extra) -> str:
-        """A content hash of the settings and the method's version (and any extra parts), for cache keys."""
+        """A content hash of the settings and the method's version (and any extra parts),
+        for cache keys.
+        """
         payload = json.dumps([self.as_dict(), self.version, *extra], sort_keys=True, default=str)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 

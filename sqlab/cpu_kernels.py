@@ -78,17 +78,20 @@ def _cpu_signature() -> str:
 
 @functools.lru_cache(maxsize=None)
 def library(flags: tuple[str, ...] = FLAGS, source_name: str = SOURCE) -> ctypes.CDLL:
-    """A compiled CPU kernel library of ``kernels/`` (compiled on first use, then loaded from the cache)."""
+    """A compiled CPU kernel library of ``kernels/``
+    (compiled on first use, then loaded from the cache).
+    """
     cxx = compiler()
     if cxx is None:
         raise SqlabError(
-            "no C++ compiler found (g++, c++ or clang++; or set CXX): the CPU kernel cannot be built "
-            "(apt-get install g++)"
+            "no C++ compiler found (g++, c++ or clang++; or set CXX): the CPU kernel cannot be "
+            "built (apt-get install g++)"
         )
     source = kernels.KERNEL_DIR / source_name
     if not source.is_file():
         raise SqlabError(
-            f"kernel source {source} not found; set SQLAB_KERNEL_DIR to the repository's kernels/ folder"
+            f"kernel source {source} not found; "
+            "set SQLAB_KERNEL_DIR to the repository's kernels/ folder"
         )
     try:
         version = subprocess.run(
@@ -246,7 +249,9 @@ class CpuGemv:
         return out[: row1 - row0]
 
     def _prefill(self, x: Tensor) -> Tensor:
-        """More than 8 tokens: a block of ``W_hat`` rows at a time, then a matmul (no whole copy is kept)."""
+        """More than 8 tokens: a block of ``W_hat`` rows at a time, then a matmul
+        (no whole copy is kept).
+        """
         x2 = x.reshape(x.shape[:-1].numel(), self.in_features)
         y = torch.empty(x2.shape[0], self.out_features, dtype=x.dtype)
         rows = max(GROUP, PREFILL_BLOCK // max(self.in_features, 1))

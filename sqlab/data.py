@@ -111,8 +111,8 @@ def _hub_split(corpus: Corpus, split: str):
     except Exception as exc:  # datasets raises many types when the hub is unreachable
         raise SqlabError(
             f"could not load {corpus.kind} ({split} split) from the Hugging Face hub: "
-            f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}. Offline, give a local "
-            f"copy as '{corpus.kind}:PATH', where PATH is a folder saved with "
+            f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}. Offline, give a "
+            f"local copy as '{corpus.kind}:PATH', where PATH is a folder saved with "
             "Dataset.save_to_disk / DatasetDict.save_to_disk, a folder of files named by split "
             f"(e.g. {split}.parquet, {split}.jsonl), or one such file."
         ) from exc

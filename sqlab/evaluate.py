@@ -242,7 +242,9 @@ def _greedy(model: nn.Module, ids: torch.Tensor, n: int, streamer=None) -> torch
 
 
 class _TokenClock:
-    """A ``generate()`` streamer that notes when each new token is ready (the prompt comes first)."""
+    """A ``generate()`` streamer that notes when each new token is ready
+    (the prompt comes first).
+    """
 
     def __init__(self, device: torch.device):
         self.device, self.times = device, []
@@ -354,7 +356,9 @@ class StaticDecoder:
                 self._eager_step()
 
     def capture(self, warmup: int = 2) -> None:
-        """Run ``warmup`` steps on a side stream (kernels prepared, caches filled), then capture one step."""
+        """Run ``warmup`` steps on a side stream (kernels prepared, caches filled),
+        then capture one step.
+        """
         from . import kernels
 
         if self.device.type != "cuda":
@@ -523,7 +527,9 @@ SPARSE_DENSITY = 0.0045
 
 
 def _gemv_operator(fmt: str, out_features: int, in_features: int, seed: int):
-    """A batch-1 product ``x -> x @ W.T`` in ``fmt`` with random values, and the bytes one call reads."""
+    """A batch-1 product ``x -> x @ W.T`` in ``fmt`` with random values,
+    and the bytes one call reads.
+    """
     from .packing import pack, to_csr
     from .qlinear import SqueezeLinear
 
@@ -563,7 +569,8 @@ def gemv_timings(
     repeats: int = 7,
     cache_bytes: int | None = None,
 ) -> list[dict]:
-    """Batch-1 matrix-vector products on the CPU, ``(out, in)`` weights in each format, timed honestly.
+    """Batch-1 matrix-vector products on the CPU, ``(out, in)`` weights in each format,
+    timed honestly.
 
     Each timed round calls every one of ``copies`` independent weight copies once, with
     enough copies that together they exceed twice the last-level cache, so every call
@@ -639,7 +646,8 @@ def linear_weights_bytes(model: nn.Module) -> int:
 
 
 def cuda_graph_ms(calls: list, repeat: int = 20, warmup: int = 3) -> float:
-    """Median GPU time (ms) of ``calls`` run back to back, captured once as a CUDA graph and replayed.
+    """Median GPU time (ms) of ``calls`` run back to back,
+    captured once as a CUDA graph and replayed.
 
     The calls are warmed up on the capture stream first (kernels compiled, memory
     allocated); each replay is timed with CUDA events, so host launch overhead is

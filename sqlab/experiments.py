@@ -247,7 +247,9 @@ def result_key(fingerprint: str, point: dict, evaluation: dict) -> str:
 
 
 class _WindowStore:
-    """The windows of one point and dataset scored so far: ``{start: (NLL sum, tokens)}`` in a JSON file."""
+    """The windows of one point and dataset scored so far:
+    ``{start: (NLL sum, tokens)}`` in a JSON file.
+    """
 
     def __init__(self, path: Path):
         self.path = path

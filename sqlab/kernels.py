@@ -196,7 +196,8 @@ def _source(file: str) -> str:
     path = KERNEL_DIR / file
     if not path.is_file():
         raise SqlabError(
-            f"kernel source {path} not found; set SQLAB_KERNEL_DIR to the repository's kernels/ folder"
+            f"kernel source {path} not found; "
+            "set SQLAB_KERNEL_DIR to the repository's kernels/ folder"
         )
     return re.sub(
         r'^#include "([\w.]+)"$', lambda m: _source(m.group(1)), path.read_text(), flags=re.M
@@ -273,8 +274,8 @@ def _check_packed(qweight: Tensor, lut: Tensor, wbits: int, in_features: int) ->
     _check(qweight, "qweight", dtypes=(torch.int32,))
     if qweight.ndim != 2 or qweight.shape[0] != packed_rows(in_features, wbits):
         raise SqlabError(
-            f"qweight has shape {tuple(qweight.shape)}; {wbits}-bit packing of {in_features} inputs "
-            f"needs ({packed_rows(in_features, wbits)}, out_features)"
+            f"qweight has shape {tuple(qweight.shape)}; {wbits}-bit packing of {in_features} "
+            f"inputs needs ({packed_rows(in_features, wbits)}, out_features)"
         )
     out_features = qweight.shape[1]
     _check(lut, "lut", dtypes=DTYPES, shape=(out_features, 1 << wbits))
@@ -290,7 +291,8 @@ def check_parts(
     bias: Tensor | None,
     name: str = "the layer",
 ) -> int:
-    """Check a packed layer's buffers once, before kernels index memory with them; returns ``out_features``.
+    """Check a packed layer's buffers once, before kernels index memory with them;
+    returns ``out_features``.
 
     Shapes and dtypes of ``qweight``/``lut``/``bias``, and the sparse part's structure
     (``sqlab.packing.check_csr``). Shared by the GPU launches and the CPU kernel.
@@ -306,7 +308,8 @@ def check_parts(
 def _tokens_2d(x: Tensor, in_features: int, name: str = "x") -> Tensor:
     if x.ndim not in (1, 2) or x.shape[-1] != in_features:
         raise SqlabError(
-            f"{name} has shape {tuple(x.shape)}; expected ({in_features},) or (tokens, {in_features})"
+            f"{name} has shape {tuple(x.shape)}; expected ({in_features},) or (tokens, "
+            f"{in_features})"
         )
     return x.reshape(-1, in_features)
 
@@ -718,7 +721,9 @@ class GemvKernels:
         )
 
     def _matmul(self, x: Tensor) -> Tensor:
-        """A prompt (more than 8 tokens), or a layer without inputs: ``W_hat`` once, then a matmul."""
+        """A prompt (more than 8 tokens), or a layer without inputs: ``W_hat`` once,
+        then a matmul.
+        """
         bias = None if self.bias is None else self.bias.to(self.dtype)
         return torch.nn.functional.linear(x, self.dequantize(), bias)
 
@@ -908,7 +913,9 @@ def _launch_once(
     args: tuple,
     block: tuple = (SPMV_THREADS,),
 ) -> None:
-    """An unprepared launch (checked by the caller); ``grid``/``block`` of up to three dimensions."""
+    """An unprepared launch (checked by the caller);
+    ``grid``/``block`` of up to three dimensions.
+    """
     params = Params(args)
     pad = lambda dims: (*dims, *(1,) * (3 - len(dims)))  # noqa: E731
     chosen.launch(

@@ -102,7 +102,9 @@ def weighted_kmeans(
 
 
 def cluster(x: Tensor, weight: Tensor | None, config) -> KMeansResult:
-    """The ``2**config.wbits`` centroids of every row by the config's k-means (``optimal`` or ``fast``)."""
+    """The ``2**config.wbits`` centroids of every row by the config's k-means
+    (``optimal`` or ``fast``).
+    """
     from .errors import SqlabError
 
     k = 1 << config.wbits
@@ -181,7 +183,9 @@ class _Row:
     f2: Tensor
 
     def sums(self, lo: Tensor, hi: Tensor, second: bool = False) -> tuple[Tensor, ...]:
-        """Sums of ``F``, ``F·x`` (and with ``second``, ``F·x²``) over each interval ``xs[lo:hi]``."""
+        """Sums of ``F``, ``F·x``
+        (and with ``second``, ``F·x²``) over each interval ``xs[lo:hi]``.
+        """
         m = lo.shape[1]
         idx = torch.cat([lo, hi], 1)
         got = self.f01.gather(1, idx)
@@ -249,7 +253,9 @@ def _kmeans_chunk(
 
 
 def _prepare(x: Tensor, weight: Tensor) -> tuple[_Row, Tensor, Tensor]:
-    """Sorted, centred rows with their prefix sums; the centring shift and each row's weight total."""
+    """Sorted, centred rows with their prefix sums;
+    the centring shift and each row's weight total.
+    """
     dtype = torch.promote_types(torch.promote_types(x.dtype, weight.dtype), torch.float32)
     xs, fs = _sort_rows(x.to(dtype), weight.to(dtype))
     rows, n = xs.shape
@@ -369,7 +375,9 @@ def _two_split(data: _Row, lo: Tensor, hi: Tensor, iters: int = 2) -> Tensor:
 
 
 def _split_gains(data: _Row, lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor]:
-    """For every interval: its best two-way split point and the SSE that split saves (both (rows, c))."""
+    """For every interval: its best two-way split point and the SSE that split saves
+    (both (rows, c)).
+    """
     count = lo.shape[1]
     split = _two_split(data, lo, hi)  # (rows, c)
     cost = data.cost(

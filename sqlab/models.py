@@ -162,7 +162,9 @@ def quantizable_linears(model: nn.Module) -> dict[str, nn.Linear]:
 
 
 def split_name(name: str) -> tuple[int, str]:
-    """``model.layers.3.self_attn.q_proj`` -> ``(3, "self_attn.q_proj")``: block index and module in the block."""
+    """``model.layers.3.self_attn.q_proj`` -> ``(3, "self_attn.q_proj")``:
+    block index and module in the block.
+    """
     parts = name.split(".")
     for i, part in enumerate(parts):
         if part.isdigit():

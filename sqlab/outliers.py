@@ -31,7 +31,9 @@ SAMPLE = 1 << 16
 
 
 def quartiles(w: Tensor) -> tuple[float, float]:
-    """First and third quartiles of all entries (``kthvalue``: no size limit, unlike ``quantile``)."""
+    """First and third quartiles of all entries
+    (``kthvalue``: no size limit, unlike ``quantile``).
+    """
     flat = w.reshape(-1).float()
     n = flat.numel()
     q1 = flat.kthvalue(max(1, round(0.25 * (n - 1)) + 1)).values.item()
@@ -110,7 +112,9 @@ class OutlierProfile:
         return (m.sorted_abs.numel() - below) * m.scale
 
     def share(self, r: float) -> float:
-        """Model-wide outlier percentage at range ``r`` (every matrix's ``count``, in one search)."""
+        """Model-wide outlier percentage at range ``r``
+        (every matrix's ``count``, in one search).
+        """
         if not self.matrices:
             return 0.0
         q1, q3 = self._q[:, 0], self._q[:, 1]
@@ -140,8 +144,8 @@ class OutlierProfile:
             return self._solved[(target, tolerance_pct)]
         if self.share(0.0) < target:
             raise SqlabError(
-                f"outlier_pct {target} is out of reach: even r = 0 (T = max(|q1|, |q3|)) makes only "
-                f"{self.share(0.0):.3f}% of the weights outliers"
+                f"outlier_pct {target} is out of reach: even r = 0 (T = max(|q1|, |q3|)) makes "
+                f"only {self.share(0.0):.3f}% of the weights outliers"
             )
         lo, hi = 0.0, 1.0
         while self.share(hi) > target:
@@ -166,7 +170,9 @@ class OutlierProfile:
         return r
 
     def by_matrix(self, r: float):
-        """Outlier share of every matrix at range ``r``: a DataFrame (name, block, module, outlier_pct, threshold)."""
+        """Outlier share of every matrix at range ``r``: a DataFrame
+        (name, block, module, outlier_pct, threshold).
+        """
         import pandas as pd
 
         from .models import split_name
@@ -229,7 +235,9 @@ def split(
 def overlap(
     weight: Tensor, fisher: Tensor, threshold: float, sensitive_pct: float
 ) -> dict[str, int]:
-    """How many outliers are also among the top ``sensitive_pct`` by Fisher (chosen without excluding them)."""
+    """How many outliers are also among the top ``sensitive_pct`` by Fisher
+    (chosen without excluding them).
+    """
     out = weight.abs() >= threshold
     sens = sensitive_mask(fisher, sensitive_pct)
     return {

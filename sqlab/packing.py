@@ -95,7 +95,8 @@ class CSR:
 
 
 def check_csr(csr: CSR, out_features: int, in_features: int, name: str = "the sparse part") -> None:
-    """Raise ``SqlabError`` unless ``csr`` is a well-formed ``(out_features, in_features)`` sparse part.
+    """Raise ``SqlabError`` unless ``csr`` is a well-formed ``(out_features, in_features)`` sparse
+    part.
 
     Checked: int32 ``rows`` of ``out_features + 1`` non-decreasing pointers from 0 to
     ``nnz``; int32 ``cols`` in ``[0, in_features)``; one finite value per column; and a
@@ -212,7 +213,8 @@ def _two_sum(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
 def correct_sparse(
     rows: Tensor, cols: Tensor, target: Tensor, lut: Tensor, out_features: int
 ) -> tuple[Tensor, CSR]:
-    """The dense index at each sparse position and the sparse part ``S``, exact in ``target``'s dtype.
+    """The dense index at each sparse position and the sparse part ``S``,
+    exact in ``target``'s dtype.
 
     At a sparse position the dense part still decodes to some centroid ``c`` of
     its row, so ``S`` stores ``w - c``. In floating point ``c + fl(w - c)`` is not

@@ -40,5 +40,7 @@ def fast_mode() -> bool:
 
 
 def preset(fast: bool | None = None) -> Preset:
-    """The fast preset if asked for (or, when ``fast`` is None, if ``SQLAB_FAST`` is set), else the full one."""
+    """The fast preset if asked for (or, when ``fast`` is None, if ``SQLAB_FAST`` is set),
+    else the full one.
+    """
     return FAST if (fast_mode() if fast is None else fast) else FULL

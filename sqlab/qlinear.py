@@ -243,6 +243,6 @@ class SqueezeLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return (
-            f"in_features={self.in_features}, out_features={self.out_features}, wbits={self.wbits}, "
-            f"nnz={self.nnz}, bias={self.bias is not None}"
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"wbits={self.wbits}, nnz={self.nnz}, bias={self.bias is not None}"
         )

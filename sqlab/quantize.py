@@ -49,7 +49,9 @@ class QuantizedWeight:
         return reconstruct(self.indices, self.lut, self.csr, dtype)
 
     def storage_bits(self) -> dict[str, int]:
-        """Bits the packed layer stores, from shapes alone: indices, LUT, sparse part (rows, cols, vals)."""
+        """Bits the packed layer stores, from shapes alone: indices, LUT, sparse part
+        (rows, cols, vals).
+        """
         out_features, in_features = self.indices.shape
         bits = {
             "indices": packed_rows(in_features, self.wbits) * out_features * 32,
@@ -106,7 +108,9 @@ class QuantReport:
         return self.total_bits / 8 / 2**20
 
     def bits_breakdown(self) -> dict[str, float]:
-        """Bits per weight by part (indices, lut, sparse for SqueezeLLM; total for the baselines)."""
+        """Bits per weight by part
+        (indices, lut, sparse for SqueezeLLM; total for the baselines).
+        """
         parts: dict[str, float] = {}
         for s in self.layers:
             for part, bits in s.bits.items():
@@ -245,7 +249,8 @@ def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
 def outlier_thresholds(
     model: nn.Module, config: SqueezeLLMConfig, profile: outliers.OutlierProfile | None = None
 ) -> tuple[float | None, dict[str, float]]:
-    """The IQR range ``r`` for this run (given, solved for ``outlier_pct``, or none) and each matrix's ``T``.
+    """The IQR range ``r`` for this run
+    (given, solved for ``outlier_pct``, or none) and each matrix's ``T``.
 
     ``profile`` reuses a summary of the model's (unquantized) weights across runs.
     """

@@ -25,13 +25,13 @@ from .config import MethodConfig, RTNConfig, SqueezeLLMConfig
 from .preset import preset
 
 MODEL_NOTE = (
-    "SmolLM2-135M-Instruct (LLaMA architecture, 30 blocks, hidden 576) instead of LLaMA-7B/13B/30B/65B; "
-    "reference weights are the dequantized values of its published Q4_1 GGUF"
+    "SmolLM2-135M-Instruct (LLaMA architecture, 30 blocks, hidden 576) instead of "
+    "LLaMA-7B/13B/30B/65B; reference weights are the dequantized values of its published Q4_1 GGUF"
 )
 DATA_NOTE = (
-    "Shakespeare evaluation plays (macbeth, tempest) instead of WikiText-2/C4; windows of {seqlen} tokens "
-    "instead of 2048; calibration {nsamples} x {calib_seqlen} tokens of other plays instead of 100 x 2048 "
-    "from C4"
+    "Shakespeare evaluation plays (macbeth, tempest) instead of WikiText-2/C4; windows of {seqlen} "
+    "tokens instead of 2048; calibration {nsamples} x {calib_seqlen} tokens of other plays instead "
+    "of 100 x 2048 from C4"
 )
 
 
@@ -59,17 +59,17 @@ def _gap_notes(ppl: dict[str, float], bits: list[int]) -> list[str]:
         )
         verdict = "agrees with the paper" if dense < gptq else "does NOT agree with the paper"
         notes.append(
-            f"{b}-bit: SqueezeLLM dense-only reaches perplexity {dense:.2f} against GPTQ per-channel "
-            f"{gptq:.2f} and RTN {rtn:.2f} (unquantized {fp:.2f}); dense-only beating GPTQ at the same "
-            f"bit width {verdict}."
+            f"{b}-bit: SqueezeLLM dense-only reaches perplexity {dense:.2f} against GPTQ "
+            f"per-channel {gptq:.2f} and RTN {rtn:.2f} (unquantized {fp:.2f}); dense-only beating "
+            f"GPTQ at the same bit width {verdict}."
         )
     if 3 in bits:
         gap_sq = ppl["SqueezeLLM 3-bit 0.45%+0.05%"] - fp
         gap_gptq = ppl["GPTQ 3-bit per-channel"] - fp
         ratio = gap_gptq / gap_sq if gap_sq > 0 else math.inf
         notes.append(
-            f"3-bit gap to the unquantized model: SqueezeLLM 0.45%+0.05% {gap_sq:.2f}, GPTQ per-channel "
-            f"{gap_gptq:.2f}, {ratio:.1f}x smaller ("
+            f"3-bit gap to the unquantized model: SqueezeLLM 0.45%+0.05% {gap_sq:.2f}, GPTQ "
+            f"per-channel {gap_gptq:.2f}, {ratio:.1f}x smaller ("
             + (
                 "the paper's at-least-2x holds here)."
                 if ratio >= 2
@@ -102,7 +102,10 @@ class PaperReport:
             seqlen=self.sweeper.seqlen, nsamples=c["nsamples"], calib_seqlen=c["seqlen"]
         )
         if self.settings.fast:
-            note += "; FAST MODE: only decoder blocks 0-1 quantized and 2 evaluation windows, numbers are not comparable"
+            note += (
+                "; FAST MODE: only decoder blocks 0-1 quantized and 2 evaluation windows, numbers "
+                "are not comparable"
+            )
         return note
 
     def point(self, config: MethodConfig | None) -> dict:
@@ -143,15 +146,15 @@ class PaperReport:
         ]
         fp32 = statistics.median(r["gbs"] for r in rows if r["format"] == "fp32")
         notes = [
-            f"All points are measured on this CPU ({torch.get_num_threads()} threads, copy bandwidth "
-            f"{bandwidth:.1f} GB/s), each call reading its own copy of the weights from memory: the fp32 "
-            f"GEMVs reach {fp32:.1f} GB/s (median), so time follows bytes read.",
-            f"At {largest[0]}x{largest[1]} the 3-bit LUT-GEMV takes {at['w3']['us_median']:.0f} µs: "
-            f"{at['fp32']['us_median'] / at['w3']['us_median']:.1f}x faster than fp32 and "
-            f"{at['bf16']['us_median'] / at['w3']['us_median']:.1f}x faster than bf16; with the 0.45% sparse "
-            f"part {at['fp32']['us_median'] / at['w3s']['us_median']:.1f}x faster than fp32. The packed "
-            "kernel decodes indices at a fraction of memory speed, which on this CPU, not the bandwidth, "
-            "sets its time.",
+            f"All points are measured on this CPU ({torch.get_num_threads()} threads, copy "
+            f"bandwidth {bandwidth:.1f} GB/s), each call reading its own copy of the weights from "
+            f"memory: the fp32 GEMVs reach {fp32:.1f} GB/s (median), so time follows bytes read.",
+            f"At {largest[0]}x{largest[1]} the 3-bit LUT-GEMV takes {at['w3']['us_median']:.0f} "
+            f"µs: {at['fp32']['us_median'] / at['w3']['us_median']:.1f}x faster than fp32 and "
+            f"{at['bf16']['us_median'] / at['w3']['us_median']:.1f}x faster than bf16; with the "
+            f"0.45% sparse part {at['fp32']['us_median'] / at['w3s']['us_median']:.1f}x faster "
+            "than fp32. The packed kernel decodes indices at a fraction of memory speed, which on "
+            "this CPU, not the bandwidth, sets its time.",
         ]
         if gpu_results:
             gpu_figures, gpu_notes = gpu_memory_wall(gpu_results)
@@ -159,14 +162,15 @@ class PaperReport:
             notes += gpu_notes
         else:
             notes.append(
-                "No GPU results file found (benchmarks/kernels.py --json out/kernels.json): CPU only."
+                "No GPU results file found (benchmarks/kernels.py --json out/kernels.json): "
+                "CPU only."
             )
         return Section(
             "memory_wall",
             "Memory wall",
             "Figure 1 (right) / Section 3: decoding is memory bound",
-            "this machine's CPU: random matrices of the default model's and LLaMA-7B's shapes, torch "
-            "fp32/bf16 against sqlab's packed CPU LUT-GEMV",
+            "this machine's CPU: random matrices of the default model's and LLaMA-7B's shapes, "
+            "torch fp32/bf16 against sqlab's packed CPU LUT-GEMV",
             "measured on a CPU, not an A6000/A100"
             + ("; FAST MODE: small matrices that stay in cache" if fast else ""),
             figures,
@@ -283,9 +287,11 @@ class PaperReport:
         )
         w = {k: r["ppl_shakespeare"] for k, r in weighting.items()}
         k = {name: r["ppl_shakespeare"] for name, r in kinds.items()}
+        helps = w["Fisher-weighted"] < w["plain k-means"]
+        verdict = "helps, as in the paper" if helps else "does NOT help here"
         notes = [
-            f"Sensitivity weighting: {w['Fisher-weighted']:.2f} against {w['plain k-means']:.2f} for plain "
-            f"k-means ({'helps, as in the paper' if w['Fisher-weighted'] < w['plain k-means'] else 'does NOT help here'}).",
+            f"Sensitivity weighting: {w['Fisher-weighted']:.2f} against {w['plain k-means']:.2f} "
+            f"for plain k-means ({verdict}).",
             "Sparse part: " + ", ".join(f"{name} {v:.2f}" for name, v in k.items()) + ".",
         ]
         return Section(
@@ -334,19 +340,20 @@ class PaperReport:
         ]
         three = rows[1]
         notes = [
-            f"Packed 3-bit decodes {three['speedup']:.2f}x as many tokens/s as the unquantized fp32 model "
-            f"(median of {three.get('repeats', '?')} runs after a warm-up; spreads in the figure), and holds its "
-            f"decoder linears in {three['linears_vs_fp32']:.2f}x of their fp32 memory.",
-            "Peak memory is the process's peak RSS, which includes the reference model this report keeps "
-            "loaded; benchmarks/cpu_decode.py measures each model in a process of its own.",
+            f"Packed 3-bit decodes {three['speedup']:.2f}x as many tokens/s as the unquantized "
+            f"fp32 model (median of {three.get('repeats', '?')} runs after a warm-up; spreads in "
+            f"the figure), and holds its decoder linears in {three['linears_vs_fp32']:.2f}x of "
+            "their fp32 memory.",
+            "Peak memory is the process's peak RSS, which includes the reference model this report "
+            "keeps loaded; benchmarks/cpu_decode.py measures each model in a process of its own.",
             "No GPU results file found: CPU figures, not the paper's setting.",
         ]
         return Section(
             "latency",
             "Latency and memory (CPU)",
             "Table 3: generation latency and peak memory",
-            "this machine's CPU, default model, greedy decoding at batch 1; packed layers run the CPU "
-            "LUT-GEMV straight from their 3/4-bit indices",
+            "this machine's CPU, default model, greedy decoding at batch 1; packed layers run the "
+            "CPU LUT-GEMV straight from their 3/4-bit indices",
             "measured on a CPU, not an A6000; "
             "GPU numbers come from benchmarks/generate.py on a GPU",
             [viz.table(table, "Greedy decoding on this CPU"), viz.speed_bars(rows)],
@@ -372,7 +379,9 @@ GENERATE_COLUMNS = [
 
 
 def gpu_memory_wall(results: dict) -> tuple[list, list[str]]:
-    """The memory wall on a GPU, from ``benchmarks/kernels.py --json``: time against bytes read, per kernel."""
+    """The memory wall on a GPU, from ``benchmarks/kernels.py --json``: time against bytes read,
+    per kernel.
+    """
     table_rows = pd.DataFrame(results["rows"])
     rows = (
         table_rows[table_rows["tokens"] == 1] if "tokens" in table_rows else table_rows
@@ -410,14 +419,14 @@ def gpu_latency(results: dict) -> Section:
     if "fp16" in rows and "3-bit" in rows:
         speedup = rows["fp16"]["decode_ms_per_token"] / rows["3-bit"]["decode_ms_per_token"]
         notes.append(
-            f"3-bit decodes {speedup:.2f}x as many tokens/s as fp16 with eager generate() (the paper "
-            "reports 2.1-2.4x on an A6000 for LLaMA-7B)."
+            f"3-bit decodes {speedup:.2f}x as many tokens/s as fp16 with eager generate() (the "
+            "paper reports 2.1-2.4x on an A6000 for LLaMA-7B)."
         )
         graph = [rows[k].get("graph_decode_ms_per_token") for k in ("fp16", "3-bit")]
         if all(graph):
             notes.append(
-                f"Replaying one captured CUDA graph per token, 3-bit decodes {graph[0] / graph[1]:.2f}x as "
-                "many tokens/s as fp16."
+                "Replaying one captured CUDA graph per token, 3-bit decodes "
+                f"{graph[0] / graph[1]:.2f}x as many tokens/s as fp16."
             )
     return Section(
         "latency",
@@ -487,7 +496,9 @@ def render_html(sections: list[Section], title: str = "SqueezeLLM on the default
 
 
 def write_report(out: str | Path, fast: bool = False, progress: bool = True) -> Path:
-    """Write ``report.html`` (self-contained) and ``report.json`` (the notes and tables) into ``out``."""
+    """Write ``report.html`` (self-contained) and ``report.json``
+    (the notes and tables) into ``out``.
+    """
     sections = paper_sections(fast, progress)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

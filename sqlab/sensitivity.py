@@ -143,7 +143,8 @@ def fisher_information(
     offload_dir: str | Path | None = None,
     measure: bool = False,
 ) -> FisherInformation:
-    """Diagonal Fisher of every quantizable weight, ``{module name: (out_features, in_features)}`` fp32.
+    """Diagonal Fisher of every quantizable weight,
+    ``{module name: (out_features, in_features)}`` fp32.
 
     ``windows`` is ``(nsamples, seqlen)`` token ids; one backward pass per window.
     ``strategy`` (``FisherStrategy``) trades time for memory without changing the
@@ -216,7 +217,9 @@ def fisher_cache_path(
 
 
 def load_fisher(path: Path, model: nn.Module | None = None) -> dict[str, torch.Tensor]:
-    """Read a Fisher file; with ``model``, check it names every quantizable weight with its shape."""
+    """Read a Fisher file; with ``model``,
+    check it names every quantizable weight with its shape.
+    """
     fisher = load_safetensors(path)[0]
     if model is not None:
         for name, linear in quantizable_linears(model).items():
@@ -277,7 +280,9 @@ def _even_sample(flat: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def fisher_summary(fisher: dict[str, torch.Tensor]):
-    """One row per matrix: block, module, and the spread of its Fisher values (a pandas DataFrame)."""
+    """One row per matrix: block, module, and the spread of its Fisher values
+    (a pandas DataFrame).
+    """
     import pandas as pd
 
     from .models import split_name
@@ -304,7 +309,9 @@ def fisher_summary(fisher: dict[str, torch.Tensor]):
 
 
 def top_mass(fisher: dict[str, torch.Tensor], pcts=(0.05, 0.45, 1.0, 5.0)) -> dict[float, float]:
-    """Share of the total Fisher information held by the top ``pct`` percent of each matrix's weights."""
+    """Share of the total Fisher information held by the top ``pct`` percent of each matrix's
+    weights.
+    """
     held = {p: 0.0 for p in pcts}
     total = 0.0
     for f in fisher.values():
@@ -319,7 +326,9 @@ def top_mass(fisher: dict[str, torch.Tensor], pcts=(0.05, 0.45, 1.0, 5.0)) -> di
 def fisher_by_module(
     fisher: dict[str, torch.Tensor], per_matrix: int = 4096
 ) -> dict[str, torch.Tensor]:
-    """An evenly spaced sample of every matrix's Fisher values, pooled per module (for histograms)."""
+    """An evenly spaced sample of every matrix's Fisher values, pooled per module
+    (for histograms).
+    """
     from .models import split_name
 
     pooled: dict[str, list[torch.Tensor]] = {}

@@ -88,7 +88,9 @@ def fisher_histogram(values: dict[str, object], bins: int = 80) -> go.Figure:
 def sensitive_heatmap(
     fisher, pct: float = 0.05, bins: int = 48, title: str | None = None
 ) -> go.Figure:
-    """Where the top ``pct``% most sensitive weights of one matrix sit: binned counts over rows × columns."""
+    """Where the top ``pct``% most sensitive weights of one matrix sit:
+    binned counts over rows × columns.
+    """
     f = _np(fisher)
     k = max(1, round(pct / 100 * f.size))
     flat = np.argpartition(f.reshape(-1), -k)[-k:]
@@ -462,7 +464,10 @@ def ppl_vs_size(
                 x=[estimate["size_mb"]],
                 y=[estimate["ppl"]],
                 mode="markers",
-                name=f"estimating: {estimate['label']} ({estimate['windows']}/{estimate['total']} windows)",
+                name=(
+                    f"estimating: {estimate['label']} "
+                    f"({estimate['windows']}/{estimate['total']} windows)"
+                ),
                 marker=dict(size=14, symbol="circle-open", color="black", line=dict(width=2)),
                 error_y=dict(
                     type="data",
@@ -486,7 +491,9 @@ def ppl_vs_size(
 
 
 def speed_bars(rows: list[dict]) -> go.Figure:
-    """Decoding speed (tokens/s, with the spread of repeated runs) and memory of several models, side by side."""
+    """Decoding speed (tokens/s, with the spread of repeated runs) and memory of several models,
+    side by side.
+    """
     fig = make_subplots(rows=1, cols=2, subplot_titles=("decoding speed", "memory"))
     labels = [r["label"] for r in rows]
     speed = [r["tokens_per_s"] for r in rows]
@@ -556,7 +563,8 @@ FORMAT_NAMES = {
 
 
 def memory_wall(rows: list[dict], bandwidth: float, device: str = "CPU") -> go.Figure:
-    """Batch-1 GEMV time against the bytes it reads, per weight format, beside bytes / copy bandwidth.
+    """Batch-1 GEMV time against the bytes it reads, per weight format,
+    beside bytes / copy bandwidth.
 
     ``rows`` as ``sqlab.evaluate.gemv_timings`` returns them (median and min-max per call).
     """

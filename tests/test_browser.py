@@ -29,7 +29,8 @@ CHROMIUM_FLAGS = [
 POINTS = ".jupyter-widgets .js-plotly-plot .scatterlayer .trace .point"
 # every code cell shows an execution count and none is queued or running ("[*]")
 ALL_CELLS_RAN = """() => {
-  const prompts = [...document.querySelectorAll('.jp-CodeCell .jp-InputPrompt')].map(p => p.textContent.trim());
+  const prompts = [...document.querySelectorAll('.jp-CodeCell .jp-InputPrompt')]\
+.map(p => p.textContent.trim());
   return prompts.length > 0 && prompts.every(p => /\\[\\d+\\]/.test(p));
 }"""
 
@@ -42,7 +43,9 @@ def _free_port() -> int:
 
 @pytest.fixture
 def jupyterlab(tmp_path):
-    """A JupyterLab server on localhost over a copy of the notebooks (so nothing committed is touched)."""
+    """A JupyterLab server on localhost over a copy of the notebooks
+    (so nothing committed is touched).
+    """
     work = tmp_path / "notebooks"
     shutil.copytree(ROOT / "notebooks", work)
     port = _free_port()
@@ -131,7 +134,8 @@ def test_sweep_panel_in_jupyterlab(jupyterlab, tmp_path):
             before_text = status.inner_text()
 
             # the outlier slider renders as a track, and dragging its handle with the mouse one
-            # step to the right picks the next value: a new point is quantized, evaluated and plotted
+            # step to the right picks the next value: a new point is quantized,
+            # evaluated and plotted
             widget = page.locator(".widget-slider", has_text="outliers %")
             widget.scroll_into_view_if_needed()
             track = widget.locator(".noUi-base")

@@ -223,7 +223,9 @@ def test_a_quantized_tiny_model_decodes_as_its_simulated_twin():
 
 
 def test_cpu_decode_benchmark_writes_its_json(tmp_path):
-    """The GEMV half of benchmarks/cpu_decode.py on a small shape (the decoding half needs minutes)."""
+    """The GEMV half of benchmarks/cpu_decode.py on a small shape
+    (the decoding half needs minutes).
+    """
     import json
     import subprocess
     from pathlib import Path

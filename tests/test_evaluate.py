@@ -79,7 +79,8 @@ def test_gemv_timings_cover_every_format_and_count_the_bytes_read():
         dense = {"fp32": 4, "bf16": 2}.get(r["format"])
         if dense:
             assert r["bytes"] == out_features * in_features * dense
-        else:  # packed: the indices, and the kernel's 16-entry fp32 table per row, and the sparse part
+        else:
+            # packed: the indices, and the kernel's 16-entry fp32 table per row, and the sparse part
             wbits = int(r["format"][1])
             packed = -(-in_features // 32) * wbits * out_features * 4 + out_features * (
                 2**wbits * 2 + 16 * 4
@@ -129,7 +130,9 @@ def _generate(model, ids, n):
 
 
 def test_static_decoder_gives_the_tokens_of_generate(tiny_llama):
-    """The step a CUDA graph captures (static cache, in-place position and output) decodes like generate()."""
+    """The step a CUDA graph captures
+    (static cache, in-place position and output) decodes like generate().
+    """
     ids = torch.randint(3, 320, (1, 7), generator=torch.Generator().manual_seed(0))
     decoder = evaluate.StaticDecoder(tiny_llama, ids, 12)
     for _ in range(11):

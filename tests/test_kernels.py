@@ -158,7 +158,9 @@ def test_kernel_compiles(nvcc_builds, key):
 @needs_nvcc
 @pytest.mark.parametrize("key", [k for k in JOBS if JOBS[k][0] == "lut_gemv.cu"])
 def test_static_shared_memory_is_what_the_plan_budgets(nvcc_builds, key):
-    """gemv_plan keeps static + dynamic shared memory within 48 KiB only if it knows the static part."""
+    """gemv_plan keeps static + dynamic shared memory within 48 KiB only if it knows the static
+    part.
+    """
     result = nvcc_builds[key]
     assert result.returncode == 0, result.stderr[-2000:]
     defines = dict(JOBS[key][2])
@@ -270,7 +272,8 @@ def test_gemv_plan_fits_shared_memory_and_covers_all_groups(
 ):
     groups = -(-in_features // 32)
     config = kernels.gemv_config(wbits, x_dtype)
-    # 16-bit activations look weights up in pairs; fp16 pairs (HALF2) stage x as fp16, the rest as fp32
+    # 16-bit activations look weights up in pairs; fp16 pairs (HALF2) stage x as fp16,
+    # the rest as fp32
     assert config.tuple == (1 if x_dtype == F32 else 2)
     x_bytes = 2 if x_dtype == F16 else 4
     bn = config.bn

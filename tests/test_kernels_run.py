@@ -127,7 +127,7 @@ def _assert_exact(y: torch.Tensor, layer: SqueezeLinear, x: torch.Tensor, what: 
     )
 
 
-# --- LUT-GEMV --------------------------------------------------------------------------------------
+# --- LUT-GEMV -------------------------------------------------------------------------------------
 
 SMALL_SHAPES = [(100, 37), (48, 96), (33, 1), (64, 64), (1000, 130)]
 
@@ -156,7 +156,9 @@ def test_lut_gemv_equals_the_reference_exactly(
 @pytest.mark.parametrize("in_features, out_features", [(4096, 256), (11008, 128), (576, 1536)])
 @pytest.mark.parametrize("wbits", [3, 4])
 def test_lut_gemv_llama_widths_sparse_and_skewed(target, in_features, out_features, wbits):
-    """Long rows (many K slices on 132 SMs) with the paper's 0.45% sparse part, a third of it in one row."""
+    """Long rows (many K slices on 132 SMs) with the paper's 0.45% sparse part,
+    a third of it in one row.
+    """
     dtypes = DTYPE_SETS["fp16-model"]
     layer = exact_layer(
         in_features, out_features, wbits, 0.0045, dtypes, target.device, skewed=True
@@ -221,7 +223,9 @@ def test_split_counters_return_to_zero_and_graph_arenas_keep_their_own(target):
 
 
 def test_decoding_uses_the_weights_prefill_and_the_cpu_use(target):
-    """An fp32 LUT with fp16 activations: decoding rounds each centroid to fp16 as the dequantization does."""
+    """An fp32 LUT with fp16 activations:
+    decoding rounds each centroid to fp16 as the dequantization does.
+    """
     gen = torch.Generator().manual_seed(0)
     lut = torch.randn(16, 8, generator=gen) / 3  # not representable in fp16
     idx = torch.randint(0, 8, (16, 64), generator=gen, dtype=torch.uint8)
@@ -261,7 +265,7 @@ def test_bad_csr_is_refused_with_the_layer_name(target):
         layer(exact_x(1, 100, F16, target.device))
 
 
-# --- the harness can fail ---------------------------------------------------------------------------
+# --- the harness can fail -------------------------------------------------------------------------
 
 STAGING_BARRIER = "padding inputs count as x = 0\n  }\n  __syncthreads();"
 SPANNING_FIELD = "__funnelshift_r(q[w], q[w + 1], s - SH)"
@@ -357,7 +361,7 @@ def test_spmv_refuses_startrows_that_do_not_match(target):
         )
 
 
-# --- dequantization for prompts ---------------------------------------------------------------------
+# --- dequantization for prompts -------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("in_features, out_features", [(100, 37), (48, 96), (1000, 130), (300, 33)])
@@ -376,11 +380,13 @@ def test_dequantize_equals_the_cpu_reference_bit_for_bit(
     assert torch.equal(w.cpu(), copy.deepcopy(layer).cpu().dequantize(dtype))
 
 
-# --- SqueezeLinear: prepared once, dispatched by token count ------------------------------------------
+# --- SqueezeLinear: prepared once, dispatched by token count --------------------------------------
 
 
 def _count_launches(monkeypatch) -> dict[str, int]:
-    """Counts of prepared LUT-GEMV calls (1-8 tokens) and of dequantizations, as ``SqueezeLinear`` makes them."""
+    """Counts of prepared LUT-GEMV calls (1-8 tokens) and of dequantizations,
+    as ``SqueezeLinear`` makes them.
+    """
     calls = {"gemv": 0, "dequantize": 0}
     call, dequantize = kernels.GemvKernels.__call__, kernels.dequantize_packed
 
@@ -436,7 +442,7 @@ def test_squeeze_linear_rejects_a_wrong_width(target):
         layer(exact_x(1, 99, F16, target.device))
 
 
-# --- a quantized tiny model ------------------------------------------------------------------------
+# --- a quantized tiny model -----------------------------------------------------------------------
 
 
 def _quantized_llama(wbits: int, hidden: int = 48, layers: int = 2):
@@ -469,7 +475,9 @@ def _simulated_twin(model):
 
 @torch.no_grad()
 def _steps(model, prompt: torch.Tensor, feed: torch.Tensor) -> list[torch.Tensor]:
-    """Logits of the prompt (one forward) and of each token of ``feed`` (one token a step, cached)."""
+    """Logits of the prompt (one forward) and of each token of ``feed``
+    (one token a step, cached).
+    """
     out = model(prompt, use_cache=True)
     logits, cache = [out.logits.float().cpu()], out.past_key_values
     for t in range(feed.shape[1]):
@@ -538,7 +546,9 @@ def test_the_harness_runs_bf16_and_fp32_models(target):
 
 
 def test_static_decoding_of_a_quantized_model_with_graph_counters(target):
-    """The decoding step a CUDA graph captures, with every split launch on the graph's own counters."""
+    """The decoding step a CUDA graph captures,
+    with every split launch on the graph's own counters.
+    """
     from sqlab.evaluate import StaticDecoder
 
     model = _quantized_llama(3, hidden=320, layers=1).to(target.device)  # wide enough to split K

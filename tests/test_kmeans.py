@@ -160,7 +160,9 @@ def test_bad_arguments():
 
 
 def optimum_fast(x: np.ndarray, f: np.ndarray, k: int) -> float:
-    """The same exact optimum as ``optimum``, with numpy over all split points (n up to a few hundred)."""
+    """The same exact optimum as ``optimum``, with numpy over all split points
+    (n up to a few hundred).
+    """
     order = np.argsort(x)
     x, f = x[order], f[order]
     p0, p1, p2 = (np.concatenate([[0.0], np.cumsum(v)]) for v in (f, f * x, f * x * x))
@@ -259,7 +261,8 @@ def test_optimal_kmeans_is_the_optimum(case):
     assert abs(result.sse.item() - optimum(x, f32, k)) <= 1e-9 * scale
     c = result.centroids[0].double()
     assert bool((c[1:] >= c[:-1]).all())
-    # the centroids, with every value at its nearest one, give that SSE (the optimum is Lloyd-stable)
+    # the centroids, with every value at its nearest one, give that SSE
+    # (the optimum is Lloyd-stable)
     weights = torch.tensor(f32) if f32.sum() > 0 else torch.ones(n, dtype=torch.float64)
     labels = assign(torch.tensor(x[None]), result.centroids.double())[0].long()
     assert (
@@ -332,7 +335,9 @@ def test_cluster_follows_the_config_and_says_what_optimal_needs(monkeypatch):
 
 @pytest.mark.slow
 def test_kmeans_benchmark_compares_every_method(tmp_path):
-    """benchmarks/kmeans.py on a few rows (its Fisher is the fast preset's, which the notebooks share)."""
+    """benchmarks/kmeans.py on a few rows
+    (its Fisher is the fast preset's, which the notebooks share).
+    """
     import json
     import subprocess
     import sys

@@ -114,7 +114,9 @@ def test_balanced_startrows_points_each_thread_at_its_first_row(counts, per_thre
     scale=st.sampled_from([1e-8, 1e-3, 1.0, 30.0]),
 )
 def test_sparse_correction_is_exact_bit_for_bit(seed, k, dtype, scale):
-    """dequant(dense) + sparse == the intended weight at every sparse position, for any weight size."""
+    """dequant(dense) + sparse == the intended weight at every sparse position,
+    for any weight size.
+    """
     gen = torch.Generator().manual_seed(seed)
     out_features, in_features = 12, 40
     w = (torch.randn(out_features, in_features, generator=gen) * 0.02).to(dtype)

@@ -1,4 +1,6 @@
-"""The paper report: every section in one offline HTML file, GPU figures when the benchmarks wrote them."""
+"""The paper report: every section in one offline HTML file,
+GPU figures when the benchmarks wrote them.
+"""
 
 import json
 import subprocess
@@ -13,7 +15,9 @@ SECTIONS = ["memory_wall", "distributions", "nonuniform", "main_table", "ablatio
 
 
 def _kernel_rows():
-    """Rows in the schema benchmarks/kernels.py writes: a 2x smaller read makes a kernel about 2x faster."""
+    """Rows in the schema benchmarks/kernels.py writes:
+    a 2x smaller read makes a kernel about 2x faster.
+    """
     rows = []
     for tokens, slower in (
         (1, 1.1),
