@@ -37,6 +37,7 @@ browser:
 		|| ($(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium)
 
 test: setup browser
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 
 lab: setup
