@@ -360,13 +360,18 @@ def gemv_config(wbits: int, x_dtype: torch.dtype) -> GemvConfig:
 
 
 @contextlib.contextmanager
+def _scoped(var: contextvars.ContextVar, value):
+    """``var`` holds ``value`` inside the ``with`` block, and what it held before after it."""
+    token = var.set(value)
+    try:
+        yield value
+    finally:
+        var.reset(token)
+
+
 def gemv_config_override(config: GemvConfig):
     """Layers prepared inside use ``config`` (benchmarks/tune_gemv.py sweeps tiles with it)."""
-    token = _OVERRIDE.set(config)
-    try:
-        yield config
-    finally:
-        _OVERRIDE.reset(token)
+    return _scoped(_OVERRIDE, config)
 
 
 def _x_bytes(config: GemvConfig, x_dtype: torch.dtype) -> int:
@@ -501,14 +506,9 @@ _ARENA: contextvars.ContextVar[CounterArena | None] = contextvars.ContextVar(
 )
 
 
-@contextlib.contextmanager
 def capture_scope(arena: CounterArena):
     """Launches inside take their split-K counters and workspaces for one captured graph."""
-    token = _ARENA.set(arena)
-    try:
-        yield arena
-    finally:
-        _ARENA.reset(token)
+    return _scoped(_ARENA, arena)
 
 
 # --- a layer's prepared launches -----------------------------------------------------------------
