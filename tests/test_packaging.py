@@ -99,7 +99,8 @@ def test_make_targets_install_and_fetch():
     assert "sqlab fetch" in makefile
     # CI (make test) installs what the lm-eval and Ray tests need
     assert re.search(r'pip install .*-e "\.\[dev,notebooks,eval,ray\]"', makefile)
-    assert re.search(r"^test: setup.*\n\t.*pytest", makefile, flags=re.M)
+    # make test lints first, then runs the suite
+    assert re.search(r"^test: setup.*\n\t.*ruff check \.\n\t.*pytest", makefile, flags=re.M)
     assert re.search(r"^browser:\n.*apt-get install -y -qq chromium", makefile, flags=re.M)
     assert re.search(r"^demo: setup\n\t.*sqlab demo", makefile, flags=re.M)
 
