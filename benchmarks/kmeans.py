@@ -16,9 +16,10 @@ same ``--rows`` rows spread over each matrix) and its time per row. sqlab's meth
 on whole matrices (all rows at once), median of three runs after a warm-up; the per-row
 libraries run once over the sampled rows, after a warm-up row.
 
-``--shape 7b``: time the exact k-means on one LLaMA-7B-shaped decoder block (4096 x 4096
-q/k/v/o, 11008 x 4096 gate/up, 4096 x 11008 down; random weights, random positive Fisher)
-and extrapolate to the 32 blocks of the model; with a GPU, the batched heuristic there too.
+``--shape 7b``: time the exact k-means and the batched heuristic (``--kmeans fast``) on one
+LLaMA-7B-shaped decoder block (4096 x 4096 q/k/v/o, 11008 x 4096 gate/up, 4096 x 11008 down;
+random weights, random positive Fisher) on the CPU and extrapolate to the 32 blocks of the
+model; with a GPU, the batched heuristic there too.
 
     .venv/bin/python benchmarks/kmeans.py [--layer 10] [--wbits 3 4] [--rows 64]
         [--json out/kmeans.json]
@@ -194,7 +195,7 @@ def llama_7b(args) -> dict:
     result = {"threads": torch.get_num_threads(), "blocks": LLAMA_7B_BLOCKS, "rows": []}
     for wbits in args.wbits:
         k = 2**wbits
-        cpu, gpu = 0.0, 0.0
+        cpu, cpu_fast, gpu = 0.0, 0.0, 0.0
         for name, (out_features, in_features) in LLAMA_7B.items():
             w = torch.randn(out_features, in_features, generator=gen) * 0.02
             f = (
@@ -203,6 +204,10 @@ def llama_7b(args) -> dict:
             start = time.perf_counter()
             optimal_kmeans(w, f, k)
             cpu += time.perf_counter() - start
+            weighted_kmeans(w[:64], f[:64], k)  # warm-up
+            start = time.perf_counter()
+            weighted_kmeans(w, f, k)  # the batched heuristic: sqlab quantize --kmeans fast
+            cpu_fast += time.perf_counter() - start
             if torch.cuda.is_available():
                 wg, fg = w.cuda(), f.cuda()
                 weighted_kmeans(wg[:64], fg[:64], k)
@@ -215,13 +220,16 @@ def llama_7b(args) -> dict:
             "wbits": wbits,
             "cpu_block_s": cpu,
             "cpu_model_min": cpu * LLAMA_7B_BLOCKS / 60,
+            "cpu_fast_block_s": cpu_fast,
+            "cpu_fast_model_min": cpu_fast * LLAMA_7B_BLOCKS / 60,
             "gpu_block_s": gpu or None,
             "gpu_model_s": gpu * LLAMA_7B_BLOCKS if gpu else None,
         }
         result["rows"].append(row)
         print(
             f"{wbits}-bit: exact k-means {cpu:.1f} s per block on the CPU -> "
-            f"{row['cpu_model_min']:.1f} min for the model (target <= 10 min)"
+            f"{row['cpu_model_min']:.1f} min for the model (target <= 10 min); heuristic "
+            f"(--kmeans fast) {cpu_fast:.1f} s per block -> {row['cpu_fast_model_min']:.1f} min"
             + (
                 f"; heuristic on the GPU {gpu:.2f} s per block -> "
                 f"{row['gpu_model_s']:.0f} s (target <= 60 s)"
