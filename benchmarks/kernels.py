@@ -31,7 +31,7 @@ import torch
 
 from sqlab import files
 
-from sqlab.evaluate import cuda_graph_ms
+from sqlab.evaluate import cuda_graph_ms, memory_bandwidth
 
 SHAPES = {  # (out_features, in_features): q/k/v/o, gate/up, down
     "7b": [(4096, 4096), (11008, 4096), (4096, 11008)],
@@ -69,27 +69,6 @@ def peak_bandwidth(props, override: float | None) -> tuple[float | None, str]:
         if name.lower() in props.name.lower():
             return float(gbps), f"known value for {name}"
     return None, "unknown (pass --peak-gbps)"
-
-
-def measured_copy_gbps(repeat: int = 20) -> float:
-    """Achievable memory bandwidth (GB/s): a 2 GiB device-to-device copy, bytes read plus
-    bytes written over the median time of ``repeat`` copies after a warm-up."""
-    src = torch.randn(2**28, device="cuda")  # 1 GiB of random float32, copied into a second GiB
-    dst = torch.empty_like(src)
-    for _ in range(3):
-        dst.copy_(src)
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(repeat):
-        start.record()
-        dst.copy_(src)
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    moved = 2 * src.numel() * src.element_size()
-    del src, dst
-    torch.cuda.empty_cache()
-    return moved / statistics.median(times) / 1e9
 
 
 def random_packed(out_features: int, in_features: int, wbits: int, density: float, device):
@@ -293,7 +272,9 @@ def main() -> int:
     props = torch.cuda.get_device_properties(0)
     peak, source = peak_bandwidth(props, args.peak_gbps)
     l2_bytes = getattr(props, "L2_cache_size", 0) or 50 * 2**20
-    copy_gbps = measured_copy_gbps()
+    # what a memory-bound kernel can attain: a 1 GiB device-to-device copy, read + written
+    copy_gbps = memory_bandwidth("cuda", megabytes=1024, repeats=20)
+    torch.cuda.empty_cache()
     shapes = SHAPES["7b"] + SHAPES["13b"] if args.shapes == "all" else SHAPES[args.shapes]
     print(
         f"device: {props.name}, {props.multi_processor_count} SMs, L2 {l2_bytes / 2**20:.0f} MiB; "
