@@ -678,14 +678,7 @@ class GemvKernels:
             if launch.workspace is None:
                 launch.workspace = self._workspace(launch)
                 launch.params.slots[_PARTIAL].value = launch.workspace.data_ptr()
-        self.backend.launch(
-            launch.function,
-            launch.grid,
-            launch.block,
-            launch.shared,
-            self.backend.stream(self.device),
-            launch.params.address,
-        )
+        self._launch(launch)
         return out
 
     def _launch(self, launch: _Launch) -> None:
