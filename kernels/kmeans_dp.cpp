@@ -17,6 +17,7 @@
 // cancellation. A row whose weights are all zero uses weight 1 everywhere. Rows are
 // independent and shared out over OpenMP threads (torch's pool, as for lut_gemv_cpu.cpp).
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #if defined(__AVX512F__)
@@ -108,63 +109,103 @@ struct Layer {
 
 struct Buffers {
   std::vector<uint64_t> items, spare;
-  std::vector<double> xs, ws, prev, cur;
+  std::vector<double> xs, prev, cur;
   Sums sums;
   std::vector<int> opt;
 };
 
-// A float's bits as an unsigned key in the same order (negatives flipped).
+// A float's bits as an unsigned key in the same order: negatives count down from 2^31 by
+// their magnitude, so a value's zero low bits (a bfloat16 or float16 weight widened) stay
+// zero and their sorting passes are skipped. -0 and +0 share the key 2^31.
 inline uint32_t sortable(float v) {
   uint32_t u;
   std::memcpy(&u, &v, 4);
-  return u & 0x80000000u ? ~u : u | 0x80000000u;
+  return u & 0x80000000u ? 0x80000000u - (u & 0x7fffffffu) : u | 0x80000000u;
 }
 
-// Sort the row's values, least significant digit first: each item is the value's key (high
-// 32 bits) and its position (low), so the weights follow. Short rows take four passes of 8
-// bits (small counting tables), long ones three of 11; a pass whose digit is the same for
-// every item is skipped.
-void sort_row(const float* x, int n, std::vector<uint64_t>& items, std::vector<uint64_t>& spare) {
-  items.resize(n), spare.resize(n);
-  for (int j = 0; j < n; ++j) items[j] = (uint64_t)sortable(x[j]) << 32 | (uint32_t)j;
-  const int bits = n < 4096 ? 8 : 11, buckets = 1 << bits;
-  uint32_t count[2049];
-  for (int shift = 32; shift < 64; shift += bits) {
-    std::fill(count, count + buckets + 1, 0u);
-    for (int j = 0; j < n; ++j) ++count[((items[j] >> shift) & (buckets - 1)) + 1];
-    if (count[((items[0] >> shift) & (buckets - 1)) + 1] == (uint32_t)n) continue;  // one digit: no move
-    for (int d = 0; d < buckets; ++d) count[d + 1] += count[d];
-    for (int j = 0; j < n; ++j) spare[count[(items[j] >> shift) & (buckets - 1)]++] = items[j];
+inline float unsortable(uint32_t key) {
+  const uint32_t u = key & 0x80000000u ? key & 0x7fffffffu : (0x80000000u - key) | 0x80000000u;
+  float v;
+  std::memcpy(&v, &u, 4);
+  return v;
+}
+
+// Sort the items (a value's key in the high 32 bits, its weight's bits in the low 32, which
+// follow it) by key, least significant digit first. Short rows take four passes of 8 bits
+// (small counting tables), long ones three of 11; one read counts the digits of every pass,
+// and a pass whose digit is the same for every item is skipped.
+void sort_items(std::vector<uint64_t>& items, std::vector<uint64_t>& spare) {
+  const int n = (int)items.size(), bits = n < 4096 ? 8 : 11, buckets = 1 << bits;
+  const int passes = (32 + bits - 1) / bits;
+  spare.resize(n);
+  uint32_t count[4][2049] = {};
+  for (int j = 0; j < n; ++j)
+    for (int p = 0; p < passes; ++p) ++count[p][((items[j] >> (32 + p * bits)) & (buckets - 1)) + 1];
+  for (int p = 0; p < passes; ++p) {
+    const int shift = 32 + p * bits;
+    uint32_t* at = count[p];
+    if (at[((items[0] >> shift) & (buckets - 1)) + 1] == (uint32_t)n) continue;  // one digit: no move
+    for (int d = 0; d < buckets; ++d) at[d + 1] += at[d];
+    for (int j = 0; j < n; ++j) spare[at[(items[j] >> shift) & (buckets - 1)]++] = items[j];
     items.swap(spare);
   }
 }
 
-// One row: n values x with weights f -> k ascending centroids, and the optimal weighted SSE.
+// One row: n values x with weights f -> k ascending centroids, and the optimal weighted SSE
+// (NaN where a value or weight is not finite).
 double solve_row(const float* x, const float* f, int n, int k, float* centroids) {
   // per-thread buffers, reached once through references: in a shared library every
   // direct use of a thread_local is a call to find it
   thread_local Buffers tls;
   Buffers& buf = tls;
   std::vector<uint64_t>&items = buf.items, &spare = buf.spare;
-  std::vector<double>&xs = buf.xs, &ws = buf.ws;  // distinct values of positive weight, merged
-  double total = 0.0;
+  // the weighted mean, to centre on; a row without weight: every point counts once
+  bool finite = true;
+  double total = 0.0, first = 0.0;
   if (f != nullptr)
-    for (int j = 0; j < n; ++j) total += std::max(0.0, (double)f[j]);
-  const bool uniform = f == nullptr || total <= 0.0;  // a row without weight: every point counts once
-  sort_row(x, n, items, spare);
-  xs.clear(), ws.clear();
-  for (int t = 0; t < n; ++t) {
-    const int j = (int)(uint32_t)items[t];
-    const double w = uniform ? 1.0 : std::max(0.0, (double)f[j]);
-    if (w <= 0.0) continue;
-    if (!xs.empty() && (float)xs.back() == x[j]) {
-      ws.back() += w;
-    } else {
-      xs.push_back(x[j]);
-      ws.push_back(w);
+    for (int j = 0; j < n; ++j) {
+      finite &= std::isfinite(x[j]) & std::isfinite(f[j]);
+      const double w = std::max(0.f, f[j]);
+      total += w, first += w * x[j];
     }
+  const bool uniform = f == nullptr || total <= 0.0;
+  if (uniform) {
+    total = n, first = 0.0;
+    for (int j = 0; j < n; ++j) finite &= std::isfinite(x[j]), first += x[j];
   }
-  const int m = (int)xs.size();
+  if (!finite) return std::numeric_limits<double>::quiet_NaN();
+  const double centre = n > 0 ? first / total : 0.0;
+  items.resize(n);
+  for (int j = 0; j < n; ++j) {
+    const float w = uniform ? 1.f : std::max(0.f, f[j]);
+    uint32_t wbits;
+    std::memcpy(&wbits, &w, 4);
+    items[j] = (uint64_t)sortable(x[j]) << 32 | wbits;
+  }
+  sort_items(items, spare);
+  // prefix sums of F, F·x, F·x² (x centred) at the end of every run of equal values: the
+  // distinct points. A run of zero weight joins the next one (it changes no cost); a last
+  // run of zero weight is left out. Branch-free: every item writes the open slot.
+  Sums& sums = buf.sums;
+  std::vector<double>& xs = buf.xs;  // the distinct values of positive weight
+  sums.s0.resize(n + 1), sums.s1.resize(n + 1), sums.s2.resize(n + 1), xs.resize(n + 1);
+  sums.s0[0] = sums.s1[0] = sums.s2[0] = 0.0;
+  double s0 = 0.0, s1 = 0.0, s2 = 0.0, closed = 0.0;  // closed: s0 at the last distinct point
+  int m = 0;
+  for (int t = 0; t < n; ++t) {
+    const uint32_t key = (uint32_t)(items[t] >> 32);
+    float w;
+    const uint32_t wbits = (uint32_t)items[t];
+    std::memcpy(&w, &wbits, 4);
+    const float value = unsortable(key);
+    const double v = (double)value - centre;
+    s0 += w, s1 += w * v, s2 += w * v * v;
+    sums.s0[m + 1] = s0, sums.s1[m + 1] = s1, sums.s2[m + 1] = s2, xs[m] = value;
+    const bool last = t + 1 == n || (uint32_t)(items[t + 1] >> 32) != key;
+    const bool close = last & (s0 > closed);
+    closed = close ? s0 : closed;
+    m += close;
+  }
   if (m == 0) {  // no points at all (n == 0)
     for (int c = 0; c < k; ++c) centroids[c] = 0.f;
     return 0.0;
@@ -173,25 +214,14 @@ double solve_row(const float* x, const float* f, int n, int k, float* centroids)
     for (int c = 0; c < k; ++c) centroids[c] = (float)xs[std::min(c, m - 1)];
     return 0.0;
   }
-  double centre = 0.0, wsum = 0.0;
-  for (int j = 0; j < m; ++j) centre += ws[j] * xs[j], wsum += ws[j];
-  centre /= wsum;
-  Sums& sums = buf.sums;
   std::vector<double>&prev = buf.prev, &cur = buf.cur;
   std::vector<int>& opt = buf.opt;
-  sums.s0.resize(m + 1), sums.s1.resize(m + 1), sums.s2.resize(m + 1);
   prev.resize(m + 1), cur.resize(m + 1), opt.resize((size_t)(k + 1) * (m + 1));
-  sums.s0[0] = sums.s1[0] = sums.s2[0] = 0.0;
-  for (int j = 0; j < m; ++j) {
-    const double v = xs[j] - centre;
-    sums.s0[j + 1] = sums.s0[j] + ws[j];
-    sums.s1[j + 1] = sums.s1[j] + ws[j] * v;
-    sums.s2[j + 1] = sums.s2[j] + ws[j] * v * v;
-  }
   for (int j = 1; j <= m; ++j) prev[j] = sums.cost(0, j);
   for (int c = 2; c <= k; ++c) {
     // D[c][j] needs j >= c points; only j <= m - (k - c) can lead to the answer D[k][m]
-    const int jlo = c, jhi = m - (k - c);
+    // (the last layer is needed at j = m alone)
+    const int jlo = c < k ? c : m, jhi = m - (k - c);
     const int* below = c > 2 ? opt.data() + (size_t)(c - 1) * (m + 1) : nullptr;
     Layer{sums, prev, cur, opt.data() + (size_t)c * (m + 1), below, jhi - 1}.solve(jlo, jhi, c - 1, jhi - 1);
     std::swap(prev, cur);

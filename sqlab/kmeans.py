@@ -38,7 +38,6 @@ extra rows of one batch, and every row keeps its best.
 
 from __future__ import annotations
 
-import math
 import sys
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -145,13 +144,6 @@ def optimal_kmeans(x: Tensor, weight: Tensor | None, k: int) -> KMeansResult:
     )
     if fs is not None and fs.shape != xs.shape:
         raise ValueError(f"weight shape {tuple(fs.shape)} differs from x shape {tuple(xs.shape)}")
-    for t in (xs, fs):  # one float64 sum is finite exactly when every (moderate) entry is
-        if (
-            t is not None
-            and not math.isfinite(float(t.sum(dtype=torch.float64)))
-            and not bool(torch.isfinite(t).all())
-        ):
-            raise ValueError("x and weight must be finite")
     rows, n = xs.shape
     centroids = torch.empty(rows, k, dtype=torch.float32)
     sse = torch.empty(rows, dtype=torch.float64)
@@ -164,6 +156,8 @@ def optimal_kmeans(x: Tensor, weight: Tensor | None, k: int) -> KMeansResult:
         centroids.data_ptr(),
         sse.data_ptr(),
     )
+    if bool(sse.isnan().any()):  # the program's mark of a row with a value or weight not finite
+        raise ValueError("x and weight must be finite")
     return KMeansResult(centroids.to(x.device), sse.to(x.device), x)
 
 

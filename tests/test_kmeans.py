@@ -282,6 +282,42 @@ def test_optimal_kmeans_beats_the_heuristic_on_every_row():
     assert torch.equal(again.centroids, exact.centroids) and torch.equal(again.sse, exact.sse)
 
 
+@pytest.mark.parametrize("n", [300, 5000])
+def test_optimal_kmeans_on_widened_bfloat16_rows(n):
+    # the weights of a bfloat16 model: many equal values, zero low bits, -0 beside +0; runs of
+    # zero weight between and after the weighted ones; 5000 takes the 11-bit sorting passes
+    gen = torch.Generator().manual_seed(n)
+    x = (torch.randn(3, n, generator=gen) * 0.02).to(torch.bfloat16).float()
+    x[:, :4] = torch.tensor([0.0, -0.0, 0.0, -0.0])
+    f = torch.rand(3, n, generator=gen) ** 4
+    f[0, x[0] > 0.01] = 0.0  # the largest values carry no weight
+    f[1, (x[1] > -0.005) & (x[1] < 0.005)] = 0.0  # nor those in the middle
+    result = kmeans.optimal_kmeans(x, f, 8)
+    for r in range(3):
+        xr, fr = x[r].double().numpy(), f[r].double().numpy()
+        scale = float((fr * xr * xr).sum()) + 1e-30
+        expected = optimum_fast(xr, fr, 8) if n <= 300 else None
+        if expected is not None:
+            assert abs(result.sse[r].item() - expected) <= 1e-9 * scale
+        c = result.centroids[r].double()
+        assert bool((c[1:] >= c[:-1]).all())
+        labels = assign(x[r : r + 1].double(), c[None])[0].long()
+        direct = float((f[r].double() * (x[r].double() - c[labels]) ** 2).sum())
+        assert abs(direct - result.sse[r].item()) <= 1e-9 * scale
+    # the same values in another order cluster the same way
+    perm = torch.randperm(n, generator=gen)
+    again = kmeans.optimal_kmeans(x[:, perm], f[:, perm], 8)
+    assert torch.allclose(again.sse, result.sse, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_optimal_kmeans_refuses_weights_that_are_not_finite(bad):
+    f = torch.rand(4, 50)
+    f[2, 7] = bad
+    with pytest.raises(ValueError, match="finite"):
+        kmeans.optimal_kmeans(torch.randn(4, 50), f, 4)
+
+
 def test_optimal_kmeans_edge_cases():
     few = torch.tensor([[0.5, 0.5, -1.0, 2.0]])
     result = kmeans.optimal_kmeans(few, torch.ones(1, 4), 8)  # 3 distinct values for 8 centroids
@@ -295,6 +331,12 @@ def test_optimal_kmeans_edge_cases():
         2.0,
         2.0,
     ]
+    # values without weight count nowhere: five weighted values for eight centroids
+    sparse = kmeans.optimal_kmeans(
+        torch.arange(1, 11).float()[None] / 10, torch.tensor([[1.0, 0.0] * 5]), 8
+    )
+    assert sparse.sse.item() == 0.0
+    assert sparse.centroids[0].tolist() == pytest.approx([0.1, 0.3, 0.5, 0.7] + [0.9] * 4)
     zeros = kmeans.optimal_kmeans(
         torch.randn(2, 50), torch.zeros(2, 50), 4
     )  # all-zero weights: uniform
