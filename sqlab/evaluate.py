@@ -132,6 +132,10 @@ def perplexity_estimates(
 ):
     """Score the windows of ``perplexity`` progressively, yielding an ``Estimate`` after each batch.
 
+    ``batch_size`` windows go through the model at once: by default 8 on a GPU and 2 on
+    the CPU (on 2 cores, two 512-token windows of the default model take less time together
+    than one after the other: the matrix products of 1024 rows run nearer the peak).
+
     ``scored`` maps window starts already scored to their ``(NLL sum, tokens)``: they
     count without being computed again. ``on_window(start, nll_sum, tokens)`` is called
     for every window this call scores (to cache it). The last estimate is the result.
@@ -140,7 +144,7 @@ def perplexity_estimates(
     check_seqlen(model, seqlen, tokens.numel(), "the evaluation text")
     check_token_ids(model, tokens)
     device = _device(model)
-    batch_size = batch_size or (8 if device.type == "cuda" else 1)
+    batch_size = batch_size or (8 if device.type == "cuda" else 2)
     starts = window_starts(tokens.numel(), seqlen, max_windows).tolist()
     order = [starts[i] for i in spread_order(len(starts))]
     done = {s: scored[s] for s in order if scored and s in scored}

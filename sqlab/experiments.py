@@ -295,6 +295,10 @@ class Sweeper:
             task_manager(self.evaluation.tasks, self.evaluation.include_path)  # names known?
         self.tokenizer = models.load_tokenizer(model_spec)
         self.model = models.load_model(model_spec)
+        if self.model.device.type == "cpu":  # every point's forward passes reuse freed memory
+            from .memory import reuse_freed_tensors
+
+            reuse_freed_tensors()
         self.fingerprint = models.fingerprint(self.model)
         self.seqlen = self.evaluation.seqlen or (2048 if self.model.device.type == "cuda" else 512)
         self.pristine = {k: v.detach().clone() for k, v in self.model.state_dict().items()}

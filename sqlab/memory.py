@@ -157,17 +157,9 @@ def command_peak_rss(argv: list[str], env: dict | None = None) -> dict:
     return found
 
 
-def release_freed_tensors(threshold: int = 4 << 20, keep: int = 64 << 20) -> bool:
-    """Make freed tensors of ``threshold`` bytes or more go back to the operating system.
-
-    glibc serves blocks below its mmap threshold from its heap, and raises that threshold
-    (up to 32 MB) each time a mapped block is freed; so a process that reads tensor after
-    tensor keeps the freed ones resident. A fixed threshold maps each large tensor on its
-    own and unmaps it when freed; ``keep`` bytes of free heap stay for reuse (a smaller
-    threshold or ``keep`` costs time: every new block is fresh pages to fault in; 4 MB
-    and 64 MB were faster than glibc's defaults on the default model's quantization).
-    Process-wide; ``False`` where the C library is not glibc.
-    """
+def _malloc_policy(threshold: int, keep: int) -> bool:
+    """Set glibc's mmap threshold and trim threshold (``mallopt``); ``False`` where the C
+    library is not glibc. A fixed threshold also stops glibc from moving it by itself."""
     import ctypes
     import ctypes.util
 
@@ -180,3 +172,33 @@ def release_freed_tensors(threshold: int = 4 << 20, keep: int = 64 << 20) -> boo
     return bool(set_option(m_mmap_threshold, threshold)) and bool(
         set_option(m_trim_threshold, keep)
     )
+
+
+def release_freed_tensors(threshold: int = 4 << 20, keep: int = 64 << 20) -> bool:
+    """Make freed tensors of ``threshold`` bytes or more go back to the operating system.
+
+    glibc serves blocks below its mmap threshold from its heap, and raises that threshold
+    (up to 32 MB) each time a mapped block is freed; so a process that reads tensor after
+    tensor keeps the freed ones resident. A fixed threshold maps each large tensor on its
+    own and unmaps it when freed; ``keep`` bytes of free heap stay for reuse (a smaller
+    threshold or ``keep`` costs time: every new block is fresh pages to fault in; 4 MB
+    and 64 MB were faster than glibc's defaults on the default model's quantization).
+    Process-wide; ``False`` where the C library is not glibc. The opposite of
+    ``reuse_freed_tensors``.
+    """
+    return _malloc_policy(threshold, keep)
+
+
+def reuse_freed_tensors(threshold: int = 1 << 30, keep: int = 2 << 30) -> bool:
+    """Keep freed tensors below ``threshold`` bytes in the process for the next ones to reuse.
+
+    By default glibc maps a block above its (moving, at most 32 MB) mmap threshold on its
+    own and unmaps it when freed, so every forward pass on the CPU faults its activations
+    and logits in again, page by page: tens of thousands of page faults per 512-token
+    window of the default model, 10-20% of its time on 2 cores. Here blocks up to
+    ``threshold`` come from the heap, and up to ``keep`` bytes of free heap stay resident.
+    The price: the resident memory stays near its peak after large tensors are freed
+    (``release_freed_tensors`` turns it back). Process-wide; ``False`` where the C library
+    is not glibc. The sweep engine (``experiments.Sweeper``) sets it on the CPU.
+    """
+    return _malloc_policy(threshold, keep)

@@ -158,16 +158,16 @@ def test_a_new_point_refines_in_place_and_windows_are_never_scored_twice(
     original = panel._estimating
     monkeypatch.setattr(panel, "_estimating", lambda *a: (seen.append(a[2]), original(*a))[1])
     panel.controls["outlier_pct"].value = 1.0
-    windows = [e.windows for e in seen]
-    assert windows == list(range(1, 7)) and all(e.total == 6 for e in seen)
-    assert seen[0].high == float("inf") and all(e.low <= e.ppl <= e.high for e in seen)
+    windows = [e.windows for e in seen]  # two windows at a time on the CPU
+    assert windows == [2, 4, 6] and all(e.total == 6 for e in seen)
+    assert all(e.low < e.ppl < e.high < float("inf") for e in seen[:-1])
     assert seen[-1].final and seen[-1].low == pytest.approx(seen[-1].ppl) == pytest.approx(
         seen[-1].high
     )
     row = panel.rows[-1]
     assert row["ppl_" + f"text:{text_file}"] == pytest.approx(seen[-1].ppl)
-    # the same point again, evaluation cut short after two new windows: the windows scored
-    # before are read back, and the next run scores only the rest
+    # the same point again, evaluation cut short after its first two windows: the windows
+    # scored before are read back, and the next run scores only the rest
     config = QuantConfig(wbits=3, sensitive_pct=1.0, **common)
     scored = []
     real = evaluate.perplexity_estimates
@@ -176,7 +176,7 @@ def test_a_new_point_refines_in_place_and_windows_are_never_scored_twice(
         for i, estimate in enumerate(real(*args, **kwargs)):
             scored.append(estimate.windows)
             yield estimate
-            if i == 1 and len(scored) == 2:
+            if scored == [2]:
                 raise KeyboardInterrupt
 
     monkeypatch.setattr(evaluate, "perplexity_estimates", cut_short)
@@ -196,8 +196,15 @@ def test_progressive_estimates_end_at_the_perplexity(tiny_llama):
     from sqlab import evaluate
 
     tokens = torch.randint(0, 320, (9 * 16,), generator=torch.Generator().manual_seed(2))
-    estimates = list(evaluate.perplexity_estimates(tiny_llama, tokens, 16, progress=False))
+    estimates = list(
+        evaluate.perplexity_estimates(tiny_llama, tokens, 16, batch_size=1, progress=False)
+    )
     assert [e.windows for e in estimates] == list(range(1, 10))
+    assert estimates[0].high == float("inf")  # one window: no interval yet
+    assert all(e.low <= e.ppl <= e.high for e in estimates)
+    pairs = list(evaluate.perplexity_estimates(tiny_llama, tokens, 16, progress=False))
+    assert [e.windows for e in pairs] == [2, 4, 6, 8, 9]  # the CPU's default: two at a time
+    assert pairs[-1].ppl == pytest.approx(estimates[-1].ppl, rel=1e-5)
     assert estimates[-1].ppl == pytest.approx(
         evaluate.perplexity(tiny_llama, tokens, 16, progress=False).ppl
     )
