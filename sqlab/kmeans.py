@@ -337,8 +337,9 @@ def assign(x: Tensor, centroids: Tensor) -> Tensor:
     """
     mid = ((centroids[:, 1:] + centroids[:, :-1]) / 2).to(x.dtype)  # (rows, k - 1)
     labels = torch.zeros(x.shape, dtype=torch.uint8, device=x.device)
+    above = torch.empty(x.shape, dtype=torch.bool, device=x.device)  # one buffer for every pass
     for b in range(mid.shape[1]):
-        labels += x > mid[:, b : b + 1]
+        labels.add_(torch.gt(x, mid[:, b : b + 1], out=above))
     return labels
 
 

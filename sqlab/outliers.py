@@ -198,12 +198,36 @@ def sensitive_mask(fisher: Tensor, sensitive_pct: float, exclude: Tensor | None 
     count = round(sensitive_pct / 100 * fisher.numel())
     if count == 0:
         return mask
-    scores = fisher.float()
-    if exclude is not None:
-        scores = scores.masked_fill(exclude, float("-inf"))
-    top = scores.reshape(-1).topk(count).indices
-    mask.view(-1)[top] = True
+    mask.view(-1)[_top_entries(fisher.reshape(-1).float(), count, exclude)] = True
     return mask if exclude is None else mask & ~exclude
+
+
+def _top_entries(scores: Tensor, count: int, exclude: Tensor | None, stride: int = 64) -> Tensor:
+    """Positions of the ``count`` largest ``scores`` (1-D) outside ``exclude``.
+
+    A full ``topk`` over a matrix costs more than a pass that keeps the entries above a
+    threshold: every ``stride``-th score estimates one that about twice the needed entries
+    pass, and the exact ``topk`` runs over those. If fewer than ``count`` pass (an unlucky
+    sample), the full ``topk`` runs instead; either way the result is the same set.
+    """
+    excluded = exclude.reshape(-1) if exclude is not None else None
+
+    def full() -> Tensor:
+        kept = scores if excluded is None else scores.masked_fill(excluded, float("-inf"))
+        return kept.topk(count).indices
+
+    wanted = count + (int(excluded.count_nonzero()) if excluded is not None else 0)
+    sample = scores[::stride]
+    if 4 * wanted >= scores.numel() or sample.numel() < 2:
+        return full()
+    rank = min(sample.numel(), 2 * wanted // stride + 1)
+    threshold = sample.topk(rank).values[-1]
+    candidates = (scores >= threshold).nonzero().squeeze(1)
+    if excluded is not None:
+        candidates = candidates[~excluded[candidates]]
+    if candidates.numel() < count:
+        return full()
+    return candidates[scores[candidates].topk(count).indices]
 
 
 @dataclass

@@ -138,9 +138,10 @@ class QuantReport:
 
 
 def check_finite(name: str, tensor: Tensor, what: str) -> None:
-    # one float64 sum is finite exactly when every entry is (weights and Fisher values are far
-    # from overflowing it), and costs less than a mask of the whole tensor
-    if not math.isfinite(float(tensor.sum(dtype=torch.float64))) and not bool(
+    # a NaN or Inf entry makes the sum NaN or Inf; a sum that is not finite (that entry, or an
+    # overflow of finite ones) is then checked entry by entry. One float32 sum costs a tenth
+    # of a float64 one and far less than a mask of the whole tensor
+    if not math.isfinite(float(tensor.sum(dtype=torch.float32))) and not bool(
         torch.isfinite(tensor).all()
     ):
         raise SqlabError(f"{what} of {name} contain NaN or Inf; cannot quantize it")
@@ -152,15 +153,15 @@ def kmeans_weights(weight: Tensor, fisher: Tensor | None, sparse: Tensor, weight
     A row whose remaining importances are all zero falls back to uniform weights
     over its dense positions.
     """
-    base = (
+    importance = (
         fisher.float().clamp_min(0)
         if weighted and fisher is not None
         else torch.ones_like(weight, dtype=torch.float32)
-    )
-    dense = (~sparse).float()
-    importance = base * dense
-    empty = importance.sum(1, keepdim=True) <= 0
-    return torch.where(empty, dense, importance)
+    ).masked_fill_(sparse, 0.0)
+    empty = importance.sum(1) <= 0
+    if bool(empty.any()):
+        importance[empty] = (~sparse[empty]).float()
+    return importance
 
 
 def quantize_group(

@@ -1,5 +1,7 @@
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from sqlab import SqlabError
 from sqlab import outliers
@@ -78,3 +80,33 @@ def test_profile_counts_match_the_outlier_mask():
         assert table.loc["layers.1.b", "outlier_pct"] == pytest.approx(
             100 * counts["layers.1.b"] / (32 * 48)
         )
+
+
+@settings(max_examples=60, deadline=None, derandomize=True)
+@given(
+    st.integers(1, 3000),
+    st.integers(1, 400),
+    st.sampled_from([0.0, 0.01, 0.3]),
+    st.sampled_from([1, 8, 64]),
+    st.integers(0, 10**6),
+)
+def test_top_entries_are_the_full_topk_outside_the_excluded(n, count, excluded, stride, seed):
+    from sqlab.outliers import _top_entries
+
+    gen = torch.Generator().manual_seed(seed)
+    scores = torch.rand(n, generator=gen) ** 6  # distinct values, no ties
+    exclude = torch.rand(n, generator=gen) < excluded
+    count = min(count, n)
+    kept = scores.masked_fill(exclude, float("-inf")).topk(count).indices
+    expected = set(kept[~exclude[kept]].tolist())
+    got = _top_entries(scores, count, exclude, stride)
+    assert set(got[~exclude[got]].tolist()) == expected
+
+
+def test_top_entries_fall_back_when_the_sample_holds_the_largest_scores():
+    from sqlab.outliers import _top_entries
+
+    scores = torch.rand(64 * 100) * 0.1
+    scores[::64] += 10.0  # every sampled score is far above the rest: a threshold too high
+    got = _top_entries(scores, 150, None)
+    assert set(got.tolist()) == set(scores.topk(150).indices.tolist())

@@ -173,3 +173,32 @@ def test_work_dir_of_another_run_is_refused(tmp_path):
         quantize_model(
             make_llama(layers=1), QuantConfig(wbits=4), fisher, work_dir=tmp_path, progress=False
         )
+
+
+def test_kmeans_weights_drop_sparse_entries_and_fall_back_to_uniform_per_row():
+    from sqlab.quantize import kmeans_weights
+
+    weight = torch.randn(3, 4)
+    fisher = torch.tensor([[1.0, -2.0, 3.0, 4.0], [0.0, 0.0, 5.0, 0.0], [2.0, 2.0, 2.0, 2.0]])
+    sparse = torch.tensor([[False, False, True, False], [False, False, True, False], [True] * 4])
+    got = kmeans_weights(weight, fisher, sparse, weighted=True)
+    assert got.tolist() == [
+        [1.0, 0.0, 0.0, 4.0],  # negative Fisher counts as zero; the sparse entry drops out
+        [1.0, 1.0, 0.0, 1.0],  # nothing left but zeros: uniform over the dense entries
+        [0.0, 0.0, 0.0, 0.0],  # every entry sparse: nothing to cluster
+    ]
+    assert fisher[0, 1] == -2.0  # the caller's Fisher is not changed
+    plain = kmeans_weights(weight, None, sparse, weighted=False)
+    assert plain.tolist() == (~sparse).float().tolist()
+
+
+def test_finite_check_tells_an_overflowing_sum_from_an_entry_that_is_not_finite():
+    from sqlab.quantize import check_finite
+
+    huge = torch.full((4, 8), 3e38)  # every entry finite, their float32 sum is not
+    check_finite("m", huge, "weights")
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        broken = torch.zeros(4, 8)
+        broken[2, 5] = bad
+        with pytest.raises(SqlabError, match="weights of m contain NaN or Inf"):
+            check_finite("m", broken, "weights")
