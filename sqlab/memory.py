@@ -195,7 +195,7 @@ def reuse_freed_tensors(threshold: int = 1 << 30, keep: int = 2 << 30) -> bool:
     By default glibc maps a block above its (moving, at most 32 MB) mmap threshold on its
     own and unmaps it when freed, so every forward pass on the CPU faults its activations
     and logits in again, page by page: tens of thousands of page faults per 512-token
-    window of the default model, 10-20% of its time on 2 cores. Here blocks up to
+    window of the default model, 6-24% of its time on 2 cores. Here blocks up to
     ``threshold`` come from the heap, and up to ``keep`` bytes of free heap stay resident.
     The price: the resident memory stays near its peak after large tensors are freed
     (``release_freed_tensors`` turns it back). Process-wide; ``False`` where the C library
