@@ -35,7 +35,7 @@ import torch
 from sqlab import files
 from torch import nn
 
-from sqlab.evaluate import graph_decoding, cuda_graph_ms
+from sqlab.evaluate import cuda_graph_ms, graph_decoding, greedy
 
 DENSITY = 0.0045
 LINEARS = (
@@ -150,18 +150,6 @@ def all_bytes(model) -> int:
             seen.add(t.data_ptr())
             total += t.numel() * t.element_size()
     return total
-
-
-def greedy(model, ids: torch.Tensor, n: int) -> torch.Tensor:
-    return model.generate(
-        ids,
-        attention_mask=torch.ones_like(ids),
-        max_new_tokens=n,
-        min_new_tokens=n,
-        do_sample=False,
-        use_cache=True,
-        pad_token_id=0,
-    )
 
 
 def timed(fn) -> float:

@@ -233,7 +233,8 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _greedy(model: nn.Module, ids: torch.Tensor, n: int, streamer=None) -> torch.Tensor:
+def greedy(model: nn.Module, ids: torch.Tensor, n: int, streamer=None) -> torch.Tensor:
+    """``model.generate`` of exactly ``n`` new tokens, greedy, after the prompt ``ids`` (1, T)."""
     return model.generate(
         ids,
         attention_mask=torch.ones_like(ids),
@@ -270,7 +271,7 @@ def _timed_generation(model: nn.Module, ids: torch.Tensor, n: int) -> tuple[floa
     clock = _TokenClock(ids.device)
     _sync(ids.device)
     start = time.perf_counter()
-    _greedy(model, ids, n, clock)
+    greedy(model, ids, n, clock)
     stamps = clock.times[1:]  # the first put() is the prompt
     return (stamps[0] - start) * 1e3, (stamps[-1] - stamps[0]) / (len(stamps) - 1) * 1e3
 
@@ -446,7 +447,7 @@ def generation_benchmark(
     device = _device(model)
     ids = tokenizer(prompt, return_tensors="pt").input_ids.to(device)
     check_seqlen(model, ids.shape[1] + new_tokens + 3)
-    _greedy(model, ids, 2)  # warm-up: allocator, kernels, caches
+    greedy(model, ids, 2)  # warm-up: allocator, kernels, caches
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     prefill, per_token = [], []

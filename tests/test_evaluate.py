@@ -118,17 +118,6 @@ def test_memory_bandwidth_is_a_plausible_rate():
     assert 0.1 < gbs < 10_000  # GB/s: a copy cannot be slower than a disk or faster than any RAM
 
 
-def _generate(model, ids, n):
-    return model.generate(
-        ids,
-        attention_mask=torch.ones_like(ids),
-        max_new_tokens=n,
-        min_new_tokens=n,
-        do_sample=False,
-        pad_token_id=2,
-    )[0, ids.shape[1] :]
-
-
 def test_static_decoder_gives_the_tokens_of_generate(tiny_llama):
     """The step a CUDA graph captures
     (static cache, in-place position and output) decodes like generate().
@@ -137,7 +126,7 @@ def test_static_decoder_gives_the_tokens_of_generate(tiny_llama):
     decoder = evaluate.StaticDecoder(tiny_llama, ids, 12)
     for _ in range(11):
         decoder.step()
-    assert torch.equal(decoder.tokens, _generate(tiny_llama, ids, 12))
+    assert torch.equal(decoder.tokens, evaluate.greedy(tiny_llama, ids, 12)[0, ids.shape[1] :])
     with pytest.raises(SqlabError, match="CUDA graphs need the model on a CUDA GPU"):
         decoder.capture()
 
@@ -151,4 +140,4 @@ def test_cuda_graph_decoding_gives_the_tokens_of_generate(tiny_llama):
     for _ in range(11):
         decoder.step()
     torch.cuda.synchronize()
-    assert torch.equal(decoder.tokens, _generate(model, ids, 14).cpu())
+    assert torch.equal(decoder.tokens, evaluate.greedy(model, ids, 14)[0, ids.shape[1] :].cpu())

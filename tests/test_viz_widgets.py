@@ -173,7 +173,7 @@ def test_a_new_point_refines_in_place_and_windows_are_never_scored_twice(
     real = evaluate.perplexity_estimates
 
     def cut_short(*args, **kwargs):
-        for i, estimate in enumerate(real(*args, **kwargs)):
+        for estimate in real(*args, **kwargs):
             scored.append(estimate.windows)
             yield estimate
             if scored == [2]:
