@@ -6,7 +6,8 @@ benchmarks/kernels.py times it (CUDA-graph replays cycling weight copies past L2
 median). Prints the best few per (bits, tokens) and writes every row with ``--json``;
 sqlab/kernels.py's ``_PAIRS`` table is chosen from this output.
 
-    .venv/bin/python benchmarks/tune_gemv.py [--tokens 1,4,8] [--repeat 30]
+    .venv/bin/python benchmarks/tune_gemv.py [--tokens 1,4,8] [--bits 3,4] [--bn 32,64,128]
+        [--ky 2,4,8] [--depth 2,4,8] [--splits 1,2,3,4,6,8] [--repeat 30]
         [--json out/tune_gemv.json]
 """
 
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from sqlab import files, kernels
+from sqlab import SqlabError, files, kernels
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from kernels import copies_for, random_packed, reference, time_graph  # noqa: E402  (benchmarks/kernels.py)
@@ -27,8 +28,12 @@ from kernels import copies_for, random_packed, reference, time_graph  # noqa: E4
 SHAPES = [(11008, 4096), (4096, 11008), (4096, 4096)]
 
 
-def candidates(wbits: int):
-    for bn, ky, depth in itertools.product((32, 64, 128), (2, 4, 8), (2, 4, 8)):
+def ints(text: str) -> list[int]:
+    return [int(v) for v in text.split(",")]
+
+
+def candidates(wbits: int, args):
+    for bn, ky, depth in itertools.product(ints(args.bn), ints(args.ky), ints(args.depth)):
         config = kernels.GemvConfig(
             bn=bn, ky=ky, tuple=2, depth=depth, blocks_per_sm=4, min_groups=ky
         )
@@ -40,7 +45,10 @@ def time_config(config, wbits: int, n: int, k: int, tokens: int, splits: int, ar
     qweight, lut, _ = random_packed(n, k, wbits, 0.0, "cuda")
     x = torch.randn(tokens, k, device="cuda").half()
     with kernels.gemv_config_override(config):
-        first = kernels.GemvKernels(qweight, lut, wbits, k, torch.float16, splits=splits)
+        try:
+            first = kernels.GemvKernels(qweight, lut, wbits, k, torch.float16, splits=splits)
+        except SqlabError:  # the tile does not fit shared memory at some token count
+            return None
         if first._launches[tokens].plan.splits != splits:
             return None  # shared memory forced another split: measured under that split already
         y = first(x)
@@ -64,6 +72,9 @@ def main() -> int:
     parser.add_argument("--tokens", default="1,4,8")
     parser.add_argument("--bits", default="3,4")
     parser.add_argument("--splits", default="1,2,3,4,6,8")
+    parser.add_argument("--bn", default="32,64,128", help="output columns per block")
+    parser.add_argument("--ky", default="2,4,8", help="thread rows per block")
+    parser.add_argument("--depth", default="2,4,8", help="groups loaded ahead per thread")
     parser.add_argument("--repeat", type=int, default=30)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
@@ -74,14 +85,14 @@ def main() -> int:
     l2 = torch.cuda.get_device_properties(0).L2_cache_size
     rows = []
     with torch.inference_mode():
-        for wbits in map(int, args.bits.split(",")):
-            for tokens in map(int, args.tokens.split(",")):
-                for config in candidates(wbits):
+        for wbits in ints(args.bits):
+            for tokens in ints(args.tokens):
+                for config in candidates(wbits, args):
                     total, best = 0.0, []
                     for n, k in SHAPES:
                         times = {
                             s: time_config(config, wbits, n, k, tokens, s, args, l2)
-                            for s in map(int, args.splits.split(","))
+                            for s in ints(args.splits)
                         }
                         times = {s: t for s, t in times.items() if t is not None}
                         if not times:  # every split was forced to another by shared memory

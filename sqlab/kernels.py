@@ -380,11 +380,16 @@ def _x_bytes(config: GemvConfig, x_dtype: torch.dtype) -> int:
 
 
 def _gemv_defines(
-    wbits: int, dtype: torch.dtype, lut: Tensor, csr: CSR | None, bias: Tensor | None
+    wbits: int,
+    dtype: torch.dtype,
+    lut: Tensor,
+    csr: CSR | None,
+    bias: Tensor | None,
+    config: GemvConfig | None = None,
 ) -> tuple:
     """lut_gemv.cu's compile-time constants; absent parts take x's kind (one module serves all)."""
     vals = csr.vals.dtype if csr is not None and csr.nnz else dtype
-    config = gemv_config(wbits, dtype)
+    config = config or gemv_config(wbits, dtype)
     return (
         ("WBITS", wbits),
         ("X_KIND", _KIND[dtype]),
@@ -423,6 +428,7 @@ def gemv_plan(
     sparse: bool,
     sm_count: int,
     splits: int | None = None,
+    config: GemvConfig | None = None,
 ) -> GemvPlan:
     """Grid, block and shared memory for ``lut_gemv`` (mirrors lut_gemv.cu's layout).
 
@@ -438,12 +444,17 @@ def gemv_plan(
         )
     # static shared: one 32-bit word per table entry and column, and the flag; both count
     # towards the limit, so a plan that filled it with x alone would fail to launch
-    config = gemv_config(wbits, x_dtype)
+    config = config or gemv_config(wbits, x_dtype)
     table = config.table_bytes(wbits) + STATIC_EXTRA
     rows = config.ky + int(sparse)
     sums = rows * tokens * config.bn * 4
     x_group = tokens * GROUP * _x_bytes(config, x_dtype)
     max_groups = (SHARED_LIMIT - table - sums) // x_group
+    if max_groups < 1:
+        raise SqlabError(
+            f"the LUT-GEMV tile {config} does not fit {SHARED_LIMIT} bytes of shared memory "
+            f"at {tokens} tokens (table {table}, sums {sums}, one group of x {x_group})"
+        )
     groups = -(-in_features // GROUP)
     col_blocks = -(-out_features // config.bn)
     if splits is None:
@@ -583,7 +594,8 @@ class GemvKernels:
             raise SqlabError(f"the kernels cannot run: {reason}")
         self.device_index = self.device.index if self.device.index is not None else -1
         self.qweight, self.lut, self.bias = qweight, lut, bias
-        self.defines = _gemv_defines(wbits, dtype, lut, self.csr, bias)
+        self.config = gemv_config(wbits, dtype)
+        self.defines = _gemv_defines(wbits, dtype, lut, self.csr, bias, self.config)
         self._launches: list[_Launch | None] = [None] * (MAX_GEMV_TOKENS + 1)
         self._out_shapes: dict = {}  # x's shape -> y's, built once per shape
         if self.out_features and in_features:  # else nothing to launch (see __call__)
@@ -601,6 +613,7 @@ class GemvKernels:
             self.sparse,
             sms,
             splits,
+            self.config,
         )
         rows, cols, vals = (
             (self.csr.rows, self.csr.cols, self.csr.vals) if self.sparse else (None, None, None)
