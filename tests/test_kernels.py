@@ -181,6 +181,38 @@ def test_unsupported_bit_width_does_not_compile(tmp_path, wbits):
     assert result.returncode != 0 and "WBITS must be 3 or 4" in result.stderr
 
 
+@needs_nvcc
+def test_gemv_anatomy_variants_each_take_out_one_phase_and_compile(tmp_path):
+    """benchmarks/gemv_anatomy.py edits lut_gemv.cu by text: every edit still finds its
+    place in the kernel, and every variant compiles.
+    """
+    sys.path.insert(0, str(kernels.KERNEL_DIR.parent / "benchmarks"))
+    try:
+        import gemv_anatomy
+    finally:
+        sys.path.pop(0)
+    source = (kernels.KERNEL_DIR / "lut_gemv.cu").read_text()
+    variants = gemv_anatomy.variants(source)
+    assert variants["full"] == source and len(set(variants.values())) == len(variants) == 5
+    (tmp_path / "numeric.cuh").write_text((kernels.KERNEL_DIR / "numeric.cuh").read_text())
+    for i, text in enumerate(variants.values()):
+        (tmp_path / f"v{i}.cu").write_text(text)
+        done = subprocess.run(
+            [
+                NVCC,
+                "-arch=sm_90",
+                "-cubin",
+                "-DWBITS=3",
+                "-o",
+                os.devnull,
+                str(tmp_path / f"v{i}.cu"),
+            ],
+            capture_output=True,
+            text=True,
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+
+
 def test_inlined_source_has_no_includes_left():
     for file in KERNEL_FILES:
         source = kernels._source(file)
@@ -325,6 +357,9 @@ def test_gemv_plan_splits_override_and_errors():
             kernels.gemv_plan(*shape, 3, 1, F16, False, 132)
     with pytest.raises(SqlabError, match="splits must be a positive integer, got 0"):
         kernels.gemv_plan(64, 64, 3, 1, F16, False, 1, splits=0)
+    too_wide = kernels.GemvConfig(bn=128, ky=4, tuple=2, depth=2, blocks_per_sm=4, min_groups=4)
+    with pytest.raises(SqlabError, match="does not fit 49152 bytes of shared memory at 8 tokens"):
+        kernels.gemv_plan(4096, 4096, 3, 8, F16, True, 132, config=too_wide)
 
 
 def test_gemv_defines_follow_the_dtypes():
@@ -514,7 +549,7 @@ def test_kernels_are_unavailable_without_cuda():
 def test_benchmarks_say_why_nothing_was_measured_without_the_kernels():
     if kernels.available():
         pytest.skip("the kernels can run here")
-    for script in ("kernels.py", "generate.py"):
+    for script in ("kernels.py", "generate.py", "tune_gemv.py", "gemv_anatomy.py"):
         done = subprocess.run(
             [sys.executable, str(kernels.KERNEL_DIR.parent / "benchmarks" / script)],
             capture_output=True,
