@@ -156,8 +156,8 @@ def test_lut_gemv_equals_the_reference_exactly(
 @pytest.mark.parametrize("in_features, out_features", [(4096, 256), (11008, 128), (576, 1536)])
 @pytest.mark.parametrize("wbits", [3, 4])
 def test_lut_gemv_llama_widths_sparse_and_skewed(target, in_features, out_features, wbits):
-    """Long rows (many K slices on 132 SMs) with the paper's 0.45% sparse part,
-    a third of it in one row.
+    """Long rows (many K slices on 132 SMs, or one slice: many steps per thread) with the
+    paper's 0.45% sparse part, a third of it in one row.
     """
     dtypes = DTYPE_SETS["fp16-model"]
     layer = exact_layer(
@@ -165,7 +165,8 @@ def test_lut_gemv_llama_widths_sparse_and_skewed(target, in_features, out_featur
     )
     for tokens in (1, 8):
         x = exact_x(tokens, in_features, F16, target.device)
-        _assert_exact(_gemv(layer, x), layer, x, f"{tokens} tokens")
+        for splits in (None, 1):
+            _assert_exact(_gemv(layer, x, splits=splits), layer, x, f"{tokens} tokens, {splits}")
 
 
 @pytest.mark.parametrize("dtypes", ["fp16-model", "fp32-model", "bf16-model"])
