@@ -324,8 +324,8 @@ class GemvConfig:
     ``tuple``: indices resolved by one table lookup (2: pairs of 16-bit weights, a table
     of ``2**(2*wbits)`` entries per column; 1: single fp32 weights). ``depth``: groups per
     thread whose words are loaded before the first of them is decoded. The grid's K
-    slices grow until it has about ``blocks_per_sm`` blocks per SM, leaving every dense
-    thread row at least ``min_groups`` groups.
+    slices grow until it has about ``blocks_per_sm`` blocks per SM (rounded down to a power
+    of two of slices), leaving every dense thread row at least ``min_groups`` groups.
     """
 
     bn: int  # output columns per block (a power of two, at least 32)
@@ -432,8 +432,9 @@ def gemv_plan(
 ) -> GemvPlan:
     """Grid, block and shared memory for ``lut_gemv`` (mirrors lut_gemv.cu's layout).
 
-    K is split into slices until the grid has about ``config.blocks_per_sm`` blocks per SM
-    (``splits`` overrides this), within the shared-memory budget for x's slice.
+    K is split into slices until the grid has about ``config.blocks_per_sm`` blocks per SM,
+    rounded down to a power of two of slices (``splits`` overrides this), within the
+    shared-memory budget for x's slice.
     """
     if not 1 <= tokens <= MAX_GEMV_TOKENS:
         raise SqlabError(f"the LUT-GEMV takes 1 to {MAX_GEMV_TOKENS} tokens, got {tokens}")
@@ -459,6 +460,7 @@ def gemv_plan(
     col_blocks = -(-out_features // config.bn)
     if splits is None:
         want = -(-config.blocks_per_sm * sm_count // col_blocks)
+        want = 1 << (want.bit_length() - 1)  # a power of two: see benchmarks/results/README.md
         per_block = max(-(-groups // want), config.min_groups)
     else:
         if not isinstance(splits, int) or splits < 1:
