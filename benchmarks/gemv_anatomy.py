@@ -24,7 +24,7 @@ import torch
 from sqlab import files, kernels
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from kernels import copies_for, random_packed, reference, time_graph  # noqa: E402  (benchmarks/kernels.py)
+from kernels import copies_for, kernels_missing, random_packed, reference, time_graph  # noqa: E402
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]
 STAGING = "  {\n    // every thread fills entries"
@@ -85,9 +85,7 @@ def main() -> int:
     parser.add_argument("--wbits", type=int, default=3, choices=(3, 4))
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
-    reason = kernels.unavailable_reason()
-    if reason:
-        print(f"benchmarks/gemv_anatomy.py: {reason}. Nothing was measured.", file=sys.stderr)
+    if kernels_missing("gemv_anatomy.py"):
         return 2
     l2 = torch.cuda.get_device_properties(0).L2_cache_size
     source = (kernels.KERNEL_DIR / "lut_gemv.cu").read_text()

@@ -37,6 +37,9 @@ from torch import nn
 
 from sqlab.evaluate import cuda_graph_ms, graph_decoding, greedy
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from kernels import kernels_missing  # noqa: E402  (benchmarks/kernels.py)
+
 DENSITY = 0.0045
 LINEARS = (
     "self_attn.q_proj",
@@ -257,11 +260,7 @@ def main() -> int:
         args.profile.write_text("")
     if args.layers < 1 or args.tokens < 2 or args.prompt < 1 or args.repeat < 1:
         parser.error("--layers, --prompt and --repeat must be >= 1 and --tokens >= 2")
-    from sqlab import kernels
-
-    reason = kernels.unavailable_reason()
-    if reason:
-        print(f"benchmarks/generate.py: {reason}. Nothing was measured.", file=sys.stderr)
+    if kernels_missing("generate.py"):
         return 2
 
     print(

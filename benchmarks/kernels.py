@@ -55,6 +55,18 @@ KNOWN_PEAK_GBPS = {  # memory bandwidth of GPUs whose properties may not report 
 }
 
 
+def kernels_missing(script: str) -> bool:
+    """Whether sqlab's GPU kernels cannot run here; if so, says why on stderr for ``script``
+    (each GPU benchmark then exits 2 with nothing measured).
+    """
+    from sqlab import kernels
+
+    reason = kernels.unavailable_reason()
+    if reason:
+        print(f"benchmarks/{script}: {reason}. Nothing was measured.", file=sys.stderr)
+    return reason is not None
+
+
 def peak_bandwidth(props, override: float | None) -> tuple[float | None, str]:
     """Peak memory bandwidth in GB/s and where it came from."""
     if override:
@@ -260,11 +272,7 @@ def main() -> int:
     parser.add_argument("--json", type=Path, help="write the rows here (e.g. out/kernels.json)")
     parser.add_argument("--peak-gbps", type=float, help="the device's peak memory bandwidth, GB/s")
     args = parser.parse_args()
-    from sqlab import kernels
-
-    reason = kernels.unavailable_reason()
-    if reason:
-        print(f"benchmarks/kernels.py: {reason}. Nothing was measured.", file=sys.stderr)
+    if kernels_missing("kernels.py"):
         return 2
     if args.repeat < 1:
         parser.error("--repeat must be at least 1")

@@ -23,7 +23,7 @@ import torch
 from sqlab import SqlabError, files, kernels
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from kernels import copies_for, random_packed, reference, time_graph  # noqa: E402  (benchmarks/kernels.py)
+from kernels import copies_for, kernels_missing, random_packed, reference, time_graph  # noqa: E402
 
 SHAPES = [(11008, 4096), (4096, 11008), (4096, 4096)]
 
@@ -78,9 +78,7 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=30)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
-    reason = kernels.unavailable_reason()
-    if reason:
-        print(f"benchmarks/tune_gemv.py: {reason}. Nothing was measured.", file=sys.stderr)
+    if kernels_missing("tune_gemv.py"):
         return 2
     l2 = torch.cuda.get_device_properties(0).L2_cache_size
     rows = []
