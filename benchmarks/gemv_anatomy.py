@@ -24,7 +24,14 @@ import torch
 from sqlab import files, kernels
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from kernels import copies_for, kernels_missing, random_packed, reference, time_graph  # noqa: E402
+from kernels import (  # noqa: E402  (benchmarks/kernels.py)
+    fp16_calls,
+    gemv_calls,
+    kernels_missing,
+    random_packed,
+    reference,
+    time_graph,
+)
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]
 STAGING = "  {\n    // every thread fills entries"
@@ -60,23 +67,11 @@ def time_layer(wbits, n, k, splits, repeat, l2, check):
         err = ((first(x).float() - ref).norm() / ref.norm()).item()
         if not err < 1e-2:
             raise SystemExit(f"{n}x{k}: relative error {err:.3g} against the reference")
-    copies = copies_for(qweight.numel() * 4 + lut.numel() * 2, l2)
-    layers = [first] + [
-        kernels.GemvKernels(qweight.clone(), lut.clone(), wbits, k, torch.float16, splits=splits)
-        for _ in range(copies - 1)
-    ]
-    outs = [torch.empty(1, n, device="cuda", dtype=torch.float16) for _ in layers]
-    calls = [lambda g=g, o=o: g(x, o) for g, o in zip(layers, outs)]
-    return time_graph(calls, repeat), first._launches[1].plan.splits
+    return time_graph(gemv_calls(first, x, l2, splits), repeat), first._launches[1].plan.splits
 
 
 def fp16_us(n, k, repeat, l2):
-    x = torch.randn(1, k, device="cuda").half()
-    w = (torch.randn(n, k, device="cuda") * 0.02).half()
-    weights = [w] + [w.clone() for _ in range(copies_for(w.numel() * 2, l2) - 1)]
-    outs = [torch.empty(1, n, device="cuda", dtype=torch.float16) for _ in weights]
-    calls = [lambda w=w, o=o: torch.matmul(x, w.T, out=o) for w, o in zip(weights, outs)]
-    return time_graph(calls, repeat)
+    return time_graph(fp16_calls(torch.randn(1, k, device="cuda").half(), n, l2), repeat)
 
 
 def main() -> int:

@@ -142,6 +142,48 @@ def copies_for(bytes_per_call: int, l2_bytes: int) -> int:
     return max(2, min(64, -(-3 * l2_bytes // max(bytes_per_call, 1))))
 
 
+def fp16_calls(x: torch.Tensor, out_features: int, l2_bytes: int) -> list:
+    """Calls of torch's fp16 ``x @ W.T`` that cycle through enough random copies of W for
+    each call to read its weights from device memory.
+    """
+    w = (torch.randn(out_features, x.shape[-1], device=x.device) * 0.02).half()
+    weights = [w] + [w.clone() for _ in range(copies_for(nbytes(w), l2_bytes) - 1)]
+    outs = [
+        torch.empty(x.shape[0], out_features, device=x.device, dtype=torch.float16) for _ in weights
+    ]
+    return [lambda w=w, o=o: torch.matmul(x, w.T, out=o) for w, o in zip(weights, outs)]
+
+
+def gemv_calls(first, x: torch.Tensor, l2_bytes: int, splits: int | None = None) -> list:
+    """Calls of the prepared layer ``first`` (a ``GemvKernels``) and of layers prepared on
+    copies of its weights, enough for each call to read its weights from device memory
+    (prepared once per copy, as a SqueezeLinear does: a graph of them holds launches only).
+    """
+    from sqlab import kernels
+
+    csr = first.csr
+    sparse_bytes = nbytes(csr.rows, csr.cols, csr.vals) if csr is not None else 0
+    n = copies_for(nbytes(first.qweight, first.lut) + sparse_bytes, l2_bytes)
+    layers = [first] + [
+        kernels.GemvKernels(
+            first.qweight.clone(),
+            first.lut.clone(),
+            first.wbits,
+            first.in_features,
+            first.dtype,
+            None
+            if csr is None
+            else type(csr)(csr.rows.clone(), csr.cols.clone(), csr.vals.clone()),
+            splits=splits,
+        )
+        for _ in range(n - 1)
+    ]
+    outs = [
+        torch.empty(x.shape[0], first.out_features, device=x.device, dtype=x.dtype) for _ in layers
+    ]
+    return [lambda g=g, o=o: g(x, o) for g, o in zip(layers, outs)]
+
+
 def bench_shape(
     out_features: int,
     in_features: int,
@@ -159,12 +201,8 @@ def bench_shape(
     rows = []
 
     # torch fp16: the baseline every speed-up refers to
-    w = (torch.randn(out_features, in_features, device=device) * 0.02).half()
-    fp16_bytes = nbytes(w, x) + tokens * out_features * 2
-    n = copies_for(nbytes(w), l2_bytes)
-    weights = [w] + [w.clone() for _ in range(n - 1)]
-    outs = [torch.empty(tokens, out_features, device=device, dtype=torch.float16) for _ in weights]
-    calls = [lambda w=w, o=o: torch.matmul(x, w.T, out=o) for w, o in zip(weights, outs)]
+    fp16_bytes = out_features * in_features * 2 + nbytes(x) + tokens * out_features * 2
+    calls = fp16_calls(x, out_features, l2_bytes)
     fp16_us = time_graph(calls, args.repeat)
     fp16_eager = time_eager(calls[0], args.repeat)
     rows.append(
@@ -179,7 +217,7 @@ def bench_shape(
             bytes=fp16_bytes,
         )
     )
-    del weights, outs, calls, w
+    del calls
 
     for wbits in (4, 3):
         for density in (0.0, DENSITY):
@@ -196,25 +234,8 @@ def bench_shape(
                 )
             sparse_bytes = nbytes(csr.rows, csr.cols, csr.vals) if csr is not None else 0
             moved = nbytes(qweight, lut, x) + sparse_bytes + tokens * out_features * 2
-            n = copies_for(nbytes(qweight, lut) + sparse_bytes, l2_bytes)
-            parts = [(qweight, lut, csr)] + [
-                (
-                    qweight.clone(),
-                    lut.clone(),
-                    None
-                    if csr is None
-                    else type(csr)(csr.rows.clone(), csr.cols.clone(), csr.vals.clone()),
-                )
-                for _ in range(n - 1)
-            ]
-            # prepared once per weight copy, as a SqueezeLinear does: the graph holds launches only
-            prepared = [
-                kernels.GemvKernels(q, t, wbits, in_features, torch.float16, c) for q, t, c in parts
-            ]
-            outs = [
-                torch.empty(tokens, out_features, device=device, dtype=torch.float16) for _ in parts
-            ]
-            calls = [lambda k=k, o=o: k(x, o) for k, o in zip(prepared, outs)]
+            first = kernels.GemvKernels(qweight, lut, wbits, in_features, torch.float16, csr)
+            calls = gemv_calls(first, x, l2_bytes)
             try:
                 us, timing = time_graph(calls, args.repeat), "graph"
             except RuntimeError as error:  # capture refused: fall back to events around eager calls
@@ -237,7 +258,7 @@ def bench_shape(
                     timing=timing,
                 )
             )
-            del parts, prepared, outs, calls
+            del first, calls
     for row in rows:
         row.setdefault("timing", "graph")
         row["gbs"] = row["bytes"] / row["us"] / 1e3

@@ -23,7 +23,7 @@ import torch
 from sqlab import SqlabError, files, kernels
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from kernels import copies_for, kernels_missing, random_packed, reference, time_graph  # noqa: E402
+from kernels import gemv_calls, kernels_missing, random_packed, reference, time_graph  # noqa: E402
 
 SHAPES = [(11008, 4096), (4096, 11008), (4096, 4096)]
 
@@ -56,15 +56,8 @@ def time_config(config, wbits: int, n: int, k: int, tokens: int, splits: int, ar
         err = (y.float() - ref).abs().max().item()
         if not err <= 1e-2 * ref.abs().max().item() + 1e-3:
             raise SystemExit(f"{config} {wbits}-bit {n}x{k} {tokens} tokens: max error {err:.3g}")
-        copies = copies_for(qweight.numel() * 4 + lut.numel() * 2, l2)
-        layers = [first] + [
-            kernels.GemvKernels(
-                qweight.clone(), lut.clone(), wbits, k, torch.float16, splits=splits
-            )
-            for _ in range(copies - 1)
-        ]
-    outs = [torch.empty(tokens, n, device="cuda", dtype=torch.float16) for _ in layers]
-    return time_graph([lambda g=g, o=o: g(x, o) for g, o in zip(layers, outs)], args.repeat)
+        calls = gemv_calls(first, x, l2, splits)  # the copies too under the tile in test
+    return time_graph(calls, args.repeat)
 
 
 def main() -> int:
