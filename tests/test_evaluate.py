@@ -32,6 +32,52 @@ def test_perplexity_matches_a_direct_computation(tiny_llama):
     assert 0.5 * 320 < result.ppl < 2 * 320
 
 
+def _direct_nll(model, batch):
+    logits = model(batch).logits[:, :-1].float()
+    nll = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="none"
+    )
+    return nll.reshape(len(batch), -1).sum(1)
+
+
+@pytest.mark.parametrize("chunk", [48, 100, 320, 1024])
+@pytest.mark.parametrize("family", ["llama", "opt"])
+def test_window_nll_through_slices_of_the_output_layer(family, chunk, request):
+    model = request.getfixturevalue(f"tiny_{family}")
+    if family == "opt":  # a bias on the output layer is sliced with its weight
+        model.lm_head.bias = torch.nn.Parameter(torch.randn(model.config.vocab_size))
+    assert evaluate._plain_head(model) is model.lm_head
+    batch = torch.randint(0, 320, (3, 24), generator=torch.Generator().manual_seed(2))
+    # the vocabulary's first and last ids among the targets: the edges of the slices
+    batch[0, 1], batch[1, 5], batch[2, 7] = 0, 319, chunk % 320
+    with torch.no_grad():
+        expected = _direct_nll(model, batch)
+    got = evaluate.window_nll(model, batch, chunk=chunk)
+    assert got.shape == (3,)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-4)
+
+
+def test_window_nll_of_a_model_whose_forward_changes_the_logits(tiny_llama):
+    from transformers import LlamaForCausalLM
+
+    class Scaled(LlamaForCausalLM):  # logits scaled as Cohere and Granite scale them
+        def forward(self, *args, **kwargs):
+            out = super().forward(*args, **kwargs)
+            out.logits = 30.0 * out.logits
+            return out
+
+    model = Scaled(tiny_llama.config).eval()
+    model.load_state_dict(tiny_llama.state_dict())
+    assert evaluate._plain_head(model) is None
+    batch = torch.randint(0, 320, (2, 16), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected = _direct_nll(model, batch)
+        plain = _direct_nll(tiny_llama, batch)
+    got = evaluate.window_nll(model, batch, chunk=48)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-4)
+    assert not torch.allclose(got, plain, rtol=1e-2)
+
+
 def test_batch_size_does_not_change_the_result(tiny_llama):
     tokens = torch.randint(0, 320, (4 * 16,), generator=torch.Generator().manual_seed(1))
     one = evaluate.perplexity(tiny_llama, tokens, 16, batch_size=1, progress=False)
