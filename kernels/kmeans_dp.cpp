@@ -15,7 +15,8 @@
 // zero leave (they change no cost; they are assigned to their nearest centroid afterwards),
 // and values are centred on the weighted mean so the prefix sums lose little to
 // cancellation. A row whose weights are all zero uses weight 1 everywhere. Rows are
-// independent and shared out over OpenMP threads (torch's pool, as for lut_gemv_cpu.cpp).
+// independent and shared out over OpenMP threads (torch's pool, as for lut_gemv_cpu.cpp), as
+// many as the caller asks for.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -239,10 +240,12 @@ double solve_row(const float* x, const float* f, int n, int k, float* centroids)
 
 extern "C" {
 
-// x, f: (rows, n) row-major (f may be null: every weight 1); centroids: (rows, k); sse: (rows,).
-int sq_kmeans_dp(const float* x, const float* f, int rows, int n, int k, float* centroids, double* sse) {
-  if (k < 1 || n < 0 || rows < 0) return -1;
-#pragma omp parallel for schedule(dynamic, 16)
+// x, f: (rows, n) row-major (f may be null: every weight 1); centroids: (rows, k); sse: (rows,);
+// threads: OpenMP threads (the caller's torch count, which a worker thread cannot read).
+int sq_kmeans_dp(const float* x, const float* f, int rows, int n, int k, float* centroids, double* sse,
+                 int threads) {
+  if (k < 1 || n < 0 || rows < 0 || threads < 1) return -1;
+#pragma omp parallel for schedule(dynamic, 16) num_threads(threads)
   for (int r = 0; r < rows; ++r)
     sse[r] = solve_row(x + (size_t)r * n, f == nullptr ? nullptr : f + (size_t)r * n, n, k,
                        centroids + (size_t)r * k);

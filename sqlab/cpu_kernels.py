@@ -130,6 +130,7 @@ def library(flags: tuple[str, ...] = FLAGS, source_name: str = SOURCE) -> ctypes
             *[ctypes.c_int] * 3,
             ctypes.c_void_p,
             ctypes.c_void_p,
+            ctypes.c_int,
         ]
         lib.sq_kmeans_dp.restype = ctypes.c_int
     return lib

@@ -100,16 +100,16 @@ def weighted_kmeans(
     return KMeansResult(centroids.clone(), sse.clone(), x)
 
 
-def cluster(x: Tensor, weight: Tensor | None, config) -> KMeansResult:
+def cluster(x: Tensor, weight: Tensor | None, config, threads: int | None = None) -> KMeansResult:
     """The ``2**config.wbits`` centroids of every row by the config's k-means
-    (``optimal`` or ``fast``).
+    (``optimal`` or ``fast``); ``threads`` as in ``optimal_kmeans``.
     """
     from .errors import SqlabError
 
     k = 1 << config.wbits
     if config.kmeans == "optimal":
         try:
-            return optimal_kmeans(x, weight, k)
+            return optimal_kmeans(x, weight, k, threads)
         except SqlabError as exc:
             raise SqlabError(
                 f"kmeans='optimal' runs a compiled dynamic program: {exc}; or use "
@@ -120,7 +120,9 @@ def cluster(x: Tensor, weight: Tensor | None, config) -> KMeansResult:
     )
 
 
-def optimal_kmeans(x: Tensor, weight: Tensor | None, k: int) -> KMeansResult:
+def optimal_kmeans(
+    x: Tensor, weight: Tensor | None, k: int, threads: int | None = None
+) -> KMeansResult:
     """The exact minimiser of ``sum F (w - c(w))**2`` for every row of ``x`` (rows, n).
 
     A dynamic program over each sorted row (``kernels/kmeans_dp.cpp``, compiled on first
@@ -128,7 +130,8 @@ def optimal_kmeans(x: Tensor, weight: Tensor | None, k: int) -> KMeansResult:
     heuristic is measured against. Weights as in ``weighted_kmeans``: ``None`` is
     uniform, negatives count as zero, an all-zero row uses uniform weights. A row with
     fewer distinct weighted values than ``k`` repeats its largest as the spare
-    centroids. Raises ``SqlabError`` where no C++ compiler is available.
+    centroids. ``threads``: CPU threads for the program (default: torch's count). Raises
+    ``SqlabError`` where no C++ compiler is available.
     """
     from .cpu_kernels import KMEANS_SOURCE, library
 
@@ -147,6 +150,9 @@ def optimal_kmeans(x: Tensor, weight: Tensor | None, k: int) -> KMeansResult:
     rows, n = xs.shape
     centroids = torch.empty(rows, k, dtype=torch.float32)
     sse = torch.empty(rows, dtype=torch.float64)
+    threads = torch.get_num_threads() if threads is None else threads
+    if threads < 1:
+        raise ValueError(f"threads must be >= 1, got {threads}")
     library(source_name=KMEANS_SOURCE).sq_kmeans_dp(
         xs.data_ptr(),
         None if fs is None else fs.data_ptr(),
@@ -155,6 +161,7 @@ def optimal_kmeans(x: Tensor, weight: Tensor | None, k: int) -> KMeansResult:
         k,
         centroids.data_ptr(),
         sse.data_ptr(),
+        threads,
     )
     if bool(sse.isnan().any()):  # the program's mark of a row with a value or weight not finite
         raise ValueError("x and weight must be finite")

@@ -132,12 +132,16 @@ class OutlierProfile:
     def exact_share(self, r: float) -> float:
         return 100.0 * sum(self.exact_count(n, r) for n in self.weights) / self.total
 
-    def solve(self, outlier_pct: float, tolerance_pct: float = 0.02) -> float:
+    def solve(
+        self, outlier_pct: float, tolerance_pct: float = 0.02, *, exact: bool = True
+    ) -> float:
         """The range ``r`` whose model-wide outlier share is closest to ``outlier_pct``.
 
         The share is non-increasing in ``r``; bisection costs one ``searchsorted``
-        per matrix and step. Raises if the target is out of reach; warns if the
-        exact share misses it by more than ``tolerance_pct`` points.
+        per matrix and step. Raises if the target is out of reach. ``exact``: count the
+        share at ``r`` on every weight and warn if it misses the target by more than
+        ``tolerance_pct`` points (``quantize_model`` skips it and checks the share its
+        split made, the same count).
         """
         target = float(outlier_pct)
         if (target, tolerance_pct) in self._solved:
@@ -156,16 +160,8 @@ class OutlierProfile:
             mid = (lo + hi) / 2
             lo, hi = (mid, hi) if self.share(mid) > target else (lo, mid)
         r = hi if abs(self.share(hi) - target) <= abs(self.share(lo) - target) else lo
-        got = self.exact_share(r)
-        if abs(got - target) > tolerance_pct:
-            log.warning(
-                "outlier share %.4f%% at r=%.4f misses the target %.4f%% by more than %.2f points",
-                got,
-                r,
-                target,
-                tolerance_pct,
-            )
-        log.info("IQR range r = %.4f gives %.4f%% outliers (target %.4f%%)", r, got, target)
+        if exact:
+            check_share(self.exact_share(r), target, r, tolerance_pct)
         self._solved[(target, tolerance_pct)] = r
         return r
 
@@ -190,6 +186,20 @@ class OutlierProfile:
                 }
             )
         return pd.DataFrame(rows)
+
+
+def check_share(got: float, target: float, r: float, tolerance_pct: float = 0.02) -> None:
+    """Log the outlier share ``got`` (%) made at range ``r``; warn if it misses ``target`` by
+    more than ``tolerance_pct`` points."""
+    if abs(got - target) > tolerance_pct:
+        log.warning(
+            "outlier share %.4f%% at r=%.4f misses the target %.4f%% by more than %.2f points",
+            got,
+            r,
+            target,
+            tolerance_pct,
+        )
+    log.info("IQR range r = %.4f gives %.4f%% outliers (target %.4f%%)", r, got, target)
 
 
 def sensitive_mask(fisher: Tensor, sensitive_pct: float, exclude: Tensor | None = None) -> Tensor:

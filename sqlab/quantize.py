@@ -13,6 +13,8 @@ import hashlib
 import json
 import logging
 import math
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -125,6 +127,12 @@ class QuantReport:
     def outlier_pct(self) -> float:
         return 100 * sum(s.outliers for s in self.layers) / self.weights
 
+    def check_outlier_share(self) -> None:
+        """Warn if the outliers the split made miss the config's ``outlier_pct`` (where the
+        range was solved for it rather than given)."""
+        if self.config.uses_outliers and self.config.outlier_range is None:
+            outliers.check_share(self.outlier_pct, self.config.outlier_pct, self.outlier_range)
+
     def as_dict(self) -> dict:
         return {
             "config": self.config.as_dict(),
@@ -164,37 +172,46 @@ def kmeans_weights(weight: Tensor, fisher: Tensor | None, sparse: Tensor, weight
     return importance
 
 
-def quantize_group(
+@dataclass
+class SplitGroup:
+    """Matrices of equal ``in_features`` after the dense-and-sparse split, ready for one
+    batched k-means over all their rows."""
+
+    weights: dict[str, Tensor]  # name -> (out_features, in_features)
+    splits: dict[str, outliers.SparseSplit]
+    points: Tensor  # (rows, in_features) float32: every matrix's rows, stacked in order
+    importances: Tensor  # (rows, in_features): their k-means weights (0 at sparse entries)
+
+
+def split_group(
     weights: dict[str, Tensor],
     fishers: dict[str, Tensor | None],
     config: SqueezeLLMConfig,
     thresholds: dict[str, float | None],
-) -> dict[str, QuantizedWeight]:
-    """Quantize matrices of equal ``in_features`` together: one batched k-means over all their rows.
-
-    ``thresholds`` are the outlier thresholds ``T`` of the matrices (``None``: no outliers).
-    """
-    splits, importances = {}, {}
+) -> SplitGroup:
+    """Step 1 of a group: the sparse entries of every matrix (``thresholds``: the outlier
+    thresholds ``T``, ``None`` for none) and the importances its k-means weighs by."""
+    splits, importances = {}, []
     for name, w in weights.items():
         splits[name] = outliers.split(
             w, fishers.get(name), thresholds.get(name), config.sensitive_pct
         )
-        importances[name] = kmeans_weights(w, fishers.get(name), splits[name].mask, config.weighted)
-    names = list(weights)
-    km = cluster(
-        torch.cat([weights[n].float() for n in names]),
-        torch.cat([importances[n] for n in names]),
-        config,
-    )
+        importances.append(kmeans_weights(w, fishers.get(name), splits[name].mask, config.weighted))
+    points = torch.cat([w.float() for w in weights.values()])
+    return SplitGroup(weights, splits, points, torch.cat(importances))
+
+
+def finish_group(group: SplitGroup, centroids: Tensor) -> dict[str, QuantizedWeight]:
+    """Step 3 of a group, given its k-means ``centroids`` (rows, 2**wbits): the stored fp16
+    LUTs, every weight's index, and the sparse part ``S``."""
     result, start = {}, 0
-    for name in names:
-        w = weights[name]
+    for name, w in group.weights.items():
         rows = slice(start, start + w.shape[0])
         start += w.shape[0]
-        lut = km.centroids[rows].to(torch.float16)
+        lut = centroids[rows].to(torch.float16)
         # indices against the stored (fp16) LUT, so the dense part decodes to its nearest entry
-        indices = assign(w.float(), lut.float())
-        split = splits[name]
+        indices = assign(group.points[rows], lut.float())
+        split = group.splits[name]
         csr = None
         if split.mask.any():
             r, c = split.mask.nonzero(as_tuple=True)
@@ -204,25 +221,89 @@ def quantize_group(
     return result
 
 
+def quantize_group(
+    weights: dict[str, Tensor],
+    fishers: dict[str, Tensor | None],
+    config: SqueezeLLMConfig,
+    thresholds: dict[str, float | None],
+) -> dict[str, QuantizedWeight]:
+    """Quantize matrices of equal ``in_features`` together: split, one batched k-means over
+    all their rows, finish."""
+    group = split_group(weights, fishers, config, thresholds)
+    return finish_group(group, cluster(group.points, group.importances, config).centroids)
+
+
+def _groups(
+    weights: dict[str, Tensor], fisher, config: SqueezeLLMConfig, thresholds: dict[str, float]
+) -> list[SplitGroup]:
+    """One block's matrices, split, in groups of equal ``in_features``."""
+    by_width: dict[int, list[str]] = {}
+    for name, w in weights.items():
+        by_width.setdefault(w.shape[1], []).append(name)
+    return [
+        split_group(
+            {n: weights[n] for n in names},
+            {n: fisher[n] if fisher is not None else None for n in names},
+            config,
+            {n: thresholds.get(n) for n in names},
+        )
+        for names in by_width.values()
+    ]
+
+
 def quantize_block(
     weights: dict[str, Tensor], fisher, config: SqueezeLLMConfig, thresholds: dict[str, float]
 ) -> dict[str, QuantizedWeight]:
     """One decoder block's matrices (``{name: (out_features, in_features)}``), each group of equal
     ``in_features`` in one batched k-means; ``fisher`` maps names to Fisher values (or is None)."""
     done: dict[str, QuantizedWeight] = {}
-    by_width: dict[int, list[str]] = {}
-    for name, w in weights.items():
-        by_width.setdefault(w.shape[1], []).append(name)
-    for names in by_width.values():
-        done.update(
-            quantize_group(
-                {n: weights[n] for n in names},
-                {n: fisher[n] if fisher is not None else None for n in names},
-                config,
-                {n: thresholds.get(n) for n in names},
-            )
-        )
+    for group in _groups(weights, fisher, config, thresholds):
+        done.update(finish_group(group, cluster(group.points, group.importances, config).centroids))
     return done
+
+
+def quantize_blocks(
+    blocks,
+    fisher,
+    config: SqueezeLLMConfig,
+    thresholds: dict[str, float],
+    stored=None,
+    threads: int | None = None,
+):
+    """``quantize_block`` over ``blocks`` (``(key, weights)`` pairs), yielding
+    ``(key, result, fresh)`` in order; ``stored(key)`` may give a block's result instead
+    (``fresh`` is then False). ``threads``: the k-means program's CPU threads (default:
+    torch's count now).
+
+    Pipelined: a block's k-means runs in a worker thread (the compiled program releases
+    the GIL) while this thread finishes the block before it and splits the next. The split
+    and finish steps are mostly one thread's work, so on 2 cores they hide under the
+    k-means instead of following it.
+    """
+    threads = threads or torch.get_num_threads()
+    with ThreadPoolExecutor(1, thread_name_prefix="sqlab-kmeans") as pool:
+        behind = None  # (key, groups, their k-means futures) or (key, stored result, None)
+        for key, weights in blocks:
+            found = stored(key) if stored is not None else None
+            if found is None:
+                groups = _groups(weights, fisher, config, thresholds)
+                running = [
+                    pool.submit(cluster, g.points, g.importances, config, threads) for g in groups
+                ]
+            if behind is not None:
+                yield _finished(*behind)
+            behind = (key, groups, running) if found is None else (key, found, None)
+        if behind is not None:
+            yield _finished(*behind)
+
+
+def _finished(key, groups, running):
+    if running is None:  # a stored result
+        return key, groups, False
+    done: dict[str, QuantizedWeight] = {}
+    for group, future in zip(groups, running):
+        done.update(finish_group(group, future.result().centroids))
+    return key, done, True
 
 
 def layer_stats(
@@ -240,6 +321,17 @@ def layer_stats(
         float(diff2.mean()),
         q.storage_bits(),
     )
+
+
+@contextmanager
+def torch_threads(count: int):
+    """torch's CPU thread count set to ``count`` inside the block, restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
@@ -264,7 +356,7 @@ def outlier_thresholds(
     r = (
         config.outlier_range
         if config.outlier_range is not None
-        else profile.solve(config.outlier_pct)
+        else profile.solve(config.outlier_pct, exact=False)  # checked on the split's counts
     )
     return float(r), {n: profile.threshold(n, r) for n in profile.matrices}
 
@@ -412,37 +504,54 @@ def quantize_model(
                 "model": fingerprint(model),
             },
         )
+    members = {
+        index: {f"{prefix}.{n}": m for n, m in block_linears(model, block).items()}
+        for index, (prefix, block) in chosen
+    }
+    weights = (
+        (index, {n: m.weight.detach() for n, m in linears.items()})
+        for index, linears in members.items()
+    )
     stats = []
-    for index, (prefix, block) in tqdm(
-        chosen,
-        desc=f"SqueezeLLM {config.wbits}-bit",
-        unit="block",
-        disable=not progress,
-        leave=False,
-    ):
-        members = {f"{prefix}.{n}": m for n, m in block_linears(model, block).items()}
-        done = store.load(index) if store is not None else None
-        if done is None:
-            done = quantize_block(
-                {n: m.weight.detach() for n, m in members.items()}, fisher, config, thresholds
-            )
-            if store is not None:
+    cores = torch.get_num_threads()
+    # the exact k-means takes every core in its worker thread, and this thread's torch work
+    # half of them, so that 2 cores are not shared by 4 threads spinning at each other
+    with torch_threads(max(1, cores // 2) if config.kmeans == "optimal" else cores):
+        for index, done, fresh in tqdm(
+            quantize_blocks(
+                weights,
+                fisher,
+                config,
+                thresholds,
+                stored=store.load if store is not None else None,
+                threads=cores,
+            ),
+            total=len(members),
+            desc=f"SqueezeLLM {config.wbits}-bit",
+            unit="block",
+            disable=not progress,
+            leave=False,
+        ):
+            if fresh and store is not None:
                 store.save(index, done)
-        for name, linear in members.items():
-            q = done[name]
-            w_hat = q.dequantize(linear.weight.dtype)
-            stats.append(
-                layer_stats(
-                    name, linear.weight, fisher[name] if fisher is not None else None, q, w_hat
+            for name, linear in members[index].items():
+                q = done[name]
+                w_hat = q.dequantize(linear.weight.dtype)
+                stats.append(
+                    layer_stats(
+                        name, linear.weight, fisher[name] if fisher is not None else None, q, w_hat
+                    )
                 )
-            )
-            if simulate:  # the reconstruction in the nn.Linear: no packing at all
-                linear.weight.copy_(w_hat)
-            else:
-                bias = linear.bias.detach() if linear.bias is not None else None
-                _set_module(model, name, q.to_layer(bias, name).to(linear.weight.device))
+                if simulate:  # the reconstruction in the nn.Linear: no packing at all
+                    linear.weight.copy_(w_hat)
+                else:
+                    bias = linear.bias.detach() if linear.bias is not None else None
+                    _set_module(model, name, q.to_layer(bias, name).to(linear.weight.device))
+    report = QuantReport(config, outlier_range, stats)
+    if blocks is None:
+        report.check_outlier_share()
     if not simulate:
         from .checkpoint import mark_quantized
 
         mark_quantized(model, config.as_dict())  # so model.save_pretrained writes a checkpoint
-    return QuantReport(config, outlier_range, stats)
+    return report

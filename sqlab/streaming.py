@@ -295,4 +295,6 @@ def quantize_streamed(
                 layer_stats(name, w, fishers[name] if fishers is not None else None, q, w_hat)
             )
         del weights, fishers, done
-    return QuantReport(config, outlier_range, stats), [store.file(i) for i in range(len(blocks))]
+    report = QuantReport(config, outlier_range, stats)
+    report.check_outlier_share()
+    return report, [store.file(i) for i in range(len(blocks))]

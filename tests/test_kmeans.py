@@ -280,6 +280,11 @@ def test_optimal_kmeans_beats_the_heuristic_on_every_row():
     assert bool((exact.sse <= fast.sse * (1 + 1e-9)).all()) and exact.sse.sum() < fast.sse.sum()
     again = kmeans.optimal_kmeans(x, f, 8)
     assert torch.equal(again.centroids, exact.centroids) and torch.equal(again.sse, exact.sse)
+    for threads in (1, 3):  # rows are independent: any thread count, the same result
+        other = kmeans.optimal_kmeans(x, f, 8, threads=threads)
+        assert torch.equal(other.centroids, exact.centroids) and torch.equal(other.sse, exact.sse)
+    with pytest.raises(ValueError, match="threads must be >= 1, got 0"):
+        kmeans.optimal_kmeans(x, f, 8, threads=0)
 
 
 @pytest.mark.parametrize("n", [300, 5000])

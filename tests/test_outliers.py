@@ -110,3 +110,27 @@ def test_top_entries_fall_back_when_the_sample_holds_the_largest_scores():
     scores[::64] += 10.0  # every sampled score is far above the rest: a threshold too high
     got = _top_entries(scores, 150, None)
     assert set(got.tolist()) == set(scores.topk(150).indices.tolist())
+
+
+def test_solve_counts_exactly_only_when_asked(caplog):
+    profile = outliers.OutlierProfile(_matrices())
+
+    class Untouchable(dict):
+        def __getitem__(self, name):
+            raise AssertionError(f"{name} was read again")
+
+    profile.weights = Untouchable(profile.weights)
+    r = profile.solve(0.45, exact=False)  # the sample alone
+    assert r > 0
+    profile._solved.clear()
+    with pytest.raises(AssertionError, match="was read again"):
+        profile.solve(0.45)
+
+
+def test_check_share_warns_only_beyond_the_tolerance(caplog):
+    with caplog.at_level("INFO", logger="sqlab.outliers"):
+        outliers.check_share(0.46, 0.45, 2.0)
+    assert "misses the target" not in caplog.text and "gives 0.4600% outliers" in caplog.text
+    caplog.clear()
+    outliers.check_share(0.50, 0.45, 2.0)
+    assert "outlier share 0.5000% at r=2.0000 misses the target 0.4500%" in caplog.text

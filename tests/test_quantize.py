@@ -148,11 +148,11 @@ def test_interrupted_run_resumes_and_ends_with_the_same_result(tmp_path, monkeyp
     import sqlab.quantize as q
 
     quantized = []
-    real_group = q.quantize_group
+    real_split = q.split_group
     monkeypatch.setattr(
         q,
-        "quantize_group",
-        lambda weights, *a: quantized.extend(weights) or real_group(weights, *a),
+        "split_group",
+        lambda weights, *a: quantized.extend(weights) or real_split(weights, *a),
     )
     resumed = make_llama(layers=3)
     quantize_model(resumed, config, fisher, work_dir=tmp_path / "work", progress=False)
@@ -202,3 +202,44 @@ def test_finite_check_tells_an_overflowing_sum_from_an_entry_that_is_not_finite(
         broken[2, 5] = bad
         with pytest.raises(SqlabError, match="weights of m contain NaN or Inf"):
             check_finite("m", broken, "weights")
+
+
+def test_pipelined_blocks_equal_one_block_at_a_time_in_order():
+    import sqlab.quantize as q
+    from sqlab.models import block_linears, decoder_blocks
+
+    config = QuantConfig(wbits=3, outlier_pct=0.45, sensitive_pct=0.05)
+    model = make_llama(layers=4)
+    fisher = _fisher(model)
+    _, thresholds = q.outlier_thresholds(model, config)
+    blocks = [
+        (index, {f"{prefix}.{n}": m.weight.detach() for n, m in block_linears(model, b).items()})
+        for index, (prefix, b) in enumerate(decoder_blocks(model))
+    ]
+    stored = {2: "block 2 as stored"}  # handed through in its place, not quantized again
+    got = list(q.quantize_blocks(iter(blocks), fisher, config, thresholds, stored=stored.get))
+    assert [(key, fresh) for key, _, fresh in got] == [(0, True), (1, True), (2, False), (3, True)]
+    assert got[2][1] == "block 2 as stored"
+    for (key, weights), (_, done, fresh) in zip(blocks, got):
+        if not fresh:
+            continue
+        alone = q.quantize_block(weights, fisher, config, thresholds)
+        assert list(done) == list(alone)
+        for name, one in alone.items():
+            assert torch.equal(done[name].indices, one.indices), name
+            assert torch.equal(done[name].lut, one.lut), name
+            assert torch.equal(done[name].dequantize(), one.dequantize()), name
+
+
+def test_the_outlier_share_is_checked_on_the_split_counts(monkeypatch):
+    import sqlab.outliers as o
+
+    checked = []
+    monkeypatch.setattr(o, "check_share", lambda *args: checked.append(args))
+    model = make_llama(layers=2)
+    config = QuantConfig(wbits=3, outlier_pct=0.45, sensitive_pct=0.05)
+    threads = torch.get_num_threads()
+    report = quantize_model(model, config, _fisher(model), progress=False)
+    assert torch.get_num_threads() == threads  # lent to the k-means while it ran, given back
+    assert checked == [(report.outlier_pct, 0.45, report.outlier_range)]
+    assert report.outlier_pct > 0
