@@ -236,9 +236,50 @@ double solve_row(const float* x, const float* f, int n, int k, float* centroids)
   return sse;
 }
 
+// Every entry's nearest of K ascending centroids (ties to the lower): the number of midpoints
+// between neighbouring centroids below it. K fixed, so the compiler unrolls the midpoints and
+// vectorises over the entries.
+template <int K>
+void assign_row(const float* x, const float* centroids, int n, uint8_t* labels) {
+  float mid[K - 1];
+  for (int b = 0; b < K - 1; ++b) mid[b] = (centroids[b + 1] + centroids[b]) / 2.f;
+  for (int j = 0; j < n; ++j) {
+    uint8_t label = 0;
+    for (int b = 0; b < K - 1; ++b) label += x[j] > mid[b];
+    labels[j] = label;
+  }
+}
+
+void assign_row_any(const float* x, const float* centroids, int n, int k, uint8_t* labels) {
+  for (int j = 0; j < n; ++j) {
+    uint8_t label = 0;
+    for (int b = 0; b < k - 1; ++b) label += x[j] > (centroids[b + 1] + centroids[b]) / 2.f;
+    labels[j] = label;
+  }
+}
+
 }  // namespace
 
 extern "C" {
+
+// x: (rows, n) row-major; centroids: (rows, k) ascending per row; labels: (rows, n), k <= 256.
+int sq_assign(const float* x, const float* centroids, int rows, int n, int k, uint8_t* labels,
+              int threads) {
+  if (k < 1 || k > 256 || n < 0 || rows < 0 || threads < 1) return -1;
+#pragma omp parallel for schedule(static) num_threads(threads)
+  for (int r = 0; r < rows; ++r) {
+    const float* xr = x + (size_t)r * n;
+    const float* cr = centroids + (size_t)r * k;
+    uint8_t* lr = labels + (size_t)r * n;
+    if (k == 8)
+      assign_row<8>(xr, cr, n, lr);
+    else if (k == 16)
+      assign_row<16>(xr, cr, n, lr);
+    else
+      assign_row_any(xr, cr, n, k, lr);
+  }
+  return 0;
+}
 
 // x, f: (rows, n) row-major (f may be null: every weight 1); centroids: (rows, k); sse: (rows,);
 // threads: OpenMP threads (the caller's torch count, which a worker thread cannot read).

@@ -132,16 +132,25 @@ def library(flags: tuple[str, ...] = FLAGS, source_name: str = SOURCE) -> ctypes
             ctypes.c_void_p,
             ctypes.c_int,
         ]
-        lib.sq_kmeans_dp.restype = ctypes.c_int
+        lib.sq_assign.argtypes = [
+            ctypes.c_void_p,
+            ctypes.c_void_p,
+            *[ctypes.c_int] * 3,
+            ctypes.c_void_p,
+            ctypes.c_int,
+        ]
+        for function in (lib.sq_kmeans_dp, lib.sq_assign):
+            function.restype = ctypes.c_int
     return lib
 
 
-def unavailable_reason() -> str | None:
-    """Why the CPU kernel cannot be used here, in words; None when it can."""
+def unavailable_reason(source_name: str = SOURCE) -> str | None:
+    """Why a CPU kernel (by default the LUT-GEMV) cannot be used here, in words; None when it
+    can."""
     if os.environ.get("SQLAB_CPU_KERNEL", "1") == "0":
         return "SQLAB_CPU_KERNEL=0 turns it off"
     try:
-        library()
+        library(source_name=source_name)
     except SqlabError as exc:
         return str(exc)
     return None

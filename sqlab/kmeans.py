@@ -342,12 +342,42 @@ def assign(x: Tensor, centroids: Tensor) -> Tensor:
     below it (a tie goes to the lower centroid): one comparison pass per midpoint, which
     for 7 or 15 midpoints beats a binary search per entry.
     """
+    if _compiled_assign_fits(x, centroids):
+        from .cpu_kernels import KMEANS_SOURCE, library
+
+        labels = torch.empty(x.shape, dtype=torch.uint8)
+        library(source_name=KMEANS_SOURCE).sq_assign(
+            x.data_ptr(),
+            centroids.data_ptr(),
+            *x.shape,
+            centroids.shape[1],
+            labels.data_ptr(),
+            torch.get_num_threads(),
+        )
+        return labels
     mid = ((centroids[:, 1:] + centroids[:, :-1]) / 2).to(x.dtype)  # (rows, k - 1)
     labels = torch.zeros(x.shape, dtype=torch.uint8, device=x.device)
     above = torch.empty(x.shape, dtype=torch.bool, device=x.device)  # one buffer for every pass
     for b in range(mid.shape[1]):
         labels.add_(torch.gt(x, mid[:, b : b + 1], out=above))
     return labels
+
+
+def _compiled_assign_fits(x: Tensor, centroids: Tensor) -> bool:
+    """Whether ``assign`` can run as one pass of the compiled program (``kernels/kmeans_dp.cpp``,
+    the same comparisons): contiguous float32 rows on the CPU, and the program built."""
+    from .cpu_kernels import KMEANS_SOURCE, unavailable_reason
+
+    return (
+        x.device.type == "cpu"
+        and x.dtype == centroids.dtype == torch.float32
+        and x.ndim == centroids.ndim == 2
+        and x.is_contiguous()
+        and centroids.is_contiguous()
+        and len(x) == len(centroids)
+        and 2 <= centroids.shape[1] <= 256
+        and unavailable_reason(KMEANS_SOURCE) is None
+    )
 
 
 def _bounds(edges: Tensor) -> tuple[Tensor, Tensor]:

@@ -417,3 +417,30 @@ def test_kmeans_benchmark_compares_every_method(tmp_path):
     assert set(rows) == {"optimal", "fast-2", "fast-1", "scikit-learn", "flash1dkmeans"}
     assert rows["optimal"]["sse_above_optimum_pct"] == 0.0
     assert all(r["sse_above_optimum_pct"] >= -1e-6 and r["us_per_row"] > 0 for r in rows.values())
+
+
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    k=st.sampled_from([2, 5, 8, 16]),
+    rows=st.integers(1, 6),
+    n=st.integers(0, 70),
+    seed=st.integers(0, 2**16),
+)
+def test_compiled_assign_equals_the_comparison_passes(monkeypatch, k, rows, n, seed):
+    gen = torch.Generator().manual_seed(seed)
+    centroids = torch.sort(torch.randn(rows, k, generator=gen), 1).values
+    centroids[:, 1] = centroids[:, 0]  # a repeated centroid (a row with few distinct values)
+    x = torch.randn(rows, n, generator=gen)
+    tied = min(n, k - 1)
+    x[:, :tied] = ((centroids[:, 1:] + centroids[:, :-1]) / 2)[:, :tied]  # exactly on midpoints
+    assert kmeans._compiled_assign_fits(x, centroids)
+    compiled = assign(x, centroids)
+    with monkeypatch.context() as patch:
+        patch.setenv("SQLAB_CPU_KERNEL", "0")
+        assert not kmeans._compiled_assign_fits(x, centroids)
+        assert torch.equal(compiled, assign(x, centroids))
+    distance = (x[:, tied:, None] - centroids[:, None, :]).abs()  # (rows, n - tied, k)
+    chosen = distance.gather(2, compiled[:, tied:, None].long())[..., 0]
+    assert torch.equal(chosen, distance.amin(2))  # a nearest centroid
