@@ -8,8 +8,9 @@
 // (the best c intervals of the first j points) gives the optimum D[k][m]. The best split i
 // never moves left as j grows (the cost is a Monge array), so each layer is solved by
 // divide and conquer: the middle j's best i bounds the halves' searches, O(m log m) costs
-// per layer instead of O(m²). The scan over candidate splits i evaluates 8 of them per
-// AVX-512 step where the CPU has it (ties go to the smallest i, as in the scalar loop).
+// per layer instead of O(m²); a run of j's whose bounds leave one split is filled in one loop
+// without recursing. The scan over candidate splits i evaluates 8 of them per AVX-512 step
+// where the CPU has it (ties go to the smallest i, as in the scalar loop).
 //
 // Before the program: points of equal value merge (their weights add), points of weight
 // zero leave (they change no cost; they are assigned to their nearest centroid afterwards),
@@ -91,9 +92,30 @@ struct Layer {
     return {best, arg};
   }
 
+  // D[c][j] for j in [jlo, jhi] when the bounds leave one split, i: no search, no recursion.
+  // False, with nothing written, where the layer below puts a lower bound past i; the search
+  // then proceeds as usual. The same values as the search.
+  bool fill(int jlo, int jhi, int i) {
+    if (below != nullptr)
+      for (int j = jlo; j <= std::min(jhi, below_hi); ++j)
+        if (below[j] > i) return false;
+    // sums.cost(i, j) spelt out on plain pointers, so the compiler sees no aliasing and vectorises
+    const double *s0 = sums.s0.data(), *s1 = sums.s1.data(), *s2 = sums.s2.data();
+    const double base = prev[i], w0 = s0[i], m0 = s1[i], q0 = s2[i];
+    double* out = cur.data();
+    for (int j = jlo; j <= jhi; ++j) {
+      const double w = s0[j] - w0, m = s1[j] - m0;
+      const double c = (s2[j] - q0) - m * m / w;
+      out[j] = base + (c > 0.0 ? c : 0.0);
+      opt[j] = i;
+    }
+    return true;
+  }
+
   // D[c][j] for j in [jlo, jhi], knowing the best i lies in [ilo, ihi]
   void solve(int jlo, int jhi, int ilo, int ihi) {
     while (jlo <= jhi) {
+      if (ilo == ihi && fill(jlo, jhi, ilo)) return;
       const int j = (jlo + jhi) / 2;
       // with one cluster more the last one starts no earlier: a second lower bound
       const int from = below != nullptr && j <= below_hi ? std::max(ilo, below[j]) : ilo;
