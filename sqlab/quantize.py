@@ -281,7 +281,8 @@ def quantize_blocks(
     k-means instead of following it.
     """
     threads = threads or torch.get_num_threads()
-    with ThreadPoolExecutor(1, thread_name_prefix="sqlab-kmeans") as pool:
+    pool = ThreadPoolExecutor(1, thread_name_prefix="sqlab-kmeans")
+    try:
         behind = None  # (key, groups, their k-means futures) or (key, stored result, None)
         for key, weights in blocks:
             found = stored(key) if stored is not None else None
@@ -295,6 +296,8 @@ def quantize_blocks(
             behind = (key, groups, running) if found is None else (key, found, None)
         if behind is not None:
             yield _finished(*behind)
+    finally:  # on an error or an interrupt, k-means not started yet never starts
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _finished(key, groups, running):

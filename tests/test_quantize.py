@@ -243,3 +243,23 @@ def test_the_outlier_share_is_checked_on_the_split_counts(monkeypatch):
     assert torch.get_num_threads() == threads  # lent to the k-means while it ran, given back
     assert checked == [(report.outlier_pct, 0.45, report.outlier_range)]
     assert report.outlier_pct > 0
+
+
+def test_a_kmeans_error_in_the_worker_reaches_the_caller_and_stops_the_rest(monkeypatch):
+    import sqlab.quantize as q
+
+    calls = []
+
+    def failing(points, importances, config, threads=None):
+        calls.append(len(points))
+        if len(calls) == 3:
+            raise SqlabError("k-means failed here")
+        return real(points, importances, config, threads)
+
+    real = q.cluster
+    monkeypatch.setattr(q, "cluster", failing)
+    model = make_llama(layers=6)
+    with pytest.raises(SqlabError, match="k-means failed here"):
+        quantize_model(model, QuantConfig(wbits=3), _fisher(model), progress=False)
+    # two groups a block: the third call is block 1's; at most block 2's were queued behind it
+    assert 3 <= len(calls) <= 6
