@@ -221,18 +221,6 @@ def finish_group(group: SplitGroup, centroids: Tensor) -> dict[str, QuantizedWei
     return result
 
 
-def quantize_group(
-    weights: dict[str, Tensor],
-    fishers: dict[str, Tensor | None],
-    config: SqueezeLLMConfig,
-    thresholds: dict[str, float | None],
-) -> dict[str, QuantizedWeight]:
-    """Quantize matrices of equal ``in_features`` together: split, one batched k-means over
-    all their rows, finish."""
-    group = split_group(weights, fishers, config, thresholds)
-    return finish_group(group, cluster(group.points, group.importances, config).centroids)
-
-
 def _groups(
     weights: dict[str, Tensor], fisher, config: SqueezeLLMConfig, thresholds: dict[str, float]
 ) -> list[SplitGroup]:
@@ -256,9 +244,7 @@ def quantize_block(
 ) -> dict[str, QuantizedWeight]:
     """One decoder block's matrices (``{name: (out_features, in_features)}``), each group of equal
     ``in_features`` in one batched k-means; ``fisher`` maps names to Fisher values (or is None)."""
-    done: dict[str, QuantizedWeight] = {}
-    for group in _groups(weights, fisher, config, thresholds):
-        done.update(finish_group(group, cluster(group.points, group.importances, config).centroids))
+    ((_, done, _),) = quantize_blocks([(None, weights)], fisher, config, thresholds)
     return done
 
 
