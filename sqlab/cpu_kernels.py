@@ -144,13 +144,12 @@ def library(flags: tuple[str, ...] = FLAGS, source_name: str = SOURCE) -> ctypes
     return lib
 
 
-def unavailable_reason(source_name: str = SOURCE) -> str | None:
-    """Why a CPU kernel (by default the LUT-GEMV) cannot be used here, in words; None when it
-    can."""
+def unavailable_reason() -> str | None:
+    """Why the CPU kernel cannot be used here, in words; None when it can."""
     if os.environ.get("SQLAB_CPU_KERNEL", "1") == "0":
         return "SQLAB_CPU_KERNEL=0 turns it off"
     try:
-        library(source_name=source_name)
+        library()
     except SqlabError as exc:
         return str(exc)
     return None
@@ -158,6 +157,21 @@ def unavailable_reason(source_name: str = SOURCE) -> str | None:
 
 def available() -> bool:
     return unavailable_reason() is None
+
+
+@functools.lru_cache(maxsize=None)
+def _built(source_name: str) -> bool:
+    try:
+        library(source_name=source_name)
+    except SqlabError:
+        return False
+    return True
+
+
+def ready(source_name: str) -> bool:
+    """Whether a program of ``kernels/`` can run here, for paths that ask on every call: a
+    failed build is tried once per process, not again on every call."""
+    return os.environ.get("SQLAB_CPU_KERNEL", "1") != "0" and _built(source_name)
 
 
 def _pointer(t: Tensor | None) -> int | None:

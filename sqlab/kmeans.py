@@ -366,7 +366,7 @@ def assign(x: Tensor, centroids: Tensor) -> Tensor:
 def _compiled_assign_fits(x: Tensor, centroids: Tensor) -> bool:
     """Whether ``assign`` can run as one pass of the compiled program (``kernels/kmeans_dp.cpp``,
     the same comparisons): contiguous float32 rows on the CPU, and the program built."""
-    from .cpu_kernels import KMEANS_SOURCE, unavailable_reason
+    from .cpu_kernels import KMEANS_SOURCE, ready
 
     return (
         x.device.type == "cpu"
@@ -376,7 +376,7 @@ def _compiled_assign_fits(x: Tensor, centroids: Tensor) -> bool:
         and centroids.is_contiguous()
         and len(x) == len(centroids)
         and 2 <= centroids.shape[1] <= 256
-        and unavailable_reason(KMEANS_SOURCE) is None
+        and ready(KMEANS_SOURCE)
     )
 
 

@@ -18,7 +18,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sqlab import SqlabError, SqueezeLinear, cpu_kernels
+from sqlab import SqlabError, SqueezeLinear, cpu_kernels, kmeans
 from sqlab.packing import pack
 from tests.kernel_cases import (
     DTYPE_SETS,
@@ -260,3 +260,22 @@ def test_cpu_decode_benchmark_writes_its_json(tmp_path):
     for row in result["gemv"]:
         assert row["shape"] == [256, 320] and row["us_median"] > 0 and row["gbs"] > 0
     assert result["copy_gbs"] > 0 and "vs bf16" in done.stdout
+
+
+def test_a_failed_build_is_tried_once_by_paths_that_ask_on_every_call(monkeypatch):
+    attempts = []
+
+    def broken(flags=cpu_kernels.FLAGS, source_name=cpu_kernels.SOURCE):
+        attempts.append(source_name)
+        raise SqlabError("g++ could not compile it")
+
+    cpu_kernels._built.cache_clear()
+    monkeypatch.setattr(cpu_kernels, "library", broken)
+    try:
+        assert not cpu_kernels.ready(cpu_kernels.KMEANS_SOURCE)
+        assert not cpu_kernels.ready(cpu_kernels.KMEANS_SOURCE)
+        assert attempts == [cpu_kernels.KMEANS_SOURCE]
+        x, centroids = torch.randn(3, 10), torch.sort(torch.randn(3, 4), 1).values
+        assert kmeans.assign(x, centroids).shape == (3, 10)  # the torch passes instead
+    finally:
+        cpu_kernels._built.cache_clear()
