@@ -258,24 +258,15 @@ double solve_row(const float* x, const float* f, int n, int k, float* centroids)
   return sse;
 }
 
-// Every entry's nearest of K ascending centroids (ties to the lower): the number of midpoints
-// between neighbouring centroids below it. K fixed, so the compiler unrolls the midpoints and
-// vectorises over the entries.
-template <int K>
-void assign_row(const float* x, const float* centroids, int n, uint8_t* labels) {
-  float mid[K - 1];
-  for (int b = 0; b < K - 1; ++b) mid[b] = (centroids[b + 1] + centroids[b]) / 2.f;
+// Every entry's nearest of k ascending centroids (ties to the lower): the number of midpoints
+// between neighbouring centroids below it. Inlined where k is a constant (8, 16), the compiler
+// unrolls the midpoints and vectorises over the entries.
+inline void assign_row(const float* x, const float* centroids, int n, int k, uint8_t* labels) {
+  float mid[255];
+  for (int b = 0; b < k - 1; ++b) mid[b] = (centroids[b + 1] + centroids[b]) / 2.f;
   for (int j = 0; j < n; ++j) {
     uint8_t label = 0;
-    for (int b = 0; b < K - 1; ++b) label += x[j] > mid[b];
-    labels[j] = label;
-  }
-}
-
-void assign_row_any(const float* x, const float* centroids, int n, int k, uint8_t* labels) {
-  for (int j = 0; j < n; ++j) {
-    uint8_t label = 0;
-    for (int b = 0; b < k - 1; ++b) label += x[j] > (centroids[b + 1] + centroids[b]) / 2.f;
+    for (int b = 0; b < k - 1; ++b) label += x[j] > mid[b];
     labels[j] = label;
   }
 }
@@ -294,11 +285,11 @@ int sq_assign(const float* x, const float* centroids, int rows, int n, int k, ui
     const float* cr = centroids + (size_t)r * k;
     uint8_t* lr = labels + (size_t)r * n;
     if (k == 8)
-      assign_row<8>(xr, cr, n, lr);
+      assign_row(xr, cr, n, 8, lr);
     else if (k == 16)
-      assign_row<16>(xr, cr, n, lr);
+      assign_row(xr, cr, n, 16, lr);
     else
-      assign_row_any(xr, cr, n, k, lr);
+      assign_row(xr, cr, n, k, lr);
   }
   return 0;
 }
