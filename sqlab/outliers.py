@@ -99,7 +99,8 @@ class OutlierProfile:
         self._q = torch.tensor([[m.q1, m.q3] for m in profiles], dtype=torch.float64).reshape(-1, 2)
         self._length = torch.tensor([m.sorted_abs.numel() for m in profiles], dtype=torch.float64)
         self._scale = torch.tensor([m.scale for m in profiles], dtype=torch.float64)
-        self._solved: dict[tuple[float, float], float] = {}
+        self._solved: dict[tuple[float, float], float] = {}  # (target, tolerance) -> r
+        self._checked: set[tuple[float, float]] = set()  # of those, counted exactly
 
     def threshold(self, name: str, r: float) -> float:
         m = self.matrices[name]
@@ -144,8 +145,16 @@ class OutlierProfile:
         split made, the same count).
         """
         target = float(outlier_pct)
-        if (target, tolerance_pct) in self._solved:
-            return self._solved[(target, tolerance_pct)]
+        key = (target, tolerance_pct)
+        if key not in self._solved:
+            self._solved[key] = self._bisect(target)
+        r = self._solved[key]
+        if exact and key not in self._checked:  # also after a solve that skipped the count
+            check_share(self.exact_share(r), target, r, tolerance_pct)
+            self._checked.add(key)
+        return r
+
+    def _bisect(self, target: float) -> float:
         if self.share(0.0) < target:
             raise SqlabError(
                 f"outlier_pct {target} is out of reach: even r = 0 (T = max(|q1|, |q3|)) makes "
@@ -159,11 +168,7 @@ class OutlierProfile:
         for _ in range(60):
             mid = (lo + hi) / 2
             lo, hi = (mid, hi) if self.share(mid) > target else (lo, mid)
-        r = hi if abs(self.share(hi) - target) <= abs(self.share(lo) - target) else lo
-        if exact:
-            check_share(self.exact_share(r), target, r, tolerance_pct)
-        self._solved[(target, tolerance_pct)] = r
-        return r
+        return hi if abs(self.share(hi) - target) <= abs(self.share(lo) - target) else lo
 
     def by_matrix(self, r: float):
         """Outlier share of every matrix at range ``r``: a DataFrame
