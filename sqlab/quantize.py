@@ -14,7 +14,6 @@ import json
 import logging
 import math
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -29,6 +28,7 @@ from .kmeans import assign, cluster
 from .models import block_linears, decoder_blocks, quantizable_linears
 from .packing import CSR, correct_sparse, pack, packed_rows, reconstruct, unpack
 from .qlinear import SqueezeLinear
+from .threads import torch_threads
 
 log = logging.getLogger(__name__)
 
@@ -310,17 +310,6 @@ def layer_stats(
         float(diff2.mean()),
         q.storage_bits(),
     )
-
-
-@contextmanager
-def torch_threads(count: int):
-    """torch's CPU thread count set to ``count`` inside the block, restored after."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:

@@ -1,4 +1,5 @@
 import math
+import threading
 
 import pytest
 import torch
@@ -83,6 +84,39 @@ def test_batch_size_does_not_change_the_result(tiny_llama):
     one = evaluate.perplexity(tiny_llama, tokens, 16, batch_size=1, progress=False)
     four = evaluate.perplexity(tiny_llama, tokens, 16, batch_size=4, progress=False)
     assert math.isclose(one.ppl, four.ppl, rel_tol=1e-5)
+
+
+def test_windows_side_by_side_give_the_same_estimates(tiny_llama):
+    tokens = torch.randint(0, 320, (9 * 16,), generator=torch.Generator().manual_seed(4))
+    seen = []
+
+    def on_window(start, nll_sum, count):
+        seen.append((start, threading.get_ident()))
+
+    runs = {
+        workers: list(
+            evaluate.perplexity_estimates(
+                tiny_llama, tokens, 16, workers=workers, on_window=on_window, progress=False
+            )
+        )
+        for workers in (1, 3)
+    }
+    one, three = runs[1], runs[3]
+    assert [e.windows for e in one] == [e.windows for e in three] == list(range(1, 10))
+    for a, b in zip(one, three):
+        assert math.isclose(a.nll, b.nll, rel_tol=1e-6)
+        assert math.isclose(a.high, b.high, rel_tol=1e-6)
+    # every window reached the caller once per run, in its own thread (a cache is written there)
+    assert len(seen) == 18 and {ident for _, ident in seen} == {threading.get_ident()}
+    assert [s for s, _ in seen[:9]] == [s for s, _ in seen[9:]]
+
+
+@pytest.mark.parametrize("name", ["batch_size", "workers"])
+@pytest.mark.parametrize("value", [0, -2, 1.5, True])
+def test_batch_size_and_workers_are_positive_integers(tiny_llama, name, value):
+    tokens = torch.zeros(64, dtype=torch.long)
+    with pytest.raises(SqlabError, match=f"{name} must be a positive integer .or None., got"):
+        evaluate.perplexity(tiny_llama, tokens, 16, progress=False, **{name: value})
 
 
 def test_seqlen_errors(tiny_llama):
